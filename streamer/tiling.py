@@ -1,0 +1,100 @@
+"""Cutting frames into patches: a regular grid (``unfold`` views) or patches centred on given points.
+
+Grid convention (DESIGN.md, "maps"): patch (i, j) covers rows ``y0 + i*sy … y0 + i*sy + ph`` and columns
+``x0 + j*sx … x0 + j*sx + pw``. Only whole patches are cut: when ``H - y0 - ph`` is not a multiple of ``sy`` the last
+``(H - y0 - ph) % sy`` rows are not covered (likewise for columns). That keeps every patch the same size, which the
+encoder needs, and keeps the map a plain grid; a caller who wants the far edge covered moves ``origin``.
+
+These are pure tensor functions that run on whatever device the frame is on: the same code cuts patches for
+training (``models.data``) and for serving (``streamer.pipeline``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TilingError", "gather_points", "grid_shape", "points_in_bounds", "tile_grid"]
+
+
+class TilingError(ValueError):
+    """A patch size, stride or origin that cannot tile the frame."""
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise TilingError(f"{name} must be one int or a pair, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def grid_shape(
+    frame_hw: tuple[int, int],
+    patch: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    origin: tuple[int, int] = (0, 0),
+) -> tuple[int, int]:
+    """Number of whole patches (rows, columns) that fit; raises when not even one does."""
+    (h, w), (ph, pw), (sy, sx), (y0, x0) = (
+        frame_hw,
+        _pair(patch, "patch"),
+        _pair(stride, "stride"),
+        _pair(origin, "origin"),
+    )
+    if ph < 1 or pw < 1 or sy < 1 or sx < 1:
+        raise TilingError(f"patch {ph}x{pw} and stride {sy}x{sx} must be positive")
+    if y0 < 0 or x0 < 0:
+        raise TilingError(f"origin ({y0}, {x0}) must be non-negative")
+    if h - y0 < ph or w - x0 < pw:
+        raise TilingError(
+            f"a {ph}x{pw} patch at origin ({y0}, {x0}) does not fit in a {h}x{w} frame; use a smaller patch"
+        )
+    return (h - y0 - ph) // sy + 1, (w - x0 - pw) // sx + 1
+
+
+def tile_grid(
+    frame: torch.Tensor,
+    patch: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    origin: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """Patches of a 2-D frame as a ``(gh, gw, ph, pw)`` view (no copy) on the frame's device."""
+    if frame.ndim != 2:
+        raise TilingError(f"frame must be 2-D, got shape {tuple(frame.shape)}")
+    (ph, pw), (sy, sx), (y0, x0) = _pair(patch, "patch"), _pair(stride, "stride"), _pair(origin, "origin")
+    gh, gw = grid_shape((frame.shape[0], frame.shape[1]), (ph, pw), (sy, sx), (y0, x0))
+    region = frame[y0 : y0 + (gh - 1) * sy + ph, x0 : x0 + (gw - 1) * sx + pw]
+    return region.unfold(0, ph, sy).unfold(1, pw, sx)
+
+
+def points_in_bounds(centers: torch.Tensor, frame_hw: tuple[int, int], patch: int | tuple[int, int]) -> torch.Tensor:
+    """Which centres (N×2, y and x) have their whole patch inside the frame."""
+    ph, pw = _pair(patch, "patch")
+    top, left = _corners(centers, ph, pw)
+    return (top >= 0) & (left >= 0) & (top + ph <= frame_hw[0]) & (left + pw <= frame_hw[1])
+
+
+def _corners(centers: torch.Tensor, ph: int, pw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rounded = torch.round(centers).to(torch.long)
+    return rounded[:, 0] - ph // 2, rounded[:, 1] - pw // 2
+
+
+def gather_points(
+    frame: torch.Tensor, centers: torch.Tensor, patch: int | tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches centred on the rounded ``centers`` (N×2, y and x): ``(patches (M, ph, pw), kept (N,) bool)``.
+
+    Centres whose patch would cross the frame edge are skipped rather than padded: a padded patch looks like a
+    different material to the encoder. ``kept`` says which centres the patches belong to.
+    """
+    if frame.ndim != 2:
+        raise TilingError(f"frame must be 2-D, got shape {tuple(frame.shape)}")
+    if centers.ndim != 2 or centers.shape[1] != 2:
+        raise TilingError(f"centers must be N×2 (y, x), got shape {tuple(centers.shape)}")
+    ph, pw = _pair(patch, "patch")
+    centers = centers.to(frame.device)
+    kept = points_in_bounds(centers, (frame.shape[0], frame.shape[1]), (ph, pw))
+    top, left = _corners(centers[kept], ph, pw)
+    rows = top[:, None] + torch.arange(ph, device=frame.device)
+    cols = left[:, None] + torch.arange(pw, device=frame.device)
+    return frame[rows[:, :, None], cols[:, None, :]], kept
