@@ -1,0 +1,464 @@
+"""Wire protocol version 1: the message models and a pure ``encode``/``decode`` pair.
+
+A message is a ZeroMQ multipart message::
+
+    ingest / control:  [header, *buffers]
+    publish:           [topic, header, *buffers]
+
+``header`` is a UTF-8 JSON object carrying ``"v": 1`` and ``"kind"``; every array travels as its own raw frame
+(C order, little-endian) described in the header — a ``frame`` by its ``dtype`` and ``shape`` fields, a ``maps``
+message by its ``arrays`` list. Never pickle: any producer in any language can speak this.
+
+``encode(msg, *arrays)`` and ``decode(frames)`` are exact inverses and touch no socket, so the whole format is
+tested without ZeroMQ. ``encode`` sends contiguous little-endian arrays without copying (their memory is the
+frame); ``decode`` returns ``np.frombuffer`` views on the received bytes. ``decode`` is the service's first line of
+defence: any bad input raises ``ProtocolError`` with one of the reason codes of DESIGN.md and a message naming the
+field and value, and nothing is allocated from a declared size before that size has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Final, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_HEADER_BYTES",
+    "PROTOCOL_VERSION",
+    "PUBLISH_TOPICS",
+    "REASONS",
+    "SUPPORTED_DTYPES",
+    "ArraySpec",
+    "ControlReply",
+    "ControlRequest",
+    "Defect",
+    "Defects",
+    "Error",
+    "Frame",
+    "Maps",
+    "Message",
+    "ModelRef",
+    "ProtocolError",
+    "ReloadCommand",
+    "ScanEnd",
+    "ScanStart",
+    "ScanSummary",
+    "SetCommand",
+    "Status",
+    "StatusCommand",
+    "decode",
+    "decode_control",
+    "decode_published",
+    "encode",
+    "encode_control",
+    "encode_published",
+    "frame_message",
+]
+
+PROTOCOL_VERSION: Final = 1
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+SUPPORTED_DTYPES: Final = ("uint8", "uint16", "int16", "int32", "float32", "float64")
+PUBLISH_TOPICS: Final = ("maps", "defects", "error", "status", "scan_summary")
+
+Reason = Literal[
+    "bad_header",
+    "bad_payload",
+    "unsupported_dtype",
+    "shape_mismatch",
+    "non_finite",
+    "frame_too_large",
+    "overloaded",
+    "internal",
+]
+REASONS: Final = Reason.__args__  # type: ignore[attr-defined]
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; ``reason`` is one of ``REASONS``.
+
+    ``scan_id`` and ``frame_id`` are filled in whenever the header could be read far enough to name the frame, so the
+    ``error`` message the service publishes says which frame was refused.
+    """
+
+    def __init__(self, reason: Reason, detail: str, *, scan_id: str | None = None, frame_id: int | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason: Reason = reason
+        self.detail = detail
+        self.scan_id = scan_id
+        self.frame_id = frame_id
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# ---------------------------------------------------------------- ingest
+
+
+class ScanStart(_Msg):
+    kind: Literal["scan_start"] = "scan_start"
+    scan_id: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Frame(_Msg):
+    """One scan frame; exactly one buffer of ``prod(shape) * itemsize`` bytes follows the header."""
+
+    kind: Literal["frame"] = "frame"
+    scan_id: str
+    frame_id: int = Field(ge=0)
+    dtype: str
+    shape: list[int]
+    t_acq_ns: int | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScanEnd(_Msg):
+    kind: Literal["scan_end"] = "scan_end"
+    scan_id: str
+    n_frames: int | None = Field(default=None, ge=0)
+
+
+# ---------------------------------------------------------------- publish
+
+
+class ArraySpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> ArraySpec:
+        return cls(name=name, dtype=array.dtype.name, shape=list(array.shape))
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    sha256: str
+
+
+class Maps(_Msg):
+    """Per-frame maps. Grid layout: leading dims ``gh×gw``; points layout: leading dim N plus a ``centers`` array."""
+
+    kind: Literal["maps"] = "maps"
+    scan_id: str
+    frame_id: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    layout: Literal["grid", "points"]
+    grid: list[int] | None = None
+    patch: list[int]
+    stride: list[int]
+    origin: list[int]
+    n_classes: int = Field(ge=0)
+    latent_dim: int = Field(ge=0)
+    class_names: list[str]
+    model: ModelRef
+    t_acq_ns: int | None = None
+    t_recv_ns: int
+    t_pub_ns: int
+    arrays: list[ArraySpec]
+
+
+class Defect(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    y: float
+    x: float
+    class_: int = Field(alias="class")
+    score: float
+    area: int
+
+
+class Defects(_Msg):
+    kind: Literal["defects"] = "defects"
+    scan_id: str
+    frame_id: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    defects: list[Defect]
+
+
+class Error(_Msg):
+    kind: Literal["error"] = "error"
+    scan_id: str | None = None
+    frame_id: int | None = None
+    seq: int = Field(0, ge=0)
+    reason: Reason
+    detail: str
+
+
+class Status(_Msg):
+    kind: Literal["status"] = "status"
+    seq: int = Field(0, ge=0)
+    uptime_s: float
+    frames_received: int
+    frames_published: int
+    frames_rejected: int
+    frames_dropped: int
+    queue_depth: int
+    model: ModelRef | None
+    backend: str
+    device: str
+
+
+class ScanSummary(_Msg):
+    kind: Literal["scan_summary"] = "scan_summary"
+    scan_id: str
+    seq: int = Field(0, ge=0)
+    n_frames: int | None = None
+    frames_received: int
+    frames_published: int
+    frames_rejected: int
+    frames_dropped: int
+
+
+Message = Annotated[
+    Union[ScanStart, Frame, ScanEnd, Maps, Defects, Error, Status, ScanSummary],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+_MESSAGE: TypeAdapter[Any] = TypeAdapter(Message)
+_KINDS: Final = ("scan_start", "frame", "scan_end", "maps", "defects", "error", "status", "scan_summary")
+
+# ---------------------------------------------------------------- control
+
+
+class StatusCommand(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cmd: Literal["status"] = "status"
+
+
+class ReloadCommand(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cmd: Literal["reload"] = "reload"
+    artifact: str
+
+
+class SetCommand(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cmd: Literal["set"] = "set"
+    defect_classes: list[str | int] | None = None
+    defect_threshold: float | None = Field(default=None, ge=0, le=1)
+
+
+class ControlReply(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+    ok: bool
+    detail: str = ""
+
+
+ControlRequest = Annotated[Union[StatusCommand, ReloadCommand, SetCommand], Field(discriminator="cmd")]  # noqa: UP007
+_CONTROL: TypeAdapter[Any] = TypeAdapter(ControlRequest)
+
+# ---------------------------------------------------------------- codec
+
+
+def _wire_dtype(name: str, field: str, ids: dict[str, Any]) -> np.dtype:
+    if name not in SUPPORTED_DTYPES:
+        raise ProtocolError(
+            "unsupported_dtype",
+            f"{field}={name!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}",
+            **ids,
+        )
+    return np.dtype(name).newbyteorder("<")
+
+
+def _wire_array(array: np.ndarray) -> np.ndarray:
+    """The same values, C-contiguous and little-endian; no copy when the array already is."""
+    wire = np.dtype(array.dtype.name).newbyteorder("<")
+    if array.dtype.name not in SUPPORTED_DTYPES:
+        raise ProtocolError("unsupported_dtype", f"array dtype {array.dtype} is not one of {SUPPORTED_DTYPES}")
+    if array.dtype != wire and array.dtype.itemsize > 1:
+        array = array.astype(wire)
+    return np.ascontiguousarray(array)
+
+
+def _array_specs(msg: BaseModel) -> list[tuple[str, str, list[int]]]:
+    if isinstance(msg, Frame):
+        return [("frame", msg.dtype, msg.shape)]
+    if isinstance(msg, Maps):
+        return [(a.name, a.dtype, a.shape) for a in msg.arrays]
+    return []
+
+
+def encode(msg: BaseModel, *arrays: np.ndarray) -> list[bytes | memoryview]:
+    """``[header, *buffers]`` for ``msg``; the arrays must match what the header declares.
+
+    Contiguous little-endian arrays go out as memoryviews of their own memory (zero copy with
+    ``send_multipart(..., copy=False)``); big-endian or strided arrays are converted first, so any array is sent
+    correctly.
+    """
+    specs = _array_specs(msg)
+    if len(arrays) != len(specs):
+        raise ValueError(f"{type(msg).__name__} declares {len(specs)} array(s) but {len(arrays)} were given")
+    frames: list[bytes | memoryview] = [msg.model_dump_json(by_alias=True, exclude_none=False).encode()]
+    for (name, dtype, shape), array in zip(specs, arrays, strict=True):
+        array = np.asarray(array)
+        if array.dtype.name != dtype or list(array.shape) != list(shape):
+            raise ValueError(
+                f"array {name!r} is {array.dtype.name}{list(array.shape)} but the header declares {dtype}{shape}"
+            )
+        frames.append(memoryview(_wire_array(array).reshape(-1).view(np.uint8)))
+    return frames
+
+
+def _best_effort_ids(obj: Any) -> dict[str, Any]:
+    """scan_id / frame_id from a header that failed validation, so the error can still name the frame."""
+    ids: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        if isinstance(obj.get("scan_id"), str):
+            ids["scan_id"] = obj["scan_id"][:200]
+        fid = obj.get("frame_id")
+        if isinstance(fid, int) and not isinstance(fid, bool) and 0 <= fid < 2**63:
+            ids["frame_id"] = fid
+    return ids
+
+
+def _as_buffer(frame: Any) -> memoryview:
+    view = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)  # zmq.Frame has .buffer
+    if view.nbytes == 0:
+        return memoryview(b"")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _parse_header(raw: Any) -> dict[str, Any]:
+    buf = _as_buffer(raw)
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("bad_header", f"header is {buf.nbytes} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        obj = json.loads(bytes(buf).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("bad_header", f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("bad_header", f"header is not JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_header", f"header must be a JSON object, got {type(obj).__name__}")
+    ids = _best_effort_ids(obj)
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_header", f"field 'v'={obj.get('v')!r}: only protocol version {PROTOCOL_VERSION} is spoken", **ids
+        )
+    if obj.get("kind") not in _KINDS:
+        raise ProtocolError("bad_header", f"field 'kind'={obj.get('kind')!r} is not one of {', '.join(_KINDS)}", **ids)
+    return obj
+
+
+def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any], ids: dict[str, Any]) -> Any:
+    try:
+        return adapter.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:] or first["loc"])
+        value = first.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        raise ProtocolError("bad_header", f"field {where!r}={shown[:80]}: {first['msg']}", **ids) from None
+
+
+def _check_shape(shape: list[int], field: str, ids: dict[str, Any], *, is_frame: bool) -> None:
+    """Frames are 2-D with positive sizes; map arrays may be empty (a frame where no atom was found)."""
+    if is_frame and len(shape) != 2:
+        raise ProtocolError("bad_header", f"field {field!r}={shape} must have 2 dimensions (H, W)", **ids)
+    smallest = 1 if is_frame else 0
+    if any(n < smallest for n in shape):
+        raise ProtocolError("bad_header", f"field {field!r}={shape} must have sizes >= {smallest}", **ids)
+
+
+def decode(
+    frames: Sequence[Any],
+    *,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+    check_finite: bool = True,
+) -> tuple[Any, list[np.ndarray]]:
+    """``(message, arrays)`` from ``[header, *buffers]``; raises ``ProtocolError`` on anything malformed.
+
+    Checks run cheapest first and sizes are checked as numbers before any buffer is looked at, so a hostile header
+    declaring a terabyte frame costs nothing. Arrays are read-only views on the received buffers.
+    """
+    if len(frames) == 0:
+        raise ProtocolError("bad_header", "empty message: expected [header, *buffers]")
+    obj = _parse_header(frames[0])
+    ids = _best_effort_ids(obj)
+    msg = _validate(_MESSAGE, obj, ids)
+    specs = _array_specs(msg)
+    for name, dtype, shape in specs:
+        is_frame = isinstance(msg, Frame)
+        item = _wire_dtype(dtype, "dtype" if is_frame else f"arrays[{name}].dtype", ids).itemsize
+        _check_shape(shape, "shape" if is_frame else f"arrays[{name}].shape", ids, is_frame=is_frame)
+        if math.prod(shape) * item > max_frame_bytes:
+            raise ProtocolError(
+                "frame_too_large",
+                f"array {name!r} declares {dtype}{shape} = {math.prod(shape) * item} bytes; "
+                f"the limit is {max_frame_bytes} (raise max_frame_bytes in the config if this is intended)",
+                **ids,
+            )
+    buffers = frames[1:]
+    if len(buffers) != len(specs):
+        raise ProtocolError(
+            "bad_payload", f"{msg.kind} header declares {len(specs)} buffer(s) but {len(buffers)} followed", **ids
+        )
+    arrays: list[np.ndarray] = []
+    for (name, dtype, shape), raw in zip(specs, buffers, strict=True):
+        buf = _as_buffer(raw)
+        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        if buf.nbytes != expected:
+            raise ProtocolError(
+                "shape_mismatch",
+                f"array {name!r}: payload has {buf.nbytes} bytes but {dtype}{shape} needs {expected}",
+                **ids,
+            )
+        array = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        if check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise ProtocolError("non_finite", f"array {name!r} holds {bad} NaN/Inf value(s)", **ids)
+        arrays.append(array)
+    return msg, arrays
+
+
+def frame_message(scan_id: str, frame_id: int, array: np.ndarray, **fields: Any) -> Frame:
+    """The ``Frame`` header that describes ``array`` (dtype and shape filled in)."""
+    return Frame(scan_id=scan_id, frame_id=frame_id, dtype=array.dtype.name, shape=list(array.shape), **fields)
+
+
+def encode_published(msg: BaseModel, *arrays: np.ndarray) -> list[bytes | memoryview]:
+    """``[topic, header, *buffers]``: the topic is the message kind, so subscribers filter by kind."""
+    kind = getattr(msg, "kind", None)
+    if kind not in PUBLISH_TOPICS:
+        raise ValueError(f"{type(msg).__name__} is not a published message kind ({', '.join(PUBLISH_TOPICS)})")
+    return [kind.encode("ascii"), *encode(msg, *arrays)]
+
+
+def decode_published(frames: Sequence[Any], **options: Any) -> tuple[Any, list[np.ndarray]]:
+    """Inverse of ``encode_published``; the topic must agree with the header's kind."""
+    if len(frames) < 2:
+        raise ProtocolError("bad_header", "published message needs [topic, header, *buffers]")
+    topic = bytes(_as_buffer(frames[0])).decode("ascii", errors="replace")
+    msg, arrays = decode(frames[1:], **options)
+    if msg.kind != topic:
+        raise ProtocolError("bad_header", f"topic {topic!r} does not match header kind {msg.kind!r}")
+    return msg, arrays
+
+
+def encode_control(msg: BaseModel) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def decode_control(raw: bytes) -> StatusCommand | ReloadCommand | SetCommand:
+    """A control request; bad JSON or an unknown command raises ``ProtocolError("bad_header", ...)``."""
+    try:
+        obj = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("bad_header", f"control request is not UTF-8 JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
+    return _validate(_CONTROL, obj, {})
