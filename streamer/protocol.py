@@ -113,12 +113,12 @@ class Frame(_Msg):
     """One scan frame; exactly one buffer of ``prod(shape) * itemsize`` bytes follows the header."""
 
     kind: Literal["frame"] = "frame"
-    scan_id: str
-    frame_id: int = Field(ge=0)
-    dtype: str
-    shape: list[int]
-    t_acq_ns: int | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
+    scan_id: str = Field(description="the scan this frame belongs to; maps and errors repeat it")
+    frame_id: int = Field(ge=0, description="the frame's number within the scan, from 0")
+    dtype: str = Field(description="element type of the buffer, one of the supported dtypes")
+    shape: list[int] = Field(description="[H, W], positive; the buffer holds H*W*itemsize bytes, C order")
+    t_acq_ns: int | None = Field(None, description="acquisition time (ns since the epoch), for latency figures")
+    meta: dict[str, Any] = Field(default_factory=dict, description="free-form (pixel size, stage position, …)")
 
 
 class ScanEnd(_Msg):
@@ -156,30 +156,33 @@ class Maps(_Msg):
     kind: Literal["maps"] = "maps"
     scan_id: str
     frame_id: int = Field(ge=0)
-    seq: int = Field(ge=0)
-    layout: Literal["grid", "points"]
-    grid: list[int] | None = None
-    patch: list[int]
-    stride: list[int]
-    origin: list[int]
+    seq: int = Field(ge=0, description="messages on this topic since the service started, from 0: gaps show loss")
+    layout: Literal["grid", "points"] = Field(description="grid: patches on a regular grid; points: atom-centred")
+    grid: list[int] | None = Field(None, description="[gh, gw] for the grid layout")
+    patch: list[int] = Field(description="[ph, pw] patch size in frame pixels")
+    stride: list[int] = Field(description="[sy, sx]: patch (i, j) starts at row y0+i*sy, column x0+j*sx")
+    origin: list[int] = Field(description="[y0, x0] of patch (0, 0)")
     n_classes: int = Field(ge=0)
     latent_dim: int = Field(ge=0)
     class_names: list[str]
-    model: ModelRef
-    t_acq_ns: int | None = None
-    t_recv_ns: int
-    t_pub_ns: int
-    arrays: list[ArraySpec]
+    model: ModelRef = Field(description="the model that made these maps (changes after a reload)")
+    t_acq_ns: int | None = Field(None, description="copied from the frame")
+    t_recv_ns: int = Field(description="when the service received the frame (ns since the epoch)")
+    t_pub_ns: int = Field(description="when the service published these maps (ns since the epoch)")
+    arrays: list[ArraySpec] = Field(
+        description="one buffer follows per entry, in order: class (uint8), class_prob, z, angle, shift, "
+        "defect_score, centers (points layout)"
+    )
 
 
 class Defect(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    y: float
-    x: float
-    class_: int = Field(alias="class")
-    score: float
-    area: int
+    y: float = Field(description="region centroid, frame pixels")
+    x: float = Field(description="region centroid, frame pixels")
+    class_: int = Field(alias="class", description="majority class of the region")
+    score: float = Field(description="largest defect score in the region")
+    area: int = Field(description="patches in the region")
 
 
 class Defects(_Msg):
@@ -195,8 +198,8 @@ class Error(_Msg):
     scan_id: str | None = None
     frame_id: int | None = None
     seq: int = Field(0, ge=0)
-    reason: Reason
-    detail: str
+    reason: Reason = Field(description="short machine-readable code")
+    detail: str = Field(description="what was wrong, naming the field and value")
 
 
 class Status(_Msg):
