@@ -335,6 +335,14 @@ def _as_buffer(frame: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _check_unicode(obj: Any) -> None:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no reply could echo back: refuse them here."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_header", "header holds a string that is not valid Unicode (lone surrogate)") from None
+
+
 def _parse_header(raw: Any) -> dict[str, Any]:
     buf = _as_buffer(raw)
     if buf.nbytes > MAX_HEADER_BYTES:
@@ -345,6 +353,9 @@ def _parse_header(raw: Any) -> dict[str, Any]:
         raise ProtocolError("bad_header", f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_header", f"header is not JSON ({exc.msg} at position {exc.pos})") from None
+    except RecursionError:
+        raise ProtocolError("bad_header", "header nests too deeply to be a protocol header") from None
+    _check_unicode(obj)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_header", f"header must be a JSON object, got {type(obj).__name__}")
     ids = _best_effort_ids(obj)
@@ -421,11 +432,24 @@ def decode(
                 **ids,
             )
         array = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-        if check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise ProtocolError("non_finite", f"array {name!r} holds {bad} NaN/Inf value(s)", **ids)
+        if check_finite and array.dtype.kind == "f":
+            _check_finite(name, array, ids)
         arrays.append(array)
     return msg, arrays
+
+
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
+
+
+def _check_finite(name: str, array: np.ndarray, ids: dict[str, Any]) -> None:
+    """NaN/Inf, and float64 values that would overflow the float32 the encoder computes in, are refused."""
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ProtocolError("non_finite", f"array {name!r} holds {bad} NaN/Inf value(s)", **ids)
+    if array.dtype.itemsize > 4 and array.size and float(np.abs(array).max()) > _FLOAT32_MAX:
+        raise ProtocolError(
+            "non_finite", f"array {name!r} holds values beyond the float32 range (|x| > {_FLOAT32_MAX:.3g})", **ids
+        )
 
 
 def frame_message(scan_id: str, frame_id: int, array: np.ndarray, **fields: Any) -> Frame:
@@ -462,6 +486,9 @@ def decode_control(raw: bytes) -> StatusCommand | ReloadCommand | SetCommand:
         obj = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_header", f"control request is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError("bad_header", "control request nests too deeply") from None
+    _check_unicode(obj)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
     return _validate(_CONTROL, obj, {})

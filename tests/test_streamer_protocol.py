@@ -62,7 +62,8 @@ def any_array(draw: st.DrawFn) -> np.ndarray:
         st.sampled_from([(1, 1), (1, 7), (3, 1025), (5, 3), (1, 1)])
         | hnp.array_shapes(min_dims=2, max_dims=2, max_side=40)
     )
-    elements = hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False)
+    limit = float(np.finfo(np.float32).max) if dtype.kind == "f" else None  # the encoder computes in float32
+    elements = hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False, min_value=limit and -limit, max_value=limit)
     array = draw(hnp.arrays(dtype, shape, elements=elements))
     if draw(st.booleans()) and array.shape[1] > 1:
         array = array[:, ::2]  # non-contiguous view
@@ -224,6 +225,9 @@ def _frame_frames(array: np.ndarray | None = None, **header) -> list[bytes]:
         ([*_frame_frames(), b"extra"], "bad_payload"),
         (_frame_frames(np.array([[1.0, np.nan]], np.float32)), "non_finite"),
         (_frame_frames(np.array([[np.inf, 1.0]])), "non_finite"),
+        (_frame_frames(np.array([[1e300, 1.0]])), "non_finite"),
+        ([b"[" * 60000], "bad_header"),
+        ([b'{"v": 1, "kind": "scan_start", "scan_id": "\\ud800"}'], "bad_header"),
         ([b"x" * 70_000], "bad_header"),
     ],
 )

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# Serving image: the `serve` extra only (ONNX Runtime, ZeroMQ, Prometheus client; no Pyro, no training code paths).
+# Build:  docker build -t atomstream:serve .
+#         (CPU-only torch keeps the image small: pass your CPU wheel index with
+#          --build-arg PIP_EXTRA_INDEX_URL=<index>; without it pip takes the default torch build.)
+# Run:    docker run --rm -v "$PWD/artifact:/artifact:ro" -p 5555:5555 -p 5556:5556 -p 5557:5557 -p 9108:9108 atomstream:serve
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY streamer ./streamer
+COPY models ./models
+COPY exporters ./exporters
+COPY sim ./sim
+COPY atomstream ./atomstream
+RUN python -m venv /opt/atomstream \
+ && /opt/atomstream/bin/pip install ".[serve]"
+
+FROM python:${PYTHON_VERSION}-slim
+ENV PATH=/opt/atomstream/bin:$PATH \
+    PYTHONUNBUFFERED=1
+COPY --from=build /opt/atomstream /opt/atomstream
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin atom \
+ && mkdir /artifact && chown atom /artifact
+USER 10001
+WORKDIR /home/atom
+VOLUME ["/artifact"]
+# ingest (PULL), publish (PUB), control (REP), metrics (HTTP)
+EXPOSE 5555 5556 5557 9108
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=2)"]
+# Inside a container the sockets must listen on all interfaces; publish only the ports you mean to expose.
+ENTRYPOINT ["atomstream", "serve", "--artifact", "/artifact", \
+            "--ingest", "tcp://0.0.0.0:5555", "--publish", "tcp://0.0.0.0:5556", \
+            "--control", "tcp://0.0.0.0:5557", "--metrics-host", "0.0.0.0", "--metrics-port", "9108"]

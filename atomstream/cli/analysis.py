@@ -1,0 +1,135 @@
+"""``atomstream evaluate`` and ``atomstream plot``: what a trained run makes of data, as numbers and as figures.
+
+Both only read the run: encoding runs without gradients and no optimiser exists here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from atomstream.cli import CommandError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser("evaluate", help="accuracy, NMI, confusion and latent/factor Spearman of a run")
+    ev.add_argument("run", type=Path, help="run directory written by `atomstream train`")
+    ev.add_argument("--data", type=Path, required=True, help="data with labels and/or true factors (.npz)")
+    ev.add_argument(
+        "--factors",
+        default=None,
+        help="comma-separated factors to match to z (default: all but those γ and s absorb, i.e. angle, shift)",
+    )
+    ev.add_argument("--batch-size", type=int, default=512)
+    ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.set_defaults(func=_evaluate)
+
+    pl = subparsers.add_parser("plot", help="latent traversals, manifolds, conditioned generation, maps")
+    pl.add_argument("run", type=Path, help="run directory written by `atomstream train`")
+    pl.add_argument("--data", type=Path, default=None, help="data for the confusion matrix and real-space maps")
+    pl.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    pl.add_argument("--steps", type=int, default=9, help="columns of a traversal (default 9)")
+    pl.add_argument("--grid", type=int, default=8, help="side of a per-class manifold grid (default 8)")
+    pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default 0)")
+    pl.add_argument("--batch-size", type=int, default=512)
+    pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pl.set_defaults(func=_plot)
+
+
+def _default_factors(factors: dict[str, Any], model_cfg: Any) -> tuple[str, ...]:
+    """z should carry what the invariant latents do not: leave out angle (γ) and shift (s) when the model has them."""
+    from models.evaluate import factor_columns
+
+    names = []
+    for name in factor_columns(factors):
+        if model_cfg.rotation and name == "angle":
+            continue
+        if model_cfg.translation and name.startswith("shift"):
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from atomstream.cli.train import open_run, read_patches
+    from models.evaluate import encode_images, evaluate_encodings
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size {args.batch_size} must be at least 1")
+    model, cfg = open_run(args.run, args.device)
+    patches = read_patches(args.data, data_config=cfg.data)
+    if args.factors is not None:
+        names = tuple(n.strip() for n in args.factors.split(",") if n.strip())
+    else:
+        names = _default_factors(patches.factors, cfg.model)
+    enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+    try:
+        result = evaluate_encodings(enc, labels=patches.labels, factors=patches.factors, factor_names=names)
+    except ValueError as exc:
+        raise CommandError(f"--factors {args.factors}: {exc}") from None
+    if args.json:
+        print(json.dumps({"run": str(args.run), "data": str(args.data), **result.to_dict()}))
+        return 0
+    print(f"{cfg.model.variant} on {result.n} patches of {args.data}")
+    if result.accuracy is not None:
+        print(f"accuracy {result.accuracy:.4f}  NMI {result.nmi:.4f}  (clusters matched to labels, Hungarian)")
+        print("confusion (rows: true class, columns: matched cluster):")
+        names_k = patches.class_names or tuple(str(i) for i in range(result.confusion.shape[0]))
+        for i, row in enumerate(result.confusion):
+            label = names_k[i] if i < len(names_k) else str(i)
+            print(f"  {label:>10s} " + " ".join(f"{int(v):6d}" for v in row))
+    elif result.class_counts is not None:
+        print("class counts " + " ".join(str(int(c)) for c in result.class_counts) + " (no labels in the data)")
+    for factor, (dim, rho) in result.spearman.items():
+        print(f"|Spearman| {factor} ~ z{dim}: {rho:.3f}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from atomstream.cli.train import open_run, read_patches
+    from models import plots
+    from models.evaluate import encode_images, evaluate_encodings
+
+    if args.steps < 2 or args.grid < 2:
+        raise CommandError(f"--steps {args.steps} and --grid {args.grid} must be at least 2")
+    model, cfg = open_run(args.run, args.device)
+    m = cfg.model
+    out = args.out
+    written = [
+        plots.plot_traversals(model, m, out / f"traversal_z{d}.png", dim=d, n_steps=args.steps)
+        for d in range(m.latent_dim)
+    ]
+    if m.latent_dim >= 2:
+        written.append(plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid))
+    written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
+    if args.data is not None:
+        patches = read_patches(args.data, data_config=cfg.data)
+        enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+        if patches.labels is not None and "class_prob" in enc:
+            result = evaluate_encodings(enc, labels=patches.labels)
+            written.append(
+                plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names)
+            )
+        if patches.frame_shape is not None:
+            sel = patches.positions[:, 0] == args.frame
+            if not sel.any():
+                n_frames = int(patches.positions[:, 0].max()) + 1
+                raise CommandError(f"--frame {args.frame}: the scan has frames 0..{n_frames - 1}")
+            written.append(
+                plots.plot_real_space_maps(
+                    patches.centres[sel],
+                    out / f"maps_frame{args.frame}.png",
+                    frame_shape=patches.frame_shape,
+                    class_prob=enc["class_prob"][sel] if "class_prob" in enc else None,
+                    z=enc["z"][sel],
+                    grid=patches.grid,
+                )
+            )
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,206 @@
+"""Export a trained run as an artifact: ``encoder.ts``, ``encoder.onnx`` (+ ``encoder.fp16.onnx``), ``manifest.json``.
+
+Order matters: the model files are written first, parity is measured on them, and only then is the manifest written
+— an export that fails parity leaves no manifest (and removes the files it wrote), so nothing half-checked can be
+loaded by the server. The manifest copies the run's preprocessing and tiling from ``RunConfig.data``, which is how
+serving cuts and transforms live frames exactly as training did.
+
+TorchScript is produced by tracing (the wrapper is pure tensor code with no data-dependent control flow; parity on
+uneven batch sizes proves the batch axis stayed dynamic). ONNX uses the TorchScript-based exporter
+(``dynamo=False``): it needs no network, takes milliseconds, and handles every op the encoders use.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from exporters.verify import check_parity
+from exporters.wrapper import InferenceWrapper
+from models.config import ModelConfig, RunConfig
+from models.jtrvae import JTrVAE
+from streamer.manifest import (
+    INPUT_NAME,
+    MANIFEST_NAME,
+    MODEL_FILES,
+    TS_METADATA,
+    FileEntry,
+    LatentLayout,
+    Manifest,
+    TensorSpec,
+    Tiling,
+    sha256_file,
+    write_manifest,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MAX_OPSET",
+    "ExportError",
+    "build_wrapper",
+    "export_model",
+    "export_onnx",
+    "export_torchscript",
+    "latent_layout",
+    "quiet_export_warnings",
+]
+
+DEFAULT_OPSET = 17
+MAX_OPSET = 20  # the newest opset torch's TorchScript-based ONNX exporter writes
+_EXAMPLE_BATCH = 2
+
+
+class ExportError(Exception):
+    """An export that cannot be made as asked (bad opset, bad defect classes, unwritable directory)."""
+
+
+@contextmanager
+def quiet_export_warnings() -> Iterator[None]:
+    """torch announces the deprecation of TorchScript and of the TorchScript-based ONNX exporter on every call.
+
+    Those notices are upstream's, not ours; parity, not the absence of warnings, is what proves an export right.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def latent_layout(cfg: ModelConfig) -> LatentLayout:
+    return LatentLayout(
+        n_classes=cfg.n_classes, latent_dim=cfg.latent_dim, rotation=cfg.rotation, translation=cfg.translation
+    )
+
+
+def build_wrapper(model: JTrVAE, *, fp16: bool = False) -> InferenceWrapper:
+    """A CPU, eval-mode copy of the model's encoder network, wrapped (the model itself is left untouched)."""
+    encoder = copy.deepcopy(model.encoder).to("cpu", torch.float16 if fp16 else torch.float32).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return InferenceWrapper(encoder, latent_layout(model.cfg), tuple(model.cfg.patch), fp16=fp16).eval()
+
+
+def _example(wrapper: InferenceWrapper) -> Tensor:
+    return torch.rand((_EXAMPLE_BATCH, 1, *wrapper.patch), generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(wrapper: InferenceWrapper, path: str | Path) -> Path:
+    """Trace and save, embedding the I/O description (``TS_METADATA``) that ``streamer.encoder`` checks."""
+    meta = {"input": INPUT_NAME, "outputs": list(wrapper.output_names), "patch": list(wrapper.patch)}
+    with quiet_export_warnings(), torch.no_grad():
+        traced = torch.jit.trace(wrapper, (_example(wrapper),), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={TS_METADATA: json.dumps(meta)})
+    return Path(path)
+
+
+def export_onnx(wrapper: InferenceWrapper, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """ONNX with a dynamic ``batch`` axis on the input and on every output; checked with ``onnx.checker``."""
+    import onnx
+
+    names = list(wrapper.output_names)
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
+    try:
+        with quiet_export_warnings(), torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                (_example(wrapper),),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        onnx.checker.check_model(str(path))
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export at opset {opset} failed: {first}; try --opset {DEFAULT_OPSET}") from exc
+    return Path(path)
+
+
+def _tiling(run: RunConfig) -> Tiling:
+    d = run.data
+    return Tiling(
+        layout="points" if d.kind == "atoms" else "grid",
+        stride=d.stride,
+        origin=d.origin,
+        atom_sigma=d.atom_sigma,
+        atom_min_distance=d.atom_min_distance,
+        atom_threshold=d.atom_threshold,
+    )
+
+
+def export_model(
+    model: JTrVAE,
+    run: RunConfig,
+    out_dir: str | Path,
+    *,
+    parity_patches: Tensor,
+    parity_data: str,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    defect_classes: Sequence[int] = (),
+) -> Manifest:
+    """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
+
+    ``parity_patches`` ``(N >= 1024, 1, ph, pw)`` are encoder-ready patches and ``parity_data`` says what they are
+    (it is recorded in the manifest). Raises ``exporters.verify.ParityError`` when a backend disagrees.
+    """
+    if not DEFAULT_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use --opset {DEFAULT_OPSET}")
+    if model.cfg != run.model:
+        raise ExportError("the model was built from a different ModelConfig than run.model; export the run's own model")
+    bad = [c for c in defect_classes if not 0 <= c < run.model.n_classes]
+    if bad:
+        raise ExportError(f"defect classes {bad} are not class indices 0..{run.model.n_classes - 1}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # A stale manifest must never vouch for new files, nor a stale model file outlive the export that replaces it.
+    for stale in (MANIFEST_NAME, *MODEL_FILES.values()):
+        (out / stale).unlink(missing_ok=True)
+    files: dict[str, Path] = {
+        "onnx": out / MODEL_FILES["onnx"],
+        "torchscript": out / MODEL_FILES["torchscript"],
+    }
+    wrapper = build_wrapper(model)
+    try:
+        export_torchscript(wrapper, files["torchscript"])
+        export_onnx(wrapper, files["onnx"], opset=opset)
+        if fp16:
+            files["onnx_fp16"] = out / MODEL_FILES["onnx_fp16"]
+            export_onnx(build_wrapper(model, fp16=True), files["onnx_fp16"], opset=opset)
+        parity = check_parity(model, wrapper.latent, files, parity_patches, data=parity_data)
+    except BaseException:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        raise
+    m = run.model
+    manifest = Manifest(
+        name=run.name,
+        version=run.version,
+        variant=m.variant,
+        created=datetime.now(timezone.utc),
+        files={p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for p in files.values()},
+        patch=tuple(m.patch),
+        preprocessing=run.data.preprocessing,
+        tiling=_tiling(run),
+        input=TensorSpec(name=INPUT_NAME, shape=("batch", 1, *m.patch)),
+        outputs=wrapper.outputs,
+        latent=wrapper.latent,
+        class_names=m.names_of_classes(),
+        defect_classes=tuple(defect_classes),
+        onnx_opset=opset,
+        parity=parity,
+    )
+    write_manifest(out, manifest)
+    return manifest

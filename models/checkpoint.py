@@ -1,0 +1,159 @@
+"""Run directories: everything needed to reload, resume or export a model, and nothing executable.
+
+Layout of ``out_dir``:
+
+* ``config.json`` — the whole ``RunConfig`` (model, training, data), so the directory alone rebuilds the model;
+* ``model.pt`` — the ``JTrVAE`` state_dict (tensors only, loaded with ``weights_only=True``);
+* ``optimizer.pt`` — Pyro's Adam state per parameter, for ``fit(..., resume=True)``;
+* ``history.json`` and ``loss.csv`` — one row per finished epoch; ``loss.png`` — the loss curves;
+* ``state.json`` — ``{"epoch": n}``, the number of finished epochs (the next epoch to run, 0-based).
+
+Files are written to a temporary name and renamed, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import RunConfig
+from models.jtrvae import JTrVAE
+
+__all__ = [
+    "CheckpointError",
+    "TrainingState",
+    "load_config",
+    "load_run",
+    "load_training_state",
+    "plot_history",
+    "save_run",
+]
+
+_HISTORY_FIELDS = ("epoch", "loss", "val_loss", "beta1", "beta2", "beta3", "seconds")
+
+
+class CheckpointError(ValueError):
+    """A run directory that is missing files or does not fit the request; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a run needs to continue besides its weights."""
+
+    epoch: int  # finished epochs = the next 0-based epoch to run
+    history: list[dict]
+    optimizer: dict | None  # Pyro optimiser state (PyroOptim.get_state), None when the run saved none
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _history_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(_HISTORY_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _HISTORY_FIELDS})
+    return buf.getvalue()
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Training and validation loss per epoch, as a PNG (Agg backend: works without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["loss"] for r in history], label="train")
+    val = [(r["epoch"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if val:
+        ax.plot([e for e, _ in val], [v for _, v in val], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative ELBO per image")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def save_run(
+    out_dir: str | Path,
+    model: JTrVAE,
+    cfg: RunConfig,
+    *,
+    epoch: int,
+    history: list[dict],
+    optimizer_state: dict | None = None,
+) -> None:
+    """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(out / "model.pt", _torch_bytes(state))
+    if optimizer_state is not None:
+        _atomic_write_bytes(out / "optimizer.pt", _torch_bytes(optimizer_state))
+    _atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2) + "\n")
+    _atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+    _atomic_write_text(out / "loss.csv", _history_csv(history))
+    if history:
+        plot_history(history, out / "loss.png")
+    _atomic_write_text(out / "state.json", json.dumps({"epoch": int(epoch)}) + "\n")
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: pass a run directory written by `atomstream train` (models.fit)")
+    return RunConfig.model_validate_json(path.read_text())
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[JTrVAE, RunConfig]:
+    """The trained model (in eval mode, on ``device``, in the run's float precision) and its full config."""
+    cfg = load_config(run_dir)
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the run directory has a config but no weights; train it first")
+    state = torch.load(path, map_location=device, weights_only=True)
+    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
+    model.load_state_dict(state)
+    model.eval()
+    return model, cfg
+
+
+def load_training_state(run_dir: str | Path, *, device: str = "cpu") -> TrainingState:
+    """What ``fit(..., resume=True)`` needs besides the weights: finished epochs, history, optimiser state."""
+    run = Path(run_dir)
+    state_path = run / "state.json"
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path} not found: nothing to resume in {run}; train without resume first")
+    epoch = int(json.loads(state_path.read_text())["epoch"])
+    history_path = run / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    opt_path = run / "optimizer.pt"
+    optimizer = torch.load(opt_path, map_location=device, weights_only=True) if opt_path.is_file() else None
+    return TrainingState(epoch=epoch, history=history, optimizer=optimizer)

@@ -1,0 +1,242 @@
+"""The networks of the VAE family: pure torch modules, no Pyro.
+
+Keeping Pyro out of this file is what lets the exporter script or trace the encoder and ship it to a server that
+has no Pyro installed; the probabilistic model that wires these networks together lives in ``models.jtrvae``.
+
+Encoders map an image batch ``(B, 1, H, W)`` to a dict of posterior parameters:
+
+* ``z_loc``, ``z_scale`` ``(B, D)`` — Normal posterior of the continuous latent;
+* ``class_logits`` ``(B, K)`` — only when ``K > 0``;
+* ``angle_loc`` ``(B, 2)`` — only with rotation: the concentration vector of a projected normal, whose direction
+  is the mean angle ``atan2(angle_loc[:, 1], angle_loc[:, 0])`` and whose length is the certainty;
+* ``shift_loc``, ``shift_scale`` ``(B, 2)`` — only with translation: Normal posterior of ``(s_x, s_y)`` in grid units.
+
+All heads come out of one linear layer and are sliced, which is cheaper than one small matmul per head and keeps
+the module TorchScript-friendly.
+
+Decoders map transformed pixel coordinates ``(..., B, P, 2)``, the latent ``z`` ``(..., B, D)`` and an optional
+one-hot class ``y`` ``(..., K)`` (broadcastable against ``(..., B, K)``) to per-pixel logits ``(..., B, P)``.
+Everything broadcasts, which is what lets one decoder call cover all K enumerated classes at once. Training
+calls ``log_likelihood(coords, z, y, x, ...)`` instead, which returns ``Σ_p log p(x_p | ·)`` of shape ``(..., B)``
+without keeping per-pixel activations (``models.fused_likelihood``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
+
+__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "MLPEncoder"]
+
+_MIN_SCALE = 1e-4
+
+
+class _Heads(nn.Module):
+    """All posterior heads as one linear layer, sliced into named outputs."""
+
+    def __init__(self, hidden: int, latent_dim: int, n_classes: int, rotation: bool, translation: bool) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.n_classes = n_classes
+        self.rotation = rotation
+        self.translation = translation
+        self.min_scale = _MIN_SCALE
+        width = 2 * latent_dim + n_classes + (2 if rotation else 0) + (4 if translation else 0)
+        self.linear = nn.Linear(hidden, width)
+
+    def forward(self, h: Tensor) -> dict[str, Tensor]:
+        o = self.linear(h)
+        d = self.latent_dim
+        out: dict[str, Tensor] = {
+            "z_loc": o[:, :d],
+            "z_scale": F.softplus(o[:, d : 2 * d]) + self.min_scale,
+        }
+        i = 2 * d
+        if self.n_classes > 0:
+            out["class_logits"] = o[:, i : i + self.n_classes]
+            i += self.n_classes
+        if self.rotation:
+            out["angle_loc"] = o[:, i : i + 2]
+            i += 2
+        if self.translation:
+            out["shift_loc"] = o[:, i : i + 2]
+            out["shift_scale"] = F.softplus(o[:, i + 2 : i + 4]) + self.min_scale
+        return out
+
+
+class MLPEncoder(nn.Module):
+    """The paper's inference network: the flattened image through tanh layers (2×256 by default), then the heads."""
+
+    def __init__(
+        self,
+        patch: tuple[int, int],
+        *,
+        latent_dim: int,
+        n_classes: int,
+        rotation: bool,
+        translation: bool,
+        hidden: tuple[int, ...] = (256, 256),
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = patch[0] * patch[1]
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.Tanh()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.heads = _Heads(width, latent_dim, n_classes, rotation, translation)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.trunk(x))
+
+
+class ConvEncoder(nn.Module):
+    """Strided 3×3 convolutions (each halves the patch), then one tanh layer and the heads.
+
+    For larger patches, where a dense first layer on ``H·W`` inputs gets big and ignores locality.
+    """
+
+    def __init__(
+        self,
+        patch: tuple[int, int],
+        *,
+        latent_dim: int,
+        n_classes: int,
+        rotation: bool,
+        translation: bool,
+        channels: tuple[int, ...] = (32, 64, 128),
+        hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, h, w = 1, patch[0], patch[1]
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.ReLU()]
+            c_in, h, w = c, (h + 1) // 2, (w + 1) // 2
+        layers += [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.Tanh()]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = _Heads(hidden, latent_dim, n_classes, rotation, translation)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.trunk(x))
+
+
+class CoordDecoder(nn.Module):
+    """An MLP (3×256 tanh by default) evaluated at every transformed pixel coordinate, conditioned on ``z`` and ``y``.
+
+    The first layer is linear in ``[coords, z, y]``, so it is split into three parts that are computed at the size
+    each one needs and added by broadcasting: ``W_c·X'`` once per image and pixel (it does not depend on the class),
+    ``W_z·z`` once per image, ``W_y·y`` once per class (a row of ``W_y`` for a one-hot ``y``). Concatenating inputs
+    expanded to ``K×B×P×(2+D+K)`` would compute the same thing with a lot of copying and repeated work.
+    """
+
+    def __init__(self, *, latent_dim: int, n_classes: int, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("decoder_hidden is empty; the coordinate decoder needs at least one hidden layer")
+        self.coord = nn.Linear(2, hidden[0])
+        self.latent = nn.Linear(latent_dim, hidden[0], bias=False)
+        self.label = nn.Linear(n_classes, hidden[0], bias=False) if n_classes > 0 else None
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(hidden))
+        self.out = nn.Linear(hidden[-1], 1)
+        # A coordinate MLP is a sum of ridge functions of the coordinates; a wider spread of first-layer slopes
+        # than PyTorch's default (fan-in 2 gives slopes of at most 0.7) lets it draw sharp card edges early.
+        nn.init.uniform_(self.coord.weight, -math.sqrt(3.0), math.sqrt(3.0))
+
+    def latent_part(self, z: Tensor, y: Tensor | None) -> Tensor:
+        """``W_z·z + W_y·y``, the class- and image-dependent part of the first layer, ``(..., B, H)``."""
+        lat = self.latent(z)
+        if self.label is not None and y is not None:
+            lat = lat + self.label(y)
+        return lat
+
+    def forward(self, coords: Tensor, z: Tensor, y: Tensor | None = None) -> Tensor:
+        h = torch.tanh(self.coord(coords) + self.latent_part(z, y).unsqueeze(-2))
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        return self.out(h).squeeze(-1)
+
+    def log_likelihood(
+        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, by the fused cache-sized kernel.
+
+        Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
+        materialising the ``(..., B, P, H)`` activations; see ``models.fused_likelihood``.
+        """
+        return coord_mlp_log_likelihood(
+            coords,
+            self.latent_part(z, y),
+            x,
+            coord_weight=self.coord.weight,
+            coord_bias=self.coord.bias,
+            hidden=[(layer.weight, layer.bias) for layer in self.hidden],
+            out_weight=self.out.weight,
+            out_bias=self.out.bias,
+            likelihood=likelihood,
+            gaussian_scale=gaussian_scale,
+        )
+
+
+class BroadcastDecoder(nn.Module):
+    """The supplement's spatial-broadcast decoder: 3×3 convolutions over the transformed-coordinate image.
+
+    The latent (``z`` and one-hot ``y``) enters every layer: the paper stacks the tiled latent as extra channels at
+    each layer; we add a per-layer 1×1 projection of it, which is that same skip connection without building the
+    tiled channels (it differs only in how zero padding treats the border).
+    """
+
+    def __init__(
+        self,
+        patch: tuple[int, int],
+        *,
+        latent_dim: int,
+        n_classes: int,
+        channels: tuple[int, ...] = (64, 64, 64),
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("conv_channels is empty; the broadcast decoder needs at least one layer")
+        self.patch = patch
+        self.n_classes = n_classes
+        latent_in = latent_dim + n_classes
+        self.convs = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        c_in = 2
+        for c in channels:
+            self.convs.append(nn.Conv2d(c_in, c, 3, padding=1))
+            self.skips.append(nn.Linear(latent_in, c, bias=False))
+            c_in = c
+        self.out = nn.Conv2d(c_in, 1, 1)
+
+    def forward(self, coords: Tensor, z: Tensor, y: Tensor | None = None) -> Tensor:
+        ph, pw = self.patch
+        if self.n_classes > 0:
+            if y is None:
+                raise ValueError("this decoder has classes: pass the one-hot class y")
+            shape = torch.broadcast_shapes(z.shape[:-1], y.shape[:-1])
+            lat = torch.cat([z.expand(*shape, z.shape[-1]), y.expand(*shape, y.shape[-1])], dim=-1)
+        else:
+            lat = z
+        lead = torch.broadcast_shapes(coords.shape[:-2], lat.shape[:-1])
+        img = coords.movedim(-1, -2).unflatten(-1, (ph, pw))  # (..., 2, ph, pw)
+        h = self.convs[0](img.reshape(-1, 2, ph, pw)).reshape(*img.shape[:-3], -1, ph, pw)
+        h = torch.tanh(h + self.skips[0](lat)[..., None, None]).expand(*lead, -1, ph, pw)
+        for conv, skip in zip(self.convs[1:], self.skips[1:], strict=True):
+            b = skip(lat).expand(*lead, -1)
+            h = conv(h.reshape(-1, *h.shape[-3:])).reshape(*lead, -1, ph, pw)
+            h = torch.tanh(h + b[..., None, None])
+        out = self.out(h.reshape(-1, *h.shape[-3:]))
+        return out.reshape(*lead, ph * pw)
+
+    def log_likelihood(
+        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)

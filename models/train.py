@@ -1,0 +1,210 @@
+"""Training: SVI with exact parallel enumeration of the class, the paper's β annealing, checkpoints and resume.
+
+``fit`` is the one entry point that touches Pyro's global state (param store, RNG): it clears and seeds it, so two
+calls with the same config and data give the same model whatever ran before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.elbo import ELBO
+from pyro.optim import Adam
+from torch import Tensor
+
+from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
+from models.config import RunConfig
+from models.jtrvae import JTrVAE
+
+__all__ = ["FitError", "TrainResult", "evaluate_loss", "fit", "make_elbo", "resolve_device", "split_validation"]
+
+
+class FitError(ValueError):
+    """Training input that does not fit the config; the message names the value and the fix."""
+
+
+@dataclass
+class TrainResult:
+    model: JTrVAE
+    history: list[dict]  # per epoch: epoch (0-based), loss, val_loss (None without validation), beta1..3, seconds
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FitError("device 'cuda' was asked for but CUDA is not available; use device 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def make_elbo(model: JTrVAE) -> ELBO:
+    """TraceEnum_ELBO (exact sum over the enumerated class) when the model has classes, plain Trace_ELBO otherwise."""
+    if model.cfg.n_classes > 0:
+        return TraceEnum_ELBO(max_plate_nesting=1)
+    return Trace_ELBO(max_plate_nesting=1)
+
+
+def _as_images(images: np.ndarray | Tensor, patch: tuple[int, int], what: str) -> Tensor:
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or tuple(x.shape[1:]) != tuple(patch):
+        raise FitError(
+            f"{what} have shape {tuple(x.shape)}; expected N×{patch[0]}×{patch[1]} (or N×1×H×W) to match "
+            f"model.patch={tuple(patch)} — cut patches of that size or change the config"
+        )
+    if x.shape[0] == 0:
+        raise FitError(f"{what} are empty; give at least one image")
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise FitError(f"{what} must be finite and scaled to [0, 1]; normalise them first (streamer.preprocess)")
+    return x
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) index split; the validation set gets ``round(fraction·n)`` images (≥1 if >0)."""
+    n_val = 0 if fraction <= 0 else max(1, round(fraction * n))
+    if n_val >= n:
+        raise FitError(f"val_fraction={fraction} leaves no training images out of {n}; lower it or add data")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: JTrVAE,
+    images: np.ndarray | Tensor,
+    *,
+    beta: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """Mean negative ELBO per image, one Monte Carlo draw per image, weights untouched.
+
+    No optimiser is involved (the published reference steps its optimiser here, which trains on the test set).
+    The draws use their own ``seed`` inside a forked RNG, so the number is comparable across epochs and calling
+    this does not change the random stream of the training around it.
+    """
+    p = next(model.parameters())
+    x = _as_images(images, model.cfg.patch, "images").to(device=p.device, dtype=p.dtype)
+    elbo = make_elbo(model)
+    devices = [p.device] if p.device.type == "cuda" else []
+    total = 0.0
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, x.shape[0], batch_size):
+            total += float(elbo.loss(model.model, model.guide, x[start : start + batch_size], beta))
+    return total / x.shape[0]
+
+
+def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    saved = load_config(run_dir)
+    if saved.model != cfg.model:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: its model config differs from the one given; resume with the saved config "
+            "(config.json) or train into a new directory"
+        )
+
+
+def fit(
+    cfg: RunConfig,
+    images: np.ndarray | Tensor,
+    out_dir: str | Path | None,
+    *,
+    val_images: np.ndarray | Tensor | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train the model ``cfg.model`` on ``images`` (N×H×W in [0, 1]) for ``cfg.train.epochs`` epochs.
+
+    Without ``val_images`` a seeded ``cfg.train.val_fraction`` of ``images`` is held out for the per-epoch
+    validation loss. ``out_dir=None`` writes nothing; otherwise the run directory (``models.checkpoint``) is written
+    every ``checkpoint_every`` epochs and at the end. ``resume=True`` continues the run in ``out_dir`` from its last
+    finished epoch with its weights, optimiser state and history, up to ``cfg.train.epochs`` in total.
+    """
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+    x_all = _as_images(images, cfg.model.patch, "images")
+    if val_images is not None:
+        x_train, x_val = x_all, _as_images(val_images, cfg.model.patch, "val_images")
+    elif tc.val_fraction > 0:
+        tr, va = split_validation(x_all.shape[0], tc.val_fraction, tc.seed)
+        x_train, x_val = x_all[tr], x_all[va]
+    else:
+        x_train, x_val = x_all, None
+    x_train = x_train.to(device=device, dtype=dtype)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(tc.seed)
+    start_epoch, history, opt_state = 0, [], None
+    if resume:
+        if out_dir is None:
+            raise FitError("resume=True needs out_dir, the run directory to continue")
+        _check_resumable(Path(out_dir), cfg)
+        model, _ = load_run(out_dir, device=str(device))
+        model = model.to(dtype=dtype).train()
+        state = load_training_state(out_dir, device=str(device))
+        start_epoch, history, opt_state = state.epoch, list(state.history), state.optimizer
+        pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
+    else:
+        model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
+
+    optim = Adam({"lr": tc.lr})
+    if opt_state is not None:
+        optim.set_state(opt_state)
+    svi = SVI(model.model, model.guide, optim, loss=make_elbo(model))
+
+    n = x_train.shape[0]
+    epochs = range(start_epoch, tc.epochs)
+    bar = _progress(epochs, tc.progress)
+    for epoch in bar:
+        beta = tc.annealing.at(epoch, tc.epochs)
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
+        total = 0.0
+        for start in range(0, n, tc.batch_size):
+            total += svi.step(x_train[order[start : start + tc.batch_size]], beta)
+        loss = total / n
+        if not math.isfinite(loss):
+            raise FitError(f"the loss became {loss} in epoch {epoch}; lower train.lr (now {tc.lr})")
+        val_loss = None if x_val is None else evaluate_loss(model, x_val, beta=beta, batch_size=tc.batch_size)
+        row = {
+            "epoch": epoch,
+            "loss": loss,
+            "val_loss": val_loss,
+            "beta1": beta[0],
+            "beta2": beta[1],
+            "beta3": beta[2],
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(
+                loss=f"{loss:.2f}",
+                val=f"{val_loss:.2f}" if val_loss is not None else "-",
+                beta=f"{beta[0]:g}/{beta[1]:.2f}/{beta[2]:.2f}",
+            )
+        done = epoch + 1
+        if out_dir is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.epochs:
+            save_run(out_dir, model, cfg, epoch=done, history=history, optimizer_state=optim.get_state())
+    if out_dir is not None:
+        save_run(
+            out_dir, model, cfg, epoch=max(tc.epochs, start_epoch), history=history, optimizer_state=optim.get_state()
+        )
+    model.eval()
+    return TrainResult(model=model, history=history)
+
+
+def _progress(epochs: range, enabled: bool) -> Iterable[int]:
+    if not enabled:
+        return epochs
+    from tqdm.auto import tqdm
+
+    return tqdm(epochs, desc="train", unit="epoch", dynamic_ncols=True)

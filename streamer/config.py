@@ -1,0 +1,114 @@
+"""Configuration of ``atomstream serve``: one frozen, typo-proof object built from defaults, a YAML file, the
+environment and command-line flags.
+
+Precedence, highest first: values passed in (the CLI flags), ``ATOMSTREAM_…`` environment variables (nested fields
+with ``__``, e.g. ``ATOMSTREAM_CURVE__SERVER_SECRET_FILE``), the YAML file given to ``ServiceConfig.load`` (``--config
+serve.yaml``), then the defaults below. Endpoints default to loopback: exposing the service is a deliberate choice.
+A port of ``0`` or ``*`` in an endpoint (or ``metrics_port=0``) binds a free port; the service reports the actual one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from streamer.protocol import MAX_FRAME_BYTES
+from streamer.security import CurveConfig
+
+__all__ = ["ConfigError", "ServiceConfig"]
+
+_YAML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("atomstream_serve_yaml", default=None)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file or field and the value."""
+
+
+class ServiceConfig(BaseSettings):
+    """Settings of the streaming service (``atomstream serve``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ATOMSTREAM_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    artifact: Path | None = Field(None, description="exported artifact directory (manifest.json + encoder files)")
+    backend: Literal["onnx", "torchscript"] = Field("onnx", description="which encoder file of the artifact to run")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    ingest: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint the service binds for frames")
+    publish: str = Field("tcp://127.0.0.1:5556", description="PUB endpoint the service binds for maps and events")
+    control: str = Field("tcp://127.0.0.1:5557", description="REP endpoint the service binds for commands")
+    metrics_host: str = Field("127.0.0.1", description="HTTP host of /metrics, /healthz, /readyz")
+    metrics_port: int | None = Field(9108, ge=0, le=65535, description="0: a free port; null: no HTTP endpoint")
+    max_batch_patches: int = Field(1024, ge=1, description="most patches per encoder call (across frames)")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a partial batch waits for more frames")
+    queue_size: int = Field(16, ge=1, description="frames accepted but not yet encoded, at most")
+    overload: Literal["block", "drop_oldest"] = Field(
+        "block", description="full queue: block (back-pressure to the producer) or drop the oldest frame"
+    )
+    recv_hwm: int = Field(16, ge=1, description="ZeroMQ receive high-water mark of the ingest socket (messages)")
+    send_hwm: int = Field(1000, ge=1, description="ZeroMQ send high-water mark of the publish socket (messages)")
+    max_frame_bytes: int = Field(MAX_FRAME_BYTES, ge=1, description="larger frames are refused (frame_too_large)")
+    defect_classes: list[str | int] | None = Field(
+        None, description="class names or indices flagged as defects; null: the manifest's defect_classes"
+    )
+    defect_threshold: float = Field(0.5, ge=0, le=1, description="defect score at which a patch is flagged")
+    connectivity: Literal[4, 8] = Field(8, description="grid neighbours joining flagged patches into one region")
+    status_interval_s: float = Field(1.0, gt=0, description="seconds between status heartbeats")
+    linger_ms: int = Field(1000, ge=0, description="on shutdown, how long queued published messages may take")
+    drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long in-flight frames may take")
+    curve: CurveConfig | None = Field(None, description="CurveZMQ encryption and client authorisation; null: off")
+
+    @field_validator("ingest", "publish", "control")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"endpoint {value!r} needs a transport, e.g. 'tcp://127.0.0.1:5555'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _YAML_FILE.get()
+        if yaml_file is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+
+    @classmethod
+    def load(cls, *, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> ServiceConfig:
+        """Defaults < ``config_file`` (YAML) < environment < ``overrides``; ``ConfigError`` names what is wrong."""
+        if config_file is not None and not Path(config_file).is_file():
+            raise ConfigError(f"config file {str(config_file)!r} does not exist; give the path of a YAML file")
+        token = _YAML_FILE.set(Path(config_file) if config_file is not None else None)
+        try:
+            return cls(**dict(overrides or {}))
+        except ValidationError as exc:
+            where = f" (from {config_file})" if config_file is not None else ""
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(
+                f"invalid serve configuration{where}: field {field!r}={first.get('input')!r}: {first['msg']}"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(config_file)!r} is not valid YAML: {exc}") from None
+        finally:
+            _YAML_FILE.reset(token)

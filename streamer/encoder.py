@@ -1,0 +1,318 @@
+"""Serving-side encoder: an exported artifact behind one call, ``patches -> {output name: tensor}``.
+
+``load`` trusts nothing it has not checked: the manifest must validate, every file must have its recorded size and
+sha256, and the model itself must agree with the manifest (input patch size, output names and order, output shapes
+at every warm-up batch size). Anything else is an ``ArtifactError`` naming the file and what is wrong, because a
+silently mismatched encoder produces plausible-looking but wrong maps.
+
+Two backends: ONNX Runtime (CUDA provider with IOBinding when present, so device tensors never leave the GPU; the
+CPU provider otherwise) and TorchScript. Neither needs Pyro or the training code: this module imports only torch,
+numpy, onnxruntime and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from streamer.manifest import (
+    INPUT_NAME,
+    MODEL_FILES,
+    TS_METADATA,
+    ArtifactError,
+    Manifest,
+    TensorSpec,
+    check_files,
+    read_manifest,
+)
+
+__all__ = ["ArtifactError", "Backend", "Encoder", "EncoderError", "load"]
+
+Backend = Literal["onnx", "torchscript"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+_MAX_DEFAULT_THREADS = 4
+
+
+class EncoderError(ValueError):
+    """A bad argument to ``load`` or a bad input batch (wrong shape or dtype, device not available)."""
+
+
+class _Runner(Protocol):
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    return tuple(batch if d == "batch" else int(d) for d in spec.shape)
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
+
+
+class _OrtRunner:
+    """ONNX Runtime session; on CUDA, inputs and outputs are bound to torch device memory (no host round trip)."""
+
+    def __init__(self, path: Path, manifest: Manifest, *, cuda: bool, device_id: int, intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads burn the cores the service's ingest and publish threads need on a small box.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+        if cuda:
+            # TF32 matmuls would trade the fp32 parity measured at export (1e-4) for speed; the fp16 file is for that.
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id), "use_tf32": "0"}))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        self.providers = tuple(self.session.get_providers())
+        self.cuda = cuda and self.providers[0] == "CUDAExecutionProvider"
+        self.device_id = device_id
+        self.outputs = manifest.outputs
+        self._check_io(path, manifest)
+
+    def _check_io(self, path: Path, manifest: Manifest) -> None:
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != [INPUT_NAME]:
+            raise ArtifactError(
+                f"{path}: model inputs {[i.name for i in inputs]} differ from the manifest's ['patches']"
+            )
+        dims = list(inputs[0].shape)
+        want = [1, *manifest.patch]
+        if len(dims) != 4 or dims[1:] != want:
+            raise ArtifactError(
+                f"{path}: patch size differs: the model takes {dims[1:]} (channels, height, width) but the "
+                f"manifest's field 'patch' says {list(manifest.patch)}"
+            )
+        names = [o.name for o in self.session.get_outputs()]
+        if names != list(manifest.output_names):
+            raise ArtifactError(
+                f"{path}: output names in the model {names} differ from the manifest's field 'outputs' "
+                f"{list(manifest.output_names)}"
+            )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.cuda:
+            return self._run_bound(x)
+        feed = {INPUT_NAME: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in self.session.run(None, feed)]
+
+    def _run_bound(self, x: torch.Tensor) -> list[torch.Tensor]:
+        device = torch.device("cuda", self.device_id)
+        x = x.detach().to(device, torch.float32).contiguous()
+        batch = int(x.shape[0])
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", self.device_id, np.float32, tuple(x.shape), x.data_ptr())
+        outs = [torch.empty(_shape(spec, batch), device=device, dtype=torch.float32) for spec in self.outputs]
+        for spec, out in zip(self.outputs, outs, strict=True):
+            binding.bind_output(spec.name, "cuda", self.device_id, np.float32, tuple(out.shape), out.data_ptr())
+        # ORT runs on its own stream: the input must be fully written by torch's stream before ORT reads it.
+        torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outs
+
+
+class _TorchScriptRunner:
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device) -> None:
+        extra = {TS_METADATA: ""}
+        try:
+            with _quiet_jit():
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except Exception as exc:  # torch.jit raises RuntimeError/ValueError variants for bad archives
+            raise ArtifactError(f"{path}: TorchScript cannot load the module: {str(exc).splitlines()[0]}") from None
+        self.module.eval()
+        self.device = device
+        try:
+            meta = json.loads(extra[TS_METADATA] or "null")
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{path}: the module carries no {TS_METADATA} I/O description; re-export the artifact")
+        if meta.get("outputs") != list(manifest.output_names):
+            raise ArtifactError(
+                f"{path}: output names in the model {meta.get('outputs')} differ from the manifest's "
+                f"field 'outputs' {list(manifest.output_names)}"
+            )
+        if meta.get("patch") != list(manifest.patch):
+            raise ArtifactError(
+                f"{path}: patch size differs: the model takes {meta.get('patch')} but the manifest's "
+                f"field 'patch' says {list(manifest.patch)}"
+            )
+        self.providers: tuple[str, ...] = ()
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            out = self.module(x.detach().to(self.device, torch.float32).contiguous())
+        return list(out) if isinstance(out, tuple | list) else [out]
+
+
+class Encoder:
+    """A loaded, verified artifact. Call it on ``(B, 1, ph, pw)`` float patches (already preprocessed).
+
+    Returns ``{name: tensor}`` with the manifest's output names, on ``torch_device``. Safe to call from one thread
+    at a time per encoder (ONNX Runtime sessions are thread-safe, TorchScript modules are not guaranteed to be).
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        backend: Backend,
+        device: Literal["cpu", "cuda"],
+        torch_device: torch.device,
+        providers: tuple[str, ...],
+        sha256: str,
+        path: Path,
+        runner: _Runner,
+    ) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.device = device
+        self.torch_device = torch_device
+        self.providers = providers
+        self.sha256 = sha256
+        self.path = path
+        self._runner = runner
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.manifest.output_names
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        return self.manifest.patch
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Encoder({m.name} {m.version}, {self.backend} on {self.device}, patch {m.patch[0]}x{m.patch[1]})"
+
+    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        ph, pw = self.manifest.patch
+        if not isinstance(patches, torch.Tensor):
+            raise EncoderError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+        if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, ph, pw):
+            raise EncoderError(f"patches must have shape (B, 1, {ph}, {pw}), got {tuple(patches.shape)}")
+        if not patches.is_floating_point():
+            raise EncoderError(f"patches must be float (preprocessed to [0, 1]), got {patches.dtype}")
+        batch = int(patches.shape[0])
+        if batch == 0:
+            return {
+                s.name: torch.empty(_shape(s, 0), device=self.torch_device, dtype=torch.float32)
+                for s in self.manifest.outputs
+            }
+        outs = self._runner(patches)
+        if len(outs) != len(self.manifest.outputs):
+            raise ArtifactError(
+                f"{self.path}: the model returns {len(outs)} outputs but the manifest's field 'outputs' lists "
+                f"{list(self.manifest.output_names)}"
+            )
+        return dict(zip(self.manifest.output_names, outs, strict=True))
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once (allocations, kernel selection) and check the output shapes on the way."""
+        ph, pw = self.manifest.patch
+        for b in batch_sizes:
+            if b < 1:
+                raise EncoderError(f"warm-up batch size {b} must be at least 1")
+            out = self(torch.zeros((b, 1, ph, pw), device=self.torch_device))
+            for spec in self.manifest.outputs:
+                got = tuple(out[spec.name].shape)
+                if got != _shape(spec, b):
+                    raise ArtifactError(
+                        f"{self.path}: output {spec.name!r} has shape {list(got)} at batch {b}, but the manifest's "
+                        f"field 'outputs' says {list(spec.shape)}"
+                    )
+
+
+def _cuda_for(backend: Backend, device: DeviceChoice) -> bool:
+    """Whether to run on CUDA; ``device="cuda"`` without a usable GPU is an error, ``"auto"`` falls back."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise EncoderError(f"device {device!r} is not one of 'auto', 'cpu', 'cuda'")
+    if device == "cpu":
+        return False
+    have = torch.cuda.is_available()
+    reason = "torch sees no CUDA device"
+    if have and backend == "onnx":
+        import onnxruntime as ort
+
+        have = "CUDAExecutionProvider" in ort.get_available_providers()
+        reason = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    if device == "cuda" and not have:
+        raise EncoderError(f"device 'cuda' requested but {reason}; use device='cpu' or 'auto'")
+    return have
+
+
+def load(
+    artifact_dir: str | Path,
+    backend: Backend = "onnx",
+    device: DeviceChoice = "auto",
+    batch_sizes: Sequence[int] = (1, 256),
+    *,
+    intra_op_threads: int | None = None,
+    fp16: bool = False,
+) -> Encoder:
+    """Load and verify an artifact; warm it up at ``batch_sizes`` (the sizes the caller will use).
+
+    ``intra_op_threads`` sets ONNX Runtime's CPU threads (default ``min(4, cpu count)``, spinning off).
+    ``fp16=True`` selects ``encoder.fp16.onnx`` (ONNX only; meant for GPUs).
+    """
+    if backend not in ("onnx", "torchscript"):
+        raise EncoderError(f"backend {backend!r} is not one of 'onnx', 'torchscript'")
+    if fp16 and backend != "onnx":
+        raise EncoderError("fp16=True needs backend='onnx' (the fp16 variant is an ONNX file)")
+    if intra_op_threads is not None and intra_op_threads < 1:
+        raise EncoderError(f"intra_op_threads={intra_op_threads} must be at least 1")
+    root = Path(artifact_dir)
+    manifest = read_manifest(root)
+    check_files(root, manifest)
+    file_name = MODEL_FILES["onnx_fp16" if fp16 else backend]
+    if file_name not in manifest.files:
+        raise ArtifactError(
+            f"{root / 'manifest.json'}: field 'files' lists no {file_name}; choose another backend or re-export"
+            + (" with --fp16" if fp16 else "")
+        )
+    path = root / file_name
+    cuda = _cuda_for(backend, device)
+    device_id = torch.cuda.current_device() if cuda else 0
+    runner: _Runner
+    if backend == "onnx":
+        threads = intra_op_threads or max(1, min(_MAX_DEFAULT_THREADS, os.cpu_count() or 1))
+        ort_runner = _OrtRunner(path, manifest, cuda=cuda, device_id=device_id, intra_op_threads=threads)
+        if device == "cuda" and not ort_runner.cuda:
+            raise EncoderError(f"device 'cuda' requested but ONNX Runtime fell back to {ort_runner.providers[0]}")
+        cuda, runner, providers = ort_runner.cuda, ort_runner, ort_runner.providers
+    else:
+        runner = _TorchScriptRunner(path, manifest, torch.device("cuda", device_id) if cuda else torch.device("cpu"))
+        providers = ()
+    torch_device = torch.device("cuda", device_id) if cuda else torch.device("cpu")
+    encoder = Encoder(
+        manifest=manifest,
+        backend=backend,
+        device="cuda" if cuda else "cpu",
+        torch_device=torch_device,
+        providers=providers,
+        sha256=manifest.files[file_name].sha256,
+        path=path,
+        runner=runner,
+    )
+    encoder.warm_up(batch_sizes)
+    return encoder

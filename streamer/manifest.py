@@ -1,0 +1,276 @@
+"""The artifact's manifest: everything serving needs to know about an exported encoder, and nothing it must guess.
+
+An artifact is a directory holding ``encoder.onnx``, ``encoder.ts`` (optionally ``encoder.fp16.onnx``) and
+``manifest.json``. The manifest is the only channel from training to serving (DESIGN.md), so it records the patch
+size, the preprocessing and tiling that training used, the names, order and shapes of the encoder's outputs, the
+latent layout, class names, the sha256 and size of every file, and the parity figures measured at export.
+
+``Manifest`` *is* the schema (``Manifest.model_json_schema()`` for a JSON Schema): frozen, ``extra="forbid"``, and it
+validates its own consistency — the outputs must be exactly those the latent layout implies, in the fixed order of
+``OUTPUT_ORDER`` — so a hand-edited manifest that contradicts itself is refused on read, naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from streamer.preprocess import Preprocessing
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INPUT_NAME",
+    "MANIFEST_NAME",
+    "MODEL_FILES",
+    "OUTPUT_ORDER",
+    "TS_METADATA",
+    "ArtifactError",
+    "BackendParity",
+    "FileEntry",
+    "LatentLayout",
+    "Manifest",
+    "Parity",
+    "TensorSpec",
+    "Tiling",
+    "check_files",
+    "expected_outputs",
+    "read_manifest",
+    "sha256_file",
+    "write_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INPUT_NAME = "patches"
+#: backend (or variant) -> file name inside the artifact directory
+MODEL_FILES: dict[str, str] = {"onnx": "encoder.onnx", "torchscript": "encoder.ts", "onnx_fp16": "encoder.fp16.onnx"}
+#: JSON embedded in ``encoder.ts`` (``torch.jit.save(_extra_files=...)``): its input name, output names and patch.
+TS_METADATA = "atomstream.json"
+#: The fixed order of the encoder's outputs; a model without a latent omits its entries and keeps the rest in order.
+OUTPUT_ORDER: tuple[str, ...] = ("class_logits", "class_prob", "z_loc", "z_scale", "angle", "shift")
+
+_HASH_CHUNK = 1 << 20
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be trusted: the message names the file (and field) and what is wrong with it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Frozen):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class TensorSpec(_Frozen):
+    """A named tensor; ``shape`` uses ``"batch"`` for the dynamic leading axis, e.g. ``["batch", 4]``."""
+
+    name: str = Field(min_length=1)
+    shape: tuple[int | Literal["batch"], ...]
+    dtype: Literal["float32"] = "float32"
+
+
+class Tiling(_Frozen):
+    """Default tiling of live frames: a regular grid, or patches centred on atoms found with these parameters."""
+
+    layout: Literal["grid", "points"] = "grid"
+    stride: tuple[int, int] = (8, 8)
+    origin: tuple[int, int] = (0, 0)
+    atom_sigma: float = Field(1.5, ge=0)
+    atom_min_distance: int = Field(5, ge=1)
+    atom_threshold: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Tiling:
+        if min(self.stride) < 1:
+            raise ValueError(f"stride {self.stride} must be at least 1 pixel in each direction")
+        if min(self.origin) < 0:
+            raise ValueError(f"origin {self.origin} must be non-negative")
+        return self
+
+
+class LatentLayout(_Frozen):
+    n_classes: int = Field(ge=0, le=64)
+    latent_dim: int = Field(ge=1, le=64)
+    rotation: bool
+    translation: bool
+
+
+class BackendParity(_Frozen):
+    """How far one exported backend is from the Pyro guide's posterior means, per output (max |Δ|).
+
+    ``angle`` is compared on the circle (the wrapped difference), so ±π count as equal.
+    """
+
+    backend: Literal["onnx", "torchscript", "onnx_fp16"]
+    max_abs_diff: dict[str, float]
+    argmax_agreement: float | None = Field(None, ge=0, le=1)  # fraction of patches with the same class argmax
+    tolerance: float = Field(gt=0)
+    passed: bool
+
+
+class Parity(_Frozen):
+    reference: str = "JTrVAE.encode (posterior means of the Pyro guide, eager PyTorch)"
+    n_patches: int = Field(ge=1)
+    data: str = Field(min_length=1)  # which patches: a file and how they were cut, or a plain "random ..." fallback
+    backends: tuple[BackendParity, ...]
+
+
+def expected_outputs(latent: LatentLayout) -> tuple[TensorSpec, ...]:
+    """The outputs a model with this latent layout has, in ``OUTPUT_ORDER`` — shared by exporter and manifest."""
+    k, d = latent.n_classes, latent.latent_dim
+    specs: list[TensorSpec] = []
+    if k > 0:
+        specs += [
+            TensorSpec(name="class_logits", shape=("batch", k)),
+            TensorSpec(name="class_prob", shape=("batch", k)),
+        ]
+    specs += [TensorSpec(name="z_loc", shape=("batch", d)), TensorSpec(name="z_scale", shape=("batch", d))]
+    if latent.rotation:
+        specs.append(TensorSpec(name="angle", shape=("batch",)))
+    if latent.translation:
+        specs.append(TensorSpec(name="shift", shape=("batch", 2)))
+    return tuple(specs)
+
+
+class Manifest(_Frozen):
+    """``manifest.json`` of an artifact (see the module docstring)."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    variant: str = Field(min_length=1)  # the paper's name: jtrVAE, jrVAE, rVAE, ...
+    created: datetime
+    files: dict[str, FileEntry]
+    patch: tuple[int, int]
+    preprocessing: Preprocessing
+    tiling: Tiling
+    input: TensorSpec
+    outputs: tuple[TensorSpec, ...]
+    latent: LatentLayout
+    class_names: tuple[str, ...]
+    defect_classes: tuple[int, ...] = ()  # class indices the service flags as defects by default
+    onnx_opset: int = Field(ge=17)
+    parity: Parity
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        ph, pw = self.patch
+        if ph < 4 or pw < 4:
+            raise ValueError(f"field 'patch' {list(self.patch)} is too small: each side needs at least 4 pixels")
+        want_input = TensorSpec(name=INPUT_NAME, shape=("batch", 1, ph, pw))
+        if self.input != want_input:
+            raise ValueError(
+                f"field 'input' is {self.input.name!r} {list(self.input.shape)}, but field 'patch' {list(self.patch)} "
+                f"needs {INPUT_NAME!r} {list(want_input.shape)}"
+            )
+        want = expected_outputs(self.latent)
+        if self.outputs != want:
+            raise ValueError(
+                f"field 'outputs' {[(o.name, list(o.shape)) for o in self.outputs]} does not match field 'latent', "
+                f"which implies {[(o.name, list(o.shape)) for o in want]}"
+            )
+        if len(self.class_names) != self.latent.n_classes:
+            raise ValueError(
+                f"field 'class_names' has {len(self.class_names)} names but latent.n_classes={self.latent.n_classes}"
+            )
+        bad = [c for c in self.defect_classes if not 0 <= c < self.latent.n_classes]
+        if bad:
+            raise ValueError(f"field 'defect_classes' has {bad}, not class indices 0..{self.latent.n_classes - 1}")
+        unknown = sorted(set(self.files) - set(MODEL_FILES.values()))
+        if unknown:
+            raise ValueError(
+                f"field 'files' lists {unknown}, which are not artifact files {sorted(MODEL_FILES.values())}"
+            )
+        if not {MODEL_FILES["onnx"], MODEL_FILES["torchscript"]} & set(self.files):
+            raise ValueError("field 'files' lists neither encoder.onnx nor encoder.ts: the artifact has no model")
+        return self
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(artifact_dir: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` (indented, stable key order) and return its path."""
+    path = Path(artifact_dir) / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"field {where!r}: {msg}" if where else msg)
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def read_manifest(artifact_dir: str | Path) -> Manifest:
+    """Read and validate ``manifest.json``; ``ArtifactError`` names the file and the offending field."""
+    path = Path(artifact_dir) / MANIFEST_NAME
+    if not Path(artifact_dir).is_dir():
+        raise ArtifactError(
+            f"artifact directory {str(artifact_dir)!r} does not exist; export one with atomstream export"
+        )
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing file; an artifact needs manifest.json next to the encoder files")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: manifest invalid: not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: manifest invalid: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: manifest invalid: field 'format_version' is {raw.get('format_version')!r}, this atomstream "
+            f"reads version {FORMAT_VERSION}; re-export the artifact"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{path}: manifest invalid: {_describe(exc)}") from None
+
+
+def check_files(artifact_dir: str | Path, manifest: Manifest, names: tuple[str, ...] | None = None) -> None:
+    """Each listed file exists, has the recorded size (else: truncated or grown) and the recorded sha256."""
+    root = Path(artifact_dir)
+    for name in names if names is not None else tuple(manifest.files):
+        entry = manifest.files.get(name)
+        path = root / name
+        if entry is None:
+            raise ArtifactError(
+                f"{root / MANIFEST_NAME}: field 'files' has no entry for {name}; re-export the artifact"
+            )
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing file listed in the manifest; copy the whole artifact directory")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ArtifactError(
+                f"{path}: size {size} bytes differs from the manifest's {entry.size} (truncated or altered); "
+                "copy the artifact again"
+            )
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise ArtifactError(
+                f"{path}: sha256 mismatch: file has {digest[:16]}…, manifest says {entry.sha256[:16]}… "
+                "(corrupt or altered); copy the artifact again"
+            )

@@ -1,0 +1,356 @@
+"""Frame → maps in-process, no sockets: the reference the live service must reproduce exactly.
+
+The work is split in three so the service can batch **across frames** (one encoder call for the patches of many
+small frames, several calls for one huge frame):
+
+1. ``prepare(frame)`` — move the frame to the encoder's device once, normalise, cut patches (grid or atom-centred,
+   as the artifact's manifest says) and apply the patch transform (FFT …): a ``PreparedFrame`` holding the patch
+   tensor on the device and where each patch came from.
+2. ``encode(patches)`` — the encoder on the (possibly concatenated) patches, in chunks of at most
+   ``max_batch_patches``; outputs come back to the host once, as numpy.
+3. ``assemble(prepared, outputs)`` — one frame's slice of the outputs → ``FrameMaps``: the arrays of DESIGN.md in
+   their published order and the defect regions (``streamer.defects`` documents the score and the connectivity).
+
+``process(frame)`` chains the three for one frame. Preprocessing goes through the same ``streamer.preprocess`` and
+``streamer.atoms`` functions training used, with the parameters the manifest recorded, so nothing is re-guessed here.
+A ``Pipeline`` is immutable: ``with_defects`` returns a new one sharing the encoder, which lets the service swap
+settings (or a reloaded model) between batches without locks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from streamer.atoms import find_atoms
+from streamer.defects import (
+    Connectivity,
+    DefectRule,
+    defect_mask,
+    defect_score,
+    grid_centres,
+    grid_regions,
+    point_regions,
+    regions_to_defects,
+)
+from streamer.manifest import Manifest
+from streamer.preprocess import prepare_frame, prepare_patches
+from streamer.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
+from streamer.tiling import TilingError, gather_points, tile_grid
+
+__all__ = [
+    "ARRAY_ORDER",
+    "EncoderLike",
+    "FrameError",
+    "FrameMaps",
+    "Pipeline",
+    "PipelineError",
+    "PreparedFrame",
+    "resolve_classes",
+    "slice_outputs",
+]
+
+#: The order of the published arrays (DESIGN.md); absent ones are skipped.
+ARRAY_ORDER: tuple[str, ...] = ("class", "class_prob", "z", "angle", "shift", "defect_score", "centers")
+
+
+class PipelineError(ValueError):
+    """A setting the pipeline cannot use (unknown defect class, bad batch size); the message names it."""
+
+
+class FrameError(PipelineError):
+    """A frame this model cannot tile (not 2-D, smaller than a patch): a problem of the input, not the service."""
+
+
+class EncoderLike(Protocol):
+    """What the pipeline needs from ``streamer.encoder.Encoder`` (a wrapper — e.g. one adding a delay — will do)."""
+
+    manifest: Manifest
+    backend: str
+    device: str
+    torch_device: torch.device
+    sha256: str
+
+    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """Encoder-ready patches of one frame (on the device) and their layout; ``tile_s``/``fft_s`` are stage times."""
+
+    patches: torch.Tensor
+    grid: tuple[int, int] | None
+    centers: np.ndarray | None
+    frame_shape: tuple[int, int]
+    tile_s: float
+    fft_s: float
+
+    @property
+    def n(self) -> int:
+        return int(self.patches.shape[0])
+
+
+@dataclass(frozen=True)
+class FrameMaps:
+    """One frame's maps (numpy, DESIGN.md order) and defects, with everything a ``maps`` header needs."""
+
+    layout: Literal["grid", "points"]
+    grid: tuple[int, int] | None
+    patch: tuple[int, int]
+    stride: tuple[int, int]
+    origin: tuple[int, int]
+    n_classes: int
+    latent_dim: int
+    class_names: tuple[str, ...]
+    model: ModelRef
+    arrays: dict[str, np.ndarray]
+    defects: list[Defect]
+
+    def maps_message(
+        self, *, scan_id: str, frame_id: int, seq: int, t_acq_ns: int | None, t_recv_ns: int, t_pub_ns: int
+    ) -> Maps:
+        return Maps(
+            scan_id=scan_id,
+            frame_id=frame_id,
+            seq=seq,
+            layout=self.layout,
+            grid=list(self.grid) if self.grid is not None else None,
+            patch=list(self.patch),
+            stride=list(self.stride),
+            origin=list(self.origin),
+            n_classes=self.n_classes,
+            latent_dim=self.latent_dim,
+            class_names=list(self.class_names),
+            model=self.model,
+            t_acq_ns=t_acq_ns,
+            t_recv_ns=t_recv_ns,
+            t_pub_ns=t_pub_ns,
+            arrays=[ArraySpec.of(name, a) for name, a in self.arrays.items()],
+        )
+
+    def defects_message(self, *, scan_id: str, frame_id: int, seq: int) -> Defects:
+        return Defects(scan_id=scan_id, frame_id=frame_id, seq=seq, defects=self.defects)
+
+    def buffers(self) -> list[np.ndarray]:
+        return list(self.arrays.values())
+
+
+def resolve_classes(classes: Sequence[str | int], class_names: Sequence[str]) -> tuple[int, ...]:
+    """Defect classes given by name or index → sorted unique indices; unknown ones raise ``PipelineError``."""
+    out: set[int] = set()
+    for c in classes:
+        if isinstance(c, bool):
+            raise PipelineError(f"defect class {c!r} is neither a class name nor an index")
+        if isinstance(c, int):
+            if not 0 <= c < len(class_names):
+                raise PipelineError(
+                    f"defect class index {c} is out of range: the model has {len(class_names)} classes "
+                    f"(0..{len(class_names) - 1})"
+                )
+            out.add(c)
+        elif c in class_names:
+            out.add(list(class_names).index(c))
+        else:
+            raise PipelineError(f"defect class {c!r} is not one of the model's classes {list(class_names)}")
+    return tuple(sorted(out))
+
+
+def slice_outputs(outputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """The rows ``start:stop`` of every output: one frame's share of a cross-frame batch."""
+    return {name: value[start:stop] for name, value in outputs.items()}
+
+
+def _sync(device: torch.device) -> None:
+    """Stage timings on CUDA would measure kernel launches only; wait for the work to finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _frame_tensor(frame: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The frame on the device, moved once. Read-only buffers (views on received messages) are copied on the host
+    first because torch cannot wrap them; uint16 widens to int32, which every torch op supports."""
+    if isinstance(frame, torch.Tensor):
+        return frame.to(device, non_blocking=True)
+    array = np.asarray(frame)
+    if array.dtype == np.uint16:
+        array = array.astype(np.int32)
+    elif not array.flags.writeable or not array.flags.c_contiguous or not array.dtype.isnative:
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+        if not array.flags.writeable:
+            array = array.copy()
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
+class Pipeline:
+    """An encoder plus the manifest's preprocessing and tiling, and the defect rule; immutable."""
+
+    def __init__(
+        self,
+        encoder: EncoderLike,
+        *,
+        defect_classes: Sequence[str | int] | None = None,
+        defect_threshold: float = 0.5,
+        connectivity: Connectivity = 8,
+        max_batch_patches: int = 1024,
+    ) -> None:
+        if max_batch_patches < 1:
+            raise PipelineError(f"max_batch_patches={max_batch_patches} must be at least 1")
+        if not 0.0 <= defect_threshold <= 1.0:
+            raise PipelineError(f"defect_threshold={defect_threshold} must be in [0, 1] (scores are probabilities)")
+        if connectivity not in (4, 8):
+            raise PipelineError(f"connectivity={connectivity!r} must be 4 or 8")
+        m = encoder.manifest
+        self.encoder = encoder
+        self.manifest = m
+        self.max_batch_patches = max_batch_patches
+        self.model = ModelRef(name=m.name, version=m.version, sha256=encoder.sha256)
+        self.device = encoder.torch_device
+        self.layout: Literal["grid", "points"] = m.tiling.layout
+        self.patch: tuple[int, int] = (int(m.patch[0]), int(m.patch[1]))
+        self.stride: tuple[int, int] = m.tiling.stride if self.layout == "grid" else (0, 0)
+        self.origin: tuple[int, int] = m.tiling.origin if self.layout == "grid" else (0, 0)
+        self.n_classes = m.latent.n_classes
+        self.latent_dim = m.latent.latent_dim
+        self.class_names: tuple[str, ...] = tuple(m.class_names)
+        classes = resolve_classes(defect_classes, self.class_names) if defect_classes is not None else None
+        self.rule = DefectRule(
+            classes=classes if classes is not None else tuple(m.defect_classes),
+            threshold=float(defect_threshold),
+            connectivity=connectivity,
+        )
+
+    def with_defects(self, *, classes: Sequence[str | int] | None, threshold: float | None) -> Pipeline:
+        """A copy with new defect settings (``None`` keeps the current value); same encoder, no reload."""
+        return Pipeline(
+            self.encoder,
+            defect_classes=classes if classes is not None else self.rule.classes,
+            defect_threshold=threshold if threshold is not None else self.rule.threshold,
+            connectivity=self.rule.connectivity,
+            max_batch_patches=self.max_batch_patches,
+        )
+
+    # ------------------------------------------------------------------ stages
+    def prepare(self, frame: np.ndarray | torch.Tensor) -> PreparedFrame:
+        """Frame → patches on the encoder's device (grid or atom-centred per the manifest)."""
+        if frame.ndim != 2:
+            raise FrameError(f"frame must be 2-D (H, W), got shape {tuple(frame.shape)}")
+        h, w = int(frame.shape[0]), int(frame.shape[1])
+        spec, tiling = self.manifest.preprocessing, self.manifest.tiling
+        t0 = time.perf_counter()
+        x = _frame_tensor(frame, self.device)
+        centers: np.ndarray | None = None
+        grid: tuple[int, int] | None = None
+        try:
+            if self.layout == "grid":
+                tiles = tile_grid(prepare_frame(x, spec), self.patch, self.stride, self.origin)
+                grid = (int(tiles.shape[0]), int(tiles.shape[1]))
+            else:
+                found = find_atoms(
+                    x.to(torch.float32),
+                    sigma=tiling.atom_sigma,
+                    min_distance=tiling.atom_min_distance,
+                    threshold=tiling.atom_threshold,
+                )
+                tiles, kept = gather_points(prepare_frame(x, spec), found, self.patch)
+                centers = found[kept].to("cpu", torch.float32).numpy()
+        except TilingError as exc:
+            raise FrameError(f"a {h}x{w} frame cannot be cut for this model: {exc}") from None
+        _sync(self.device)
+        t1 = time.perf_counter()
+        if tiles.shape[0] == 0:  # no atom found: the FFT backends refuse empty batches
+            patches = torch.zeros((0, 1, *self.patch), dtype=torch.float32, device=self.device)
+        else:
+            patches = prepare_patches(tiles, spec)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return PreparedFrame(
+            patches=patches, grid=grid, centers=centers, frame_shape=(h, w), tile_s=t1 - t0, fft_s=t2 - t1
+        )
+
+    def encode(
+        self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Encoder outputs for ``(N, 1, ph, pw)`` patches, as host numpy arrays, in chunks of ``max_batch_patches``.
+
+        ``observe(batch_size, seconds)`` is called after every encoder call (the service's metrics).
+        """
+        n = int(patches.shape[0])
+        chunks: list[dict[str, torch.Tensor]] = []
+        for start in range(0, n, self.max_batch_patches):
+            t0 = time.perf_counter()
+            out = self.encoder(patches[start : start + self.max_batch_patches])
+            host = {name: value.detach().to("cpu") for name, value in out.items()}
+            if observe is not None:
+                observe(min(self.max_batch_patches, n - start), time.perf_counter() - t0)
+            chunks.append(host)
+        if not chunks:
+            return self._empty_outputs()
+        return {name: torch.cat([c[name] for c in chunks]).numpy() for name in chunks[0]}
+
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        k, d = self.n_classes, self.latent_dim
+        out = {"z_loc": np.zeros((0, d), np.float32)}
+        if k > 0:
+            out["class_prob"] = np.zeros((0, k), np.float32)
+        if self.manifest.latent.rotation:
+            out["angle"] = np.zeros((0,), np.float32)
+        if self.manifest.latent.translation:
+            out["shift"] = np.zeros((0, 2), np.float32)
+        return out
+
+    def assemble(self, prepared: PreparedFrame, outputs: dict[str, np.ndarray]) -> FrameMaps:
+        """One frame's outputs (``prepared.n`` rows) → maps in DESIGN.md's order and defect regions."""
+        n, k, d = prepared.n, self.n_classes, self.latent_dim
+        lead: tuple[int, ...] = prepared.grid if prepared.grid is not None else (n,)
+        if math.prod(lead) != n:
+            raise PipelineError(f"layout {lead} does not hold the frame's {n} patches")
+        if k > 0:
+            prob = np.asarray(outputs["class_prob"], dtype=np.float32).reshape(n, k)
+            cls = prob.argmax(axis=-1).astype(np.uint8)
+        else:
+            prob = np.zeros((n, 0), np.float32)
+            cls = np.zeros(n, np.uint8)
+        score = defect_score(prob, self.rule.classes)
+        arrays: dict[str, np.ndarray] = {
+            "class": cls.reshape(lead),
+            "class_prob": prob.reshape((*lead, k)),
+            "z": np.asarray(outputs["z_loc"], dtype=np.float32).reshape((*lead, d)),
+        }
+        if self.manifest.latent.rotation:
+            arrays["angle"] = np.asarray(outputs["angle"], dtype=np.float32).reshape(lead)
+        if self.manifest.latent.translation:
+            arrays["shift"] = np.asarray(outputs["shift"], dtype=np.float32).reshape((*lead, 2))
+        arrays["defect_score"] = score.reshape(lead)
+        mask = defect_mask(cls, score, self.rule)
+        if prepared.grid is not None:
+            labels, n_regions = grid_regions(mask.reshape(prepared.grid), self.rule.connectivity)
+            centres = grid_centres(prepared.grid, self.patch, self.stride, self.origin)
+        else:
+            centres = prepared.centers if prepared.centers is not None else np.zeros((0, 2), np.float32)
+            labels, n_regions = point_regions(mask, centres)
+            arrays["centers"] = centres.astype(np.float32)
+        defects = regions_to_defects(labels, n_regions, centres, cls.reshape(lead), score.reshape(lead))
+        return FrameMaps(
+            layout=self.layout,
+            grid=prepared.grid,
+            patch=self.patch,
+            stride=self.stride,
+            origin=self.origin,
+            n_classes=k,
+            latent_dim=d,
+            class_names=self.class_names,
+            model=self.model,
+            arrays={name: np.ascontiguousarray(arrays[name]) for name in ARRAY_ORDER if name in arrays},
+            defects=defects,
+        )
+
+    def process(self, frame: np.ndarray | torch.Tensor) -> FrameMaps:
+        """One frame, all stages: the offline reference for the service."""
+        prepared = self.prepare(frame)
+        return self.assemble(prepared, self.encode(prepared.patches))

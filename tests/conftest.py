@@ -1,0 +1,21 @@
+"""Shared test setup: every test starts with an empty Pyro param store and Pyro's validation on (as Pyro's own
+test suite does), so no test depends on what another left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro() -> Iterator[None]:
+    try:
+        import pyro
+    except ImportError:  # the serving install has no Pyro; its tests need none of this
+        yield
+        return
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()

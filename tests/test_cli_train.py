@@ -1,0 +1,146 @@
+"""The train / encode / evaluate / plot commands: one-line errors for user mistakes, and the documented outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atomstream.cli import main
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = np.zeros((40, 12, 12), np.float32)
+    images[labels == 0, 3:9, 5:7] = 1.0  # a bar
+    images[labels == 1, 5:7, 2:10] = 1.0  # its transpose
+    images += rng.uniform(0, 0.05, images.shape).astype(np.float32)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, images=np.clip(images, 0, 1), labels=labels, shear=rng.normal(size=40), angle=rng.normal(size=40))
+    return path
+
+
+@pytest.fixture
+def scan(tmp_path: Path) -> Path:
+    path = tmp_path / "scan.npy"
+    np.save(path, np.random.default_rng(1).normal(size=(2, 30, 36)).astype(np.float32))
+    return path
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--atoms"], "--atoms needs a scan"),
+        (["--classes", "-1"], "--classes -1"),
+        (["--patch", "16"], "does not match"),
+        (["--latent", "0"], "--latent 0"),
+    ],
+)
+def test_train_rejects_contradictory_options(
+    stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+) -> None:
+    err = _error_line(capsys, ["train", "--data", str(stack), "--out", str(tmp_path / "run"), *extra])
+    assert err.startswith("atomstream train: error:") and needle in err
+
+
+def test_train_rejects_bad_paths_and_shapes(scan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "run")
+    assert "no such file" in _error_line(capsys, ["train", "--data", str(tmp_path / "nope.npy"), "--out", out])
+    assert "larger than" in _error_line(capsys, ["train", "--data", str(scan), "--patch", "64", "--out", out])
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3, 4, 5)))
+    assert "4-D" in _error_line(capsys, ["train", "--data", str(bad), "--out", out])
+    weird = tmp_path / "x.xyz"
+    weird.write_text("hello")
+    assert "unknown scan format" in _error_line(capsys, ["train", "--data", str(weird), "--out", out])
+
+
+def test_encode_and_evaluate_need_a_run_directory(
+    stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _error_line(
+        capsys, ["encode", str(tmp_path / "norun"), "--data", str(stack), "--out", str(tmp_path / "e.npz")]
+    )
+    assert "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _error_line(capsys, ["evaluate", str(tmp_path / "empty"), "--data", str(stack)])
+    assert "config.json" in err
+
+
+@pytest.mark.slow
+def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(stack), "--classes", "2", "--latent", "2", "--epochs", "2", "--hidden", "16"]
+    argv += ["--batch-size", "16", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(run)]
+    assert main(argv) == 0
+    assert (run / "config.json").is_file()
+    capsys.readouterr()
+
+    enc_path = tmp_path / "enc.npz"
+    assert main(["encode", str(run), "--data", str(stack), "--out", str(enc_path)]) == 0
+    with np.load(enc_path) as enc:
+        assert set(enc.files) == {"class_prob", "z", "angle", "shift", "positions"}
+        assert enc["class_prob"].shape == (40, 2) and enc["z"].shape == (40, 2)
+        assert enc["angle"].shape == (40,) and enc["shift"].shape == (40, 2)
+        np.testing.assert_allclose(enc["class_prob"].sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(enc["positions"][:, 0], np.arange(40))
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run), "--data", str(stack), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 40 and 0.5 <= report["accuracy"] <= 1.0 and 0.0 <= report["nmi"] <= 1.0
+    assert np.asarray(report["confusion"]).sum() == 40
+    assert set(report["spearman"]) == {"shear"}  # angle is absorbed by the rotation latent, so left out
+
+    assert main(["plot", str(run), "--data", str(stack), "--out", str(tmp_path / "fig"), "--steps", "3"]) == 0
+    written = {Path(line).name for line in capsys.readouterr().out.split()}
+    assert written == {"traversal_z0.png", "traversal_z1.png", "manifolds.png", "conditioned.png", "confusion.png"}
+    assert all((tmp_path / "fig" / name).stat().st_size > 0 for name in written)
+
+
+@pytest.mark.slow
+def test_scan_grid_run_encodes_positions_and_maps(
+    scan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(scan), "--patch", "8", "--stride", "4", "--fft", "--classes", "2", "--latent", "1"]
+    argv += [
+        "--no-translation",
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(run),
+    ]
+    assert main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["kind"] == "grid" and config["data"]["preprocessing"]["fft"] == "logmag"
+    enc_path = tmp_path / "enc.npz"
+    assert main(["encode", str(run), "--data", str(scan), "--out", str(enc_path)]) == 0
+    gh, gw = (30 - 8) // 4 + 1, (36 - 8) // 4 + 1
+    with np.load(enc_path) as enc:
+        assert set(enc.files) == {"class_prob", "z", "angle", "positions", "grid"}
+        assert tuple(enc["grid"]) == (gh, gw) and enc["z"].shape == (2 * gh * gw, 1)
+        assert tuple(enc["positions"][gw + 1]) == (0, 4, 4)
+    capsys.readouterr()
+    assert main(["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig"), "--frame", "1"]) == 0
+    written = {Path(line).name for line in capsys.readouterr().out.split()}
+    assert written == {"traversal_z0.png", "conditioned.png", "maps_frame1.png"}
+    assert "--frame 5" in _error_line(
+        capsys, ["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig"), "--frame", "5"]
+    )

@@ -1,0 +1,128 @@
+"""The networks: output layout, broadcasting over enumerated classes, exportability, and the fused decoder kernel
+giving exactly autograd's value and gradients."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import models.fused_likelihood as fused
+from models.coords import pixel_grid, transform_grid
+from models.fused_likelihood import pixel_log_likelihood
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, MLPEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_nets_source_never_imports_pyro() -> None:
+    for name in ("nets.py", "fused_likelihood.py", "coords.py"):
+        tree = ast.parse((ROOT / "models" / name).read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in mods if m.split(".")[0] == "pyro"}, name
+
+
+def test_nets_import_without_pyro_in_a_fresh_interpreter() -> None:
+    code = "import sys; sys.modules['pyro'] = None; import models.nets, models.coords; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_pixel_grid_convention_on_a_non_square_patch() -> None:
+    g = pixel_grid(3, 5, device="cpu", dtype=torch.float64)
+    assert g.shape == (15, 2)
+    # row-major pixels, (x, y) columns, longer side spans [-1, 1], one unit on both axes
+    assert g[0].tolist() == [-1.0, -0.5] and g[4].tolist() == [1.0, -0.5] and g[14].tolist() == [1.0, 0.5]
+    assert g.mean(0).abs().max() < 1e-12
+    # a quarter turn maps (x, y) to (-y, x), and shifts add after the rotation
+    out = transform_grid(g, torch.tensor([torch.pi / 2], dtype=torch.float64), torch.tensor([[0.1, -0.2]]).double())
+    assert out.shape == (1, 15, 2)
+    expected = torch.stack([-g[:, 1] + 0.1, g[:, 0] - 0.2], dim=-1)
+    torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.parametrize("encoder_cls", [MLPEncoder, ConvEncoder])
+@pytest.mark.parametrize(("k", "rotation", "translation"), [(0, False, False), (3, True, False), (4, True, True)])
+def test_encoder_heads(encoder_cls: type, k: int, rotation: bool, translation: bool) -> None:
+    kw = {"latent_dim": 2, "n_classes": k, "rotation": rotation, "translation": translation}
+    enc = encoder_cls((12, 10), **kw) if encoder_cls is MLPEncoder else encoder_cls((12, 10), channels=(4, 8), **kw)
+    out = enc(torch.rand(5, 1, 12, 10))
+    expected = {"z_loc", "z_scale"} | ({"class_logits"} if k else set())
+    expected |= {"angle_loc"} if rotation else set()
+    expected |= {"shift_loc", "shift_scale"} if translation else set()
+    assert set(out) == expected
+    assert out["z_loc"].shape == (5, 2) and (out["z_scale"] > 0).all()
+    if k:
+        assert out["class_logits"].shape == (5, k)
+    if translation:
+        assert out["shift_loc"].shape == (5, 2) and (out["shift_scale"] > 0).all()
+
+
+def test_mlp_encoder_scripts_and_traces_to_the_same_outputs() -> None:
+    enc = MLPEncoder((8, 8), latent_dim=2, n_classes=4, rotation=True, translation=True, hidden=(16,)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    eager = enc(x)
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still what serving loads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(enc)(x)
+        traced = torch.jit.trace(enc, x, strict=False)(x)
+    for key in eager:
+        torch.testing.assert_close(scripted[key], eager[key])
+        torch.testing.assert_close(traced[key], eager[key])
+
+
+def test_decoders_broadcast_over_enumerated_classes() -> None:
+    k, b, p = 3, 4, 6 * 5
+    coords = torch.randn(b, p, 2)
+    z = torch.randn(b, 2)
+    y = torch.eye(k).reshape(k, 1, k)  # what parallel enumeration hands the model
+    for dec in (
+        CoordDecoder(latent_dim=2, n_classes=k, hidden=(8, 8)),
+        BroadcastDecoder((6, 5), latent_dim=2, n_classes=k, channels=(4, 4)),
+    ):
+        out = dec(coords, z, y)
+        assert out.shape == (k, b, p)
+        # class j of image i equals decoding (i, j) on its own
+        one = dec(coords[1:2], z[1:2], torch.eye(k)[2:3])
+        torch.testing.assert_close(out[2, 1:2], one)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("shared_grid", [True, False])
+@pytest.mark.parametrize("k", [0, 3])
+def test_fused_log_likelihood_equals_autograd(
+    monkeypatch: pytest.MonkeyPatch, likelihood: str, shared_grid: bool, k: int
+) -> None:
+    """Value and every gradient, in float64, with chunks small enough to split classes and images."""
+    monkeypatch.setattr(fused, "CHUNK_ROWS_PER_THREAD", 7)
+    torch.manual_seed(0)
+    dec = CoordDecoder(latent_dim=2, n_classes=k, hidden=(6, 5, 4)).double()
+    b, p = 3, 11
+    coords = torch.randn(1 if shared_grid else b, p, 2, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(b, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.eye(k, dtype=torch.float64).reshape(k, 1, k) if k else None
+    x = torch.rand(b, p, dtype=torch.float64)
+    upstream = torch.randn((k, b) if k else (b,), dtype=torch.float64)
+    inputs = [coords, z, *dec.parameters()]
+    got = dec.log_likelihood(coords, z, y, x, likelihood=likelihood, gaussian_scale=0.3)
+    want = pixel_log_likelihood(dec(coords, z, y), x, likelihood, 0.3).sum(-1)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad((got * upstream).sum(), inputs)
+    g_want = torch.autograd.grad((want * upstream).sum(), inputs)
+    for a, w in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, w)
+
+
+def test_fused_log_likelihood_without_grad_matches() -> None:
+    dec = CoordDecoder(latent_dim=2, n_classes=2, hidden=(8, 8))
+    coords, z, y, x = torch.randn(1, 20, 2), torch.randn(4, 2), torch.eye(2).reshape(2, 1, 2), torch.rand(4, 20)
+    with torch.no_grad():
+        got = dec.log_likelihood(coords, z, y, x, likelihood="bernoulli", gaussian_scale=0.1)
+        want = pixel_log_likelihood(dec(coords, z, y), x, "bernoulli", 0.1).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

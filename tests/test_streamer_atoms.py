@@ -1,0 +1,85 @@
+"""The atom finder on lattices rendered here, with known sub-pixel column positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.atoms import AtomFinderError, find_atoms, gaussian_smooth
+
+
+def _lattice(shape: tuple[int, int], spacing: float, sigma: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Gaussian columns on a slightly jittered square lattice, plus noise: (frame, true centres (N, 2))."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    ys, xs = np.meshgrid(np.arange(4.0, h - 4, spacing), np.arange(5.0, w - 4, spacing), indexing="ij")
+    centres = np.stack([ys.ravel(), xs.ravel()], axis=1) + rng.uniform(-0.5, 0.5, (ys.size, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    frame = np.zeros(shape)
+    for cy, cx in centres:
+        frame += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    frame += rng.normal(0, 0.03, shape)
+    return torch.from_numpy(frame.astype(np.float32)), centres
+
+
+@pytest.mark.parametrize(("shape", "seed"), [((61, 83), 0), ((50, 50), 1)])
+def test_finds_every_column_within_one_pixel_without_duplicates(shape: tuple[int, int], seed: int) -> None:
+    frame, truth = _lattice(shape, spacing=8.0, sigma=1.4, seed=seed)
+    found = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3).numpy()
+    assert found.dtype == np.float32 and found.shape[1] == 2
+    dist = np.linalg.norm(truth[:, None, :] - found[None, :, :], axis=-1)
+    assert dist.min(axis=1).max() < 1.0  # every true column found within 1 px
+    assert found.shape[0] == truth.shape[0]  # and nothing else
+    pair = np.linalg.norm(found[:, None] - found[None], axis=-1) + np.eye(len(found)) * 1e9
+    assert pair.min() > 3.0  # no duplicates
+
+
+def test_subpixel_refinement_beats_the_pixel_grid() -> None:
+    frame, truth = _lattice((48, 48), spacing=9.0, sigma=1.5, seed=3)
+    coarse = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3, subpixel=False).numpy()
+    fine = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3).numpy()
+
+    def err(found: np.ndarray) -> float:
+        return float(np.linalg.norm(truth[:, None] - found[None], axis=-1).min(axis=1).mean())
+
+    assert np.all(coarse == np.round(coarse))
+    assert err(fine) < err(coarse)
+
+
+def test_a_column_between_two_pixels_is_found_once() -> None:
+    yy, xx = np.mgrid[0:21, 0:21]
+    frame = np.exp(-((yy - 10.0) ** 2 + (xx - 10.5) ** 2) / 2.0)  # exactly between columns 10 and 11: a plateau
+    found = find_atoms(torch.from_numpy(frame), sigma=0.0, min_distance=2, threshold=0.5).numpy()
+    assert found.shape == (1, 2)
+    np.testing.assert_allclose(found[0], [10.0, 10.5], atol=0.1)  # window one-sided by half a pixel
+
+
+def test_flat_frame_and_high_threshold_find_nothing() -> None:
+    assert find_atoms(torch.ones(16, 16), sigma=1.0, min_distance=2, threshold=0.1).shape == (0, 2)
+    frame, _ = _lattice((32, 32), spacing=8.0, sigma=1.4, seed=0)
+    assert find_atoms(frame, sigma=1.0, min_distance=2, threshold=1.0).shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("frame", "kw", "match"),
+    [
+        (torch.zeros(3, 8, 8), {}, "2-D"),
+        (torch.zeros(8, 8), {"min_distance": 0}, "min_distance"),
+        (torch.zeros(8, 8), {"threshold": 1.5}, "threshold"),
+        (torch.zeros(8, 8), {"sigma": -1.0}, "sigma"),
+    ],
+)
+def test_bad_arguments_are_named(frame: torch.Tensor, kw: dict, match: str) -> None:
+    args = {"sigma": 1.0, "min_distance": 2, "threshold": 0.2, **kw}
+    with pytest.raises(AtomFinderError, match=match):
+        find_atoms(frame, **args)
+
+
+def test_smoothing_keeps_the_total_away_from_edges() -> None:
+    frame = torch.zeros(31, 31)
+    frame[15, 15] = 1.0
+    out = gaussian_smooth(frame, 2.0)
+    assert out.shape == frame.shape
+    assert abs(float(out.sum()) - 1.0) < 1e-5
+    assert int(out.argmax()) == 15 * 31 + 15
