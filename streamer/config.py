@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,6 +50,15 @@ class ServiceConfig(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     ingest: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint the service binds for frames")
     publish: str = Field("tcp://127.0.0.1:5556", description="PUB endpoint the service binds for maps and events")
+    publish_connect: bool = Field(
+        False,
+        description="connect the PUB socket to publish (a proxy's XSUB, DESIGN.md 'Scaling out') instead of binding",
+    )
+    publish_reliable: str | None = Field(
+        None,
+        description="extra XPUB endpoint the service binds whose subscribers get every message: a subscriber send_hwm "
+        "behind stops ingest (back-pressure) instead of losing messages; null: off",
+    )
     control: str = Field("tcp://127.0.0.1:5557", description="REP endpoint the service binds for commands")
     metrics_host: str = Field("127.0.0.1", description="HTTP host of /metrics, /healthz, /readyz")
     metrics_port: int | None = Field(9108, ge=0, le=65535, description="0: a free port; null: no HTTP endpoint")
@@ -72,12 +81,28 @@ class ServiceConfig(BaseSettings):
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long in-flight frames may take")
     curve: CurveConfig | None = Field(None, description="CurveZMQ encryption and client authorisation; null: off")
 
-    @field_validator("ingest", "publish", "control")
+    @field_validator("ingest", "publish", "control", "publish_reliable")
     @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if "://" not in value:
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
             raise ValueError(f"endpoint {value!r} needs a transport, e.g. 'tcp://127.0.0.1:5555'")
         return value
+
+    @model_validator(mode="after")
+    def _connectable(self) -> ServiceConfig:
+        """A connecting PUB needs a real peer address, and the proxy it connects to does not speak CURVE."""
+        if not self.publish_connect:
+            return self
+        if self.publish.endswith((":0", ":*")):
+            raise ValueError(
+                f"publish {self.publish!r} with publish_connect: a connect needs the proxy's actual port, not 0 or *"
+            )
+        if self.curve is not None:
+            raise ValueError(
+                "publish_connect with curve: the proxy does not speak CURVE, so the connection would fail silently; "
+                "bind publish (publish_connect false) and let the proxy connect upstream, or turn curve off"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

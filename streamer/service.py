@@ -24,9 +24,17 @@ reason, or a frame too small for the model's patch: ``shape_mismatch``). *Droppe
 not process (``overloaded``, ``internal``). A scan's ``scan_summary`` is published once its ``scan_end`` arrived and
 every frame of that scan received before it has been published, rejected or dropped.
 
+Reliable publishing (``publish_reliable``). PUB drops for a subscriber ``send_hwm`` behind, so a stuck viewer never
+stalls ingest. The optional extra XPUB socket (``XPUB_NODROP``) refuses instead: every published message also goes to
+it without blocking, and what it refuses waits, in order, in a pending deque while the I/O thread stops reading ingest
+(the back-pressure of ``overload=block``) until the deque is flushed. libzmq reports XPUB as always writable, so the
+flush is retried on a short backing-off timer rather than on ``POLLOUT``. Its subscription frames are read and
+discarded (XPUB hands them up; nobody else wants them).
+
 Shutdown (``stop``, SIGTERM in ``atomstream serve``): stop reading ingest after taking what already arrived in the
 socket's queue, finish and publish every accepted frame (bounded by ``drain_timeout_s``; frames left then get an
-``internal`` error), flush scan summaries, close the PUB socket with ``linger_ms`` so subscribers receive the tail.
+``internal`` error), flush scan summaries and the reliable socket's pending deque (bounded by ``linger_ms``), close the
+publishing sockets with ``linger_ms`` so subscribers receive the tail.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -73,6 +82,7 @@ log = logging.getLogger("atomstream.service")
 _INGEST_BURST = 64  # ingest messages read per poller wake-up before the outbox and control get a turn
 _BIND_TIMEOUT_S = 30.0
 _MAX_OPEN_SCANS = 10_000
+_RETRY_MIN_S, _RETRY_MAX_S = 0.0005, 0.01  # reliable-socket flush retries back off between these while refused
 
 
 class ServiceError(RuntimeError):
@@ -173,7 +183,8 @@ class Service:
         )
         self._threads = [self._io_thread, self._worker]
         self._io_thread.start()
-        if not self._bound.wait(_BIND_TIMEOUT_S) or len(self._endpoints) < 3:
+        expected = 3 + (self.cfg.publish_reliable is not None)
+        if not self._bound.wait(_BIND_TIMEOUT_S) or len(self._endpoints) < expected:
             self._stop_requested.set()
             self._io_thread.join(_BIND_TIMEOUT_S)  # it is exiting: its failure is recorded once it has
             self._wake_r.close()
@@ -271,6 +282,11 @@ class Service:
     @property
     def control_endpoint(self) -> str:
         return self._endpoint("control")
+
+    @property
+    def publish_reliable_endpoint(self) -> str | None:
+        """The bound reliable XPUB endpoint, ``None`` when ``publish_reliable`` is off."""
+        return self._endpoint("publish_reliable") if self.cfg.publish_reliable is not None else None
 
     @property
     def metrics_url(self) -> str | None:
@@ -374,19 +390,39 @@ class Service:
         try:
             pull, pub, rep = (ctx.socket(kind) for kind in (zmq.PULL, zmq.PUB, zmq.REP))
             sockets = [pull, pub, rep]
+            names = ["ingest", "publish", "control"]
+            reliable: zmq.Socket[bytes] | None = None
+            if self.cfg.publish_reliable is not None:
+                reliable = ctx.socket(zmq.XPUB)
+                sockets.append(reliable)
+                names.append("publish_reliable")
+                reliable.setsockopt(zmq.XPUB_NODROP, 1)
+                reliable.setsockopt(zmq.SNDHWM, self.cfg.send_hwm)
             pull.setsockopt(zmq.RCVHWM, self.cfg.recv_hwm)
             pub.setsockopt(zmq.SNDHWM, self.cfg.send_hwm)
             for s in sockets:
                 s.setsockopt(zmq.LINGER, 0)
-            pub.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+            for s in (pub, reliable):
+                if s is not None:
+                    s.setsockopt(zmq.LINGER, self.cfg.linger_ms)
             if self.cfg.curve is not None:
                 from streamer.security import secure_server_socket, server_auth
 
                 auth = server_auth(ctx, self.cfg.curve)
                 for s in sockets:
                     secure_server_socket(s, self.cfg.curve)
-            for name, s in zip(("ingest", "publish", "control"), sockets, strict=True):
+            for name, s in zip(names, sockets, strict=True):
                 endpoint = getattr(self.cfg, name)
+                if name == "publish" and self.cfg.publish_connect:
+                    try:
+                        s.connect(endpoint)
+                    except zmq.ZMQError as exc:
+                        raise ServiceError(
+                            f"cannot connect the publish socket to {endpoint!r}: {exc}; give the proxy's XSUB "
+                            "endpoint, e.g. 'tcp://127.0.0.1:5560'"
+                        ) from None
+                    self._endpoints[name] = endpoint
+                    continue
                 try:
                     s.bind(_bindable(endpoint))
                 except zmq.ZMQError as exc:
@@ -396,12 +432,12 @@ class Service:
                     ) from None
                 self._endpoints[name] = s.getsockopt_string(zmq.LAST_ENDPOINT)
             self._bound.set()
-            _IOLoop(self, pull, pub, rep).run()
+            _IOLoop(self, pull, pub, rep, reliable).run()
         finally:
             self._bound.set()
             self._queue.close()
             for s in sockets:
-                s.close()  # each with its own linger: the PUB socket flushes the tail to subscribers
+                s.close()  # each with its own linger: the publishing sockets flush the tail to subscribers
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -438,31 +474,50 @@ class Service:
 class _IOLoop:
     """The I/O thread's state and loop (sockets owned here only; see the module docstring)."""
 
-    def __init__(self, service: Service, pull: zmq.Socket[bytes], pub: zmq.Socket[bytes], rep: zmq.Socket[bytes]):
+    def __init__(
+        self,
+        service: Service,
+        pull: zmq.Socket[bytes],
+        pub: zmq.Socket[bytes],
+        rep: zmq.Socket[bytes],
+        reliable: zmq.Socket[bytes] | None = None,
+    ):
         self.s = service
         self.cfg = service.cfg
-        self.pull, self.pub, self.rep = pull, pub, rep
+        self.pull, self.pub, self.rep, self.reliable = pull, pub, rep, reliable
+        self.pending: deque[list[bytes | memoryview]] = deque()  # refused by the reliable socket, oldest first
+        self.retry_s = _RETRY_MIN_S
+        self.next_retry = 0.0
         self.poller = zmq.Poller()
         self.poller.register(rep, zmq.POLLIN)
         self.poller.register(service._wake_r, zmq.POLLIN)
+        if reliable is not None:
+            self.poller.register(reliable, zmq.POLLIN)  # subscription frames, read and discarded
         self.reading = False
         self.ingest_open = True
         self.reload: _Reload | None = None
         self.drain_deadline: float | None = None
+        self.flush_deadline: float | None = None
 
     # ---------------------------------------------------------------- loop
     def run(self) -> None:
         s = self.s
         next_status = time.monotonic()
         while True:
-            self._set_reading(self.ingest_open and not (self.cfg.overload == "block" and s._queue.full()))
+            self._set_reading(self.ingest_open and not self._held_back())
             now = time.monotonic()
             timeout = max(0.0, next_status - now)
-            if self.drain_deadline is not None:
+            if self.drain_deadline is not None and self.flush_deadline is None:
                 timeout = min(timeout, max(0.0, self.drain_deadline - now))
+            if self.pending:
+                timeout = min(timeout, max(0.0, self.next_retry - now))
             events = dict(self.poller.poll(timeout * 1000.0))
             if s._wake_r in events:
                 self._clear_wakeups()
+            if self.reliable is not None and self.reliable in events:
+                self._drain_subscriptions()
+            if self.pending and time.monotonic() >= self.next_retry:
+                self._flush_pending()
             self._flush_outbox()
             if self.rep in events:
                 self._control()
@@ -490,15 +545,25 @@ class _IOLoop:
         worker_done = not s._worker.is_alive()
         if not worker_done and time.monotonic() < (self.drain_deadline or 0.0):
             return False
-        if not worker_done:
-            s._batcher.stop_now()
-        self._flush_outbox()
-        for frame in s._queue.drain():  # only left when the worker died or the drain timed out
-            self._on_result(FrameResult(frame, reason="internal", detail="the service stopped before encoding it"))
-        if self.reload is not None:
-            self.reload.done.wait(self.cfg.drain_timeout_s)
-            self._finish_reload()
+        if self.flush_deadline is None:
+            if not worker_done:
+                s._batcher.stop_now()
+            self._flush_outbox()
+            for frame in s._queue.drain():  # only left when the worker died or the drain timed out
+                self._on_result(FrameResult(frame, reason="internal", detail="the service stopped before encoding it"))
+            if self.reload is not None:
+                self.reload.done.wait(self.cfg.drain_timeout_s)
+                self._finish_reload()
+            self.flush_deadline = time.monotonic() + self.cfg.linger_ms / 1000.0
+        if self.pending and time.monotonic() < self.flush_deadline:
+            return False  # a reliable subscriber is still behind: the loop keeps retrying until linger_ms
+        if self.pending:
+            log.warning("a reliable subscriber was behind at shutdown: %d messages not sent", len(self.pending))
         return True
+
+    def _held_back(self) -> bool:
+        """Ingest waits: the queue is full under ``block``, or a reliable subscriber has not taken everything yet."""
+        return bool(self.pending) or (self.cfg.overload == "block" and self.s._queue.full())
 
     def _set_reading(self, on: bool) -> None:
         if on != self.reading:
@@ -520,7 +585,42 @@ class _IOLoop:
         topic = msg.kind
         msg = msg.model_copy(update={"seq": self.s._seq[topic]})
         self.s._seq[topic] += 1
-        self.pub.send_multipart(encode_published(msg, *(arrays or [])), copy=False)
+        self._send(encode_published(msg, *(arrays or [])))
+
+    def _send(self, parts: list[bytes | memoryview]) -> None:
+        """To every PUB subscriber (lossy), and to the reliable socket in order (queued while it refuses)."""
+        self.pub.send_multipart(parts, copy=False)
+        if self.reliable is None:
+            return
+        if not self.pending:
+            try:
+                self.reliable.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # a subscriber is send_hwm behind: hold ingest back until it catches up
+                self.retry_s = _RETRY_MIN_S
+                self.next_retry = time.monotonic() + self.retry_s
+                self._set_reading(False)
+        self.pending.append(parts)
+
+    def _flush_pending(self) -> None:
+        """Send what the reliable socket refused, oldest first; back off while it still refuses."""
+        assert self.reliable is not None
+        progressed = False
+        while self.pending:
+            try:
+                self.reliable.send_multipart(self.pending[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.retry_s = _RETRY_MIN_S if progressed else min(2 * self.retry_s, _RETRY_MAX_S)
+                self.next_retry = time.monotonic() + self.retry_s
+                return
+            self.pending.popleft()
+            progressed = True
+
+    def _drain_subscriptions(self) -> None:
+        assert self.reliable is not None
+        with contextlib.suppress(zmq.Again):
+            while True:
+                self.reliable.recv(zmq.NOBLOCK)
 
     def _flush_outbox(self) -> None:
         while True:
@@ -546,7 +646,7 @@ class _IOLoop:
             t_pub_ns=time.time_ns(),
         )
         s._seq["maps"] += 1
-        self.pub.send_multipart(encode_published(header, *maps.buffers()), copy=False)
+        self._send(encode_published(header, *maps.buffers()))
         self._publish(maps.defects_message(scan_id=frame.scan_id, frame_id=frame.frame_id, seq=0))
         done = time.perf_counter()
         s.metrics.stage_seconds.labels(stage="publish").observe(done - t0)
@@ -591,7 +691,7 @@ class _IOLoop:
     # ---------------------------------------------------------------- ingest
     def _read_ingest(self, budget: int, *, ignore_full: bool = False) -> None:
         for _ in range(budget):
-            if not ignore_full and self.cfg.overload == "block" and self.s._queue.full():
+            if not ignore_full and self._held_back():
                 return
             try:
                 parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -9,10 +9,12 @@ gaps) while a fast subscriber gets everything.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,11 +22,13 @@ import pytest
 import torch
 import zmq
 from artifact_factory import make_artifact
+from zmq.utils.monitor import recv_monitor_message
 from zmq_helpers import Sockets, collect, control, sockets, subscribe
 
 from streamer.config import ServiceConfig
 from streamer.encoder import Encoder, load
 from streamer.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
+from streamer.security import CurveConfig, generate_keys, secure_client_socket
 from streamer.service import Service
 
 TIMEOUT_S = 30.0
@@ -153,6 +157,7 @@ def test_drop_oldest_reports_every_dropped_frame_as_overloaded(encoder: Encoder,
     cfg = _config(overload="drop_oldest", queue_size=queue_size, max_batch_patches=1)
     with Service(cfg, encoder=slow) as svc:
         svc.wait_ready(TIMEOUT_S)
+        assert svc.publish_reliable_endpoint is None  # off unless configured
         sub = subscribe(zs, svc.publish_endpoint)
         push = zs.socket(zmq.PUSH)
         push.connect(svc.ingest_endpoint)
@@ -222,13 +227,6 @@ def test_a_subscriber_that_never_reads_does_not_stall_ingest(wide_encoder: Encod
     print(f"\nstuck subscriber: {len(stuck_seqs)} of {n} maps ({gaps} missing between the seqs it got, the rest after)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MISSING: ServiceConfig has no reliable publish option. Needed: `publish_reliable: str | None = None`, an "
-    "XPUB endpoint with XPUB_NODROP=1 whose subscribers get every message; a subscriber SNDHWM behind makes the "
-    "I/O thread stop reading ingest (back-pressure, like overload=block) instead of dropping; "
-    "`Service.publish_reliable_endpoint` reports the bound endpoint.",
-)
 def test_a_reliable_subscriber_gets_every_map_even_when_slow(encoder: Encoder, zs: Sockets) -> None:
     n = 200
     frame = np.random.default_rng(3).random((512, 512)).astype(np.float32)
@@ -239,7 +237,7 @@ def test_a_reliable_subscriber_gets_every_map_even_when_slow(encoder: Encoder, z
         controller.setsockopt(zmq.RCVHWM, 1)
         controller.setsockopt(zmq.RCVBUF, 4096)
         controller.setsockopt(zmq.SUBSCRIBE, b"")
-        controller.connect(svc.publish_reliable_endpoint)  # type: ignore[attr-defined]
+        controller.connect(svc.publish_reliable_endpoint or "")
         while decode_published(controller.recv_multipart())[0].kind != "status":  # connected
             pass
         push = zs.socket(zmq.PUSH)
@@ -253,7 +251,35 @@ def test_a_reliable_subscriber_gets_every_map_even_when_slow(encoder: Encoder, z
         while len(seqs) < n:
             msg, _ = decode_published(controller.recv_multipart())
             if msg.kind == "maps":
+                assert msg.seq == len(seqs), f"maps seq {msg.seq} after {len(seqs)} maps: the reliable socket dropped"
                 seqs.append(msg.seq)
             time.sleep(0.002)  # a slow consumer (not a wait for a socket)
         producer.join(TIMEOUT_S)
     assert seqs == list(range(n))
+
+
+def test_the_reliable_socket_is_curve_protected_like_the_others(encoder: Encoder, zs: Sockets, tmp_path: Path) -> None:
+    server_public, server_secret = generate_keys(tmp_path / "server", "server")
+    client_public, client_secret = generate_keys(tmp_path / "clients", "viewer")
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(client_public, tmp_path / "authorized" / client_public.name)
+    curve = CurveConfig(server_secret_file=server_secret, authorized_keys_dir=tmp_path / "authorized")
+    with Service(_config(publish_reliable="tcp://127.0.0.1:0", curve=curve), encoder=encoder) as svc:
+        svc.wait_ready(TIMEOUT_S)
+        endpoint = svc.publish_reliable_endpoint or ""
+        plain = zs.socket(zmq.SUB)  # no CURVE: the handshake must fail
+        monitor = plain.get_monitor_socket()
+        plain.connect(endpoint)
+        events: list[int] = []
+        while not events or events[-1] not in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_SUCCEEDED):
+            assert monitor.poll(TIMEOUT_S * 1000), "no handshake outcome"
+            events.append(recv_monitor_message(monitor)["event"])
+        plain.disable_monitor()
+        monitor.close(linger=0)
+        assert events[-1] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        secure = zs.socket(zmq.SUB)
+        secure_client_socket(secure, client_secret_file=client_secret, server_public_file=server_public)
+        secure.setsockopt(zmq.SUBSCRIBE, b"status")
+        secure.connect(endpoint)
+        msg, _ = decode_published(secure.recv_multipart())  # bounded by RCVTIMEO
+    assert msg.kind == "status"

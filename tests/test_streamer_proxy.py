@@ -1,9 +1,12 @@
-"""Scale-out: two service workers pull from one producer (PUSH round-robins) and publish through one XSUB/XPUB proxy;
-a subscriber on the proxy receives every frame's maps exactly once. Handshakes, not sleeps: the producer's monitor
-shows both workers connected, the subscriber waits for a heartbeat of each worker (told apart by model name)."""
+"""Scale-out as DESIGN.md draws it: two service workers pull from one producer (PUSH round-robins) and their PUB sockets
+connect to one proxy's XSUB (``publish_connect``); a subscriber on the proxy's XPUB receives every frame's maps exactly
+once. The proxy's other mode (it connects ``upstream`` to bound PUB sockets) is checked with a bare PUB socket.
+Handshakes, not sleeps: the producer's monitor shows both workers connected, the subscriber waits for a heartbeat of
+each worker (told apart by model name)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -16,7 +19,7 @@ from zmq_helpers import push_frame, sockets
 
 from atomstream.cli import main
 from streamer.client import Subscriber
-from streamer.config import ServiceConfig
+from streamer.config import ConfigError, ServiceConfig
 from streamer.protocol import ScanEnd, ScanStart, encode
 from streamer.proxy import Proxy, ProxyError
 from streamer.service import Service
@@ -25,14 +28,21 @@ T = 20.0
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Service]]:
+def proxy() -> Iterator[Proxy]:
+    with Proxy("tcp://127.0.0.1:0", "tcp://127.0.0.1:0") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def workers(proxy: Proxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Service]]:
     with ExitStack() as stack:
         services = []
         for name in ("worker-a", "worker-b"):
             cfg = ServiceConfig(
                 artifact=make_artifact(tmp_path_factory.mktemp(name), seed=7, name=name),
                 ingest="tcp://127.0.0.1:0",
-                publish="tcp://127.0.0.1:0",
+                publish=proxy.xsub_endpoint,
+                publish_connect=True,
                 control="tcp://127.0.0.1:0",
                 metrics_port=None,
                 status_interval_s=0.05,
@@ -44,12 +54,11 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Service]]
         yield services
 
 
-def test_two_workers_behind_one_proxy_publish_every_frame_once(workers: list[Service]) -> None:
+def test_two_workers_connected_to_one_proxy_publish_every_frame_once(proxy: Proxy, workers: list[Service]) -> None:
     n = 24
     frames = np.random.default_rng(1).random((n, 48, 40), dtype=np.float32)
-    upstream = [w.publish_endpoint for w in workers]
+    assert all(w.publish_endpoint == proxy.xsub_endpoint for w in workers)
     with (
-        Proxy("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", upstream=upstream) as proxy,
         Subscriber(proxy.xpub_endpoint, ("maps", "scan_summary"), track_seq=False) as sub,
         sockets() as zs,
     ):
@@ -82,6 +91,26 @@ def test_two_workers_behind_one_proxy_publish_every_frame_once(workers: list[Ser
     assert sorted(m.msg.frame_id for m in maps) == list(range(n))  # every frame once, none twice
     by_worker = {name: sum(m.msg.model.name == name for m in maps) for name in seen}
     assert sum(by_worker.values()) == n and min(by_worker.values()) > 0  # round-robin: both worked
+
+
+def test_proxy_connects_upstream_to_a_bound_pub() -> None:
+    with sockets() as zs:
+        pub = zs.socket(zmq.PUB)
+        pub.bind("tcp://127.0.0.1:*")
+        with Proxy("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", upstream=[pub.getsockopt_string(zmq.LAST_ENDPOINT)]) as p:
+            sub = zs.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"status")
+            sub.connect(p.xpub_endpoint)
+            deadline = time.monotonic() + T
+            while not sub.poll(10, zmq.POLLIN):  # resend until the subscription has travelled SUB → proxy → PUB
+                assert time.monotonic() < deadline, "nothing came through the proxy"
+                pub.send_multipart([b"status", b"hello"])
+            assert sub.recv_multipart() == [b"status", b"hello"]
+
+
+def test_publish_connect_refuses_port_zero() -> None:
+    with pytest.raises(ConfigError, match="actual port"):
+        ServiceConfig.load(overrides={"publish": "tcp://127.0.0.1:0", "publish_connect": True})
 
 
 def test_proxy_refuses_a_busy_endpoint_and_stops_cleanly(capsys: pytest.CaptureFixture[str]) -> None:

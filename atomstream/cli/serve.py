@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file with ServiceConfig fields")
     parser.add_argument("--ingest", default=None, help="PULL endpoint to bind (default tcp://127.0.0.1:5555)")
     parser.add_argument("--publish", default=None, help="PUB endpoint to bind (default tcp://127.0.0.1:5556)")
+    parser.add_argument(
+        "--publish-connect",
+        action="store_true",
+        default=None,
+        help="connect --publish (a proxy's XSUB endpoint) instead of binding it",
+    )
+    parser.add_argument("--publish-reliable", default=None, help="extra XPUB endpoint that never drops (back-pressure)")
     parser.add_argument("--control", default=None, help="REP endpoint to bind (default tcp://127.0.0.1:5557)")
     parser.add_argument("--metrics-host", default=None, help="HTTP host for /metrics (default 127.0.0.1)")
     parser.add_argument("--metrics-port", type=_port, default=argparse.SUPPRESS, help="0: free port; none: off")
@@ -62,6 +69,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "artifact",
         "ingest",
         "publish",
+        "publish_connect",
+        "publish_reliable",
         "control",
         "metrics_host",
         "backend",
@@ -88,6 +97,7 @@ def _ready_line(service: Any) -> dict[str, Any]:
         "ingest": service.ingest_endpoint,
         "publish": service.publish_endpoint,
         "control": service.control_endpoint,
+        "publish_reliable": service.publish_reliable_endpoint,
         "metrics": service.metrics_url,
         "model": service.model.model_dump() if service.model is not None else None,
     }
