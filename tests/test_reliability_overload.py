@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import zmq
 from artifact_factory import make_artifact
+from slow_encoder import SlowEncoder
 from zmq.utils.monitor import recv_monitor_message
 from zmq_helpers import Sockets, collect, control, sockets, subscribe
 
@@ -32,23 +32,6 @@ from streamer.security import CurveConfig, generate_keys, secure_client_socket
 from streamer.service import Service
 
 TIMEOUT_S = 30.0
-
-
-class SlowEncoder:
-    """A real encoder that takes ``delay_s`` longer per call, as a slow or busy GPU would."""
-
-    def __init__(self, inner: Encoder, delay_s: float) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.manifest = inner.manifest
-        self.backend, self.device = inner.backend, inner.device
-        self.torch_device, self.sha256 = inner.torch_device, inner.sha256
-        self.calls = 0
-
-    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.calls += 1
-        time.sleep(self.delay_s)  # the simulated device time, not a wait for a socket
-        return self.inner(patches)
 
 
 @pytest.fixture(scope="module")

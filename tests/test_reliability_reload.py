@@ -16,33 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from artifact_factory import make_artifact
+from slow_encoder import SlowEncoder
 
 from sim.replay import replay
 from streamer.client import ControlError, Controller, Subscriber
 from streamer.config import ServiceConfig
-from streamer.encoder import Encoder, load
+from streamer.encoder import load
 from streamer.pipeline import Pipeline
 from streamer.service import Service
 
 TIMEOUT_S = 30.0
 N_FRAMES = 150
-
-
-class SlowEncoder:
-    """A real encoder that takes ``delay_s`` longer per call, as a busy GPU would."""
-
-    def __init__(self, inner: Encoder, delay_s: float) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.manifest = inner.manifest
-        self.backend, self.device = inner.backend, inner.device
-        self.torch_device, self.sha256 = inner.torch_device, inner.sha256
-
-    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        time.sleep(self.delay_s)  # simulated device time, not a wait for a socket
-        return self.inner(patches)
 
 
 @pytest.fixture(scope="module")
