@@ -187,7 +187,7 @@ def make_cards(
 
 
 def save_npz(path: str | PathLike[str], cards: Cards) -> None:
-    """Write the batch as plain arrays (no pickle): images, labels, angle, shear, scale, shift, class_names."""
+    """Write the batch as plain arrays (no Python objects): images, labels, angle, shear, scale, shift, class_names."""
     np.savez_compressed(
         path,
         images=cards.images,

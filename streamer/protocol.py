@@ -7,7 +7,7 @@ A message is a ZeroMQ multipart message::
 
 ``header`` is a UTF-8 JSON object carrying ``"v": 1`` and ``"kind"``; every array travels as its own raw frame
 (C order, little-endian) described in the header — a ``frame`` by its ``dtype`` and ``shape`` fields, a ``maps``
-message by its ``arrays`` list. Never pickle: any producer in any language can speak this.
+message by its ``arrays`` list. No Python-object serialisation: any producer in any language can speak this.
 
 ``encode(msg, *arrays)`` and ``decode(frames)`` are exact inverses and touch no socket, so the whole format is
 tested without ZeroMQ. ``encode`` sends contiguous little-endian arrays without copying (their memory is the
