@@ -1,11 +1,12 @@
 """Shared test setup: every test starts with an empty Pyro param store and Pyro's validation on (as Pyro's own
-test suite does), so no test depends on what another left behind."""
+test suite does), so no test depends on what another left behind; ``zs`` tracks a test's sockets."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from zmq_helpers import Sockets, sockets
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +20,10 @@ def _fresh_pyro() -> Iterator[None]:
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def zs() -> Iterator[Sockets]:
+    """Sockets made in a test, all closed with linger=0 when it ends."""
+    with sockets() as s:
+        yield s

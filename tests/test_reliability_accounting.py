@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from artifact_factory import make_artifact
+from zmq_helpers import service_config
 
 from streamer.config import ServiceConfig
 from streamer.service import Service
@@ -46,16 +47,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(**fields: Any) -> ServiceConfig:
-    base: dict[str, Any] = {
-        "ingest": "tcp://127.0.0.1:0",
-        "publish": "tcp://127.0.0.1:0",
-        "control": "tcp://127.0.0.1:0",
-        "metrics_port": 0,
-        "status_interval_s": 0.05,
-        "device": "cpu",
-        "max_frame_bytes": 16 * 1024 * 1024,
-    }
-    return ServiceConfig(**{**base, **fields})
+    return service_config(**{"max_frame_bytes": 16 * 1024 * 1024, **fields})
 
 
 def test_a_mixed_stream_is_accounted_for_in_summary_metrics_and_subscriber(artifact: Path) -> None:

@@ -29,7 +29,7 @@ import zmq
 from artifact_factory import make_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zmq_helpers import Sockets, control, sockets, subscribe
+from zmq_helpers import Sockets, control, service_config, sockets, subscribe
 
 from streamer.config import ServiceConfig
 from streamer.encoder import Encoder, load
@@ -254,17 +254,7 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
 
 
 def _config(**fields: Any) -> ServiceConfig:
-    base: dict[str, Any] = {
-        "ingest": "tcp://127.0.0.1:0",
-        "publish": "tcp://127.0.0.1:0",
-        "control": "tcp://127.0.0.1:0",
-        "metrics_port": None,
-        "status_interval_s": 0.05,
-        "device": "cpu",
-        "max_wait_ms": 0.0,
-        "max_frame_bytes": MAX_FRAME_BYTES,
-    }
-    return ServiceConfig(**{**base, **fields})
+    return service_config(**{"metrics_port": None, "max_wait_ms": 0.0, "max_frame_bytes": MAX_FRAME_BYTES, **fields})
 
 
 @dataclass

@@ -13,7 +13,6 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import zmq
 from artifact_factory import make_artifact
 from slow_encoder import SlowEncoder
 from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, collect, control, sockets, subscribe
+from zmq_helpers import Sockets, collect, control, metric_value, service_config, subscribe
 
 from streamer.config import ServiceConfig
 from streamer.encoder import Encoder, load
@@ -48,35 +47,13 @@ def wide_encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
     return load(artifact, backend="onnx", device="cpu", batch_sizes=(1,))
 
 
-@pytest.fixture
-def zs() -> Iterator[Sockets]:
-    with sockets() as s:
-        yield s
-
-
 def _config(**fields: Any) -> ServiceConfig:
-    base: dict[str, Any] = {
-        "ingest": "tcp://127.0.0.1:0",
-        "publish": "tcp://127.0.0.1:0",
-        "control": "tcp://127.0.0.1:0",
-        "metrics_port": 0,
-        "status_interval_s": 0.05,
-        "device": "cpu",
-        "max_wait_ms": 0.0,
-    }
-    return ServiceConfig(**{**base, **fields})
+    return service_config(**{"max_wait_ms": 0.0, **fields})
 
 
 def _metrics(url: str) -> str:
     with urllib.request.urlopen(url + "/metrics", timeout=TIMEOUT_S) as resp:
         return resp.read().decode()
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def _kinds(got: list[tuple[Any, list[np.ndarray]]], kind: str) -> list[Any]:
@@ -130,7 +107,7 @@ def test_block_slows_the_producer_and_every_frame_comes_through(encoder: Encoder
     assert not _kinds(got, "error")
     summary = _kinds(got, "scan_summary")[0]
     assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (n, n, 0)
-    assert _metric(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 0
+    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 0
 
 
 def test_drop_oldest_reports_every_dropped_frame_as_overloaded(encoder: Encoder, zs: Sockets) -> None:
@@ -161,9 +138,9 @@ def test_drop_oldest_reports_every_dropped_frame_as_overloaded(encoder: Encoder,
     summary = _kinds(got, "scan_summary")[0]
     assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (n, len(maps), len(dropped))
     assert summary.frames_rejected == 0
-    assert _metric(metrics, "atomstream_frames_received_total") == n
-    assert _metric(metrics, "atomstream_frames_published_total") == len(maps)
-    assert _metric(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == len(dropped)
+    assert metric_value(metrics, "atomstream_frames_received_total") == n
+    assert metric_value(metrics, "atomstream_frames_published_total") == len(maps)
+    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == len(dropped)
 
 
 def test_a_subscriber_that_never_reads_does_not_stall_ingest(wide_encoder: Encoder, zs: Sockets) -> None:

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 import zmq
 from artifact_factory import make_artifact
 from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, control, sockets
+from zmq_helpers import Sockets, control
 
 from streamer.client import Subscriber
 from streamer.protocol import ScanEnd, ScanStart, encode, frame_message
@@ -45,12 +44,6 @@ PHASE_A, PHASE_B, PHASE_D = 120, 40, 40
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_artifact(tmp_path_factory.mktemp("restarted"), seed=8)
-
-
-@pytest.fixture
-def zs() -> Iterator[Sockets]:
-    with sockets() as s:
-        yield s
 
 
 def _serve(artifact: Path, endpoints: dict[str, str]) -> subprocess.Popen[str]:

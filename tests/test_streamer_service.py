@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,10 @@ from zmq_helpers import (
     Sockets,
     collect,
     control,
+    metric_value,
     push_frame,
     push_scan,
-    sockets,
+    service_config,
     subscribe,
     wait_until_received,
 )
@@ -63,23 +63,8 @@ def encoder(artifact: Path) -> Encoder:
     return load(artifact, backend="onnx", device="cpu", batch_sizes=(1,))
 
 
-@pytest.fixture
-def zs() -> Iterator[Sockets]:
-    with sockets() as s:
-        yield s
-
-
 def _config(**fields: Any) -> ServiceConfig:
-    base: dict[str, Any] = {
-        "ingest": "tcp://127.0.0.1:0",
-        "publish": "tcp://127.0.0.1:0",
-        "control": "tcp://127.0.0.1:0",
-        "metrics_port": 0,
-        "status_interval_s": 0.05,
-        "device": "cpu",
-        "max_wait_ms": 1.0,
-    }
-    return ServiceConfig(**{**base, **fields})
+    return service_config(**{"max_wait_ms": 1.0, **fields})
 
 
 def _frame(shape: tuple[int, int], seed: int, dtype: str = "float32") -> np.ndarray:
@@ -142,13 +127,6 @@ def _scrape(url: str, path: str = "/metrics") -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
 def _by_kind(got: list[tuple[Any, list[np.ndarray]]], kind: str) -> list[tuple[Any, list[np.ndarray]]]:
     return [(m, a) for m, a in got if m.kind == kind]
 
@@ -191,11 +169,11 @@ def test_replayed_scan_gives_maps_equal_to_the_offline_pipeline(artifact: Path, 
     assert scan_summary.scan_id == "live" and scan_summary.n_frames == len(FRAMES)
     assert (scan_summary.frames_received, scan_summary.frames_published) == (len(FRAMES), len(FRAMES))
     assert scan_summary.frames_rejected == scan_summary.frames_dropped == 0
-    assert _metric(metrics, "atomstream_frames_received_total") == len(FRAMES)
-    assert _metric(metrics, "atomstream_frames_published_total") == len(FRAMES)
-    assert _metric(metrics, "atomstream_patches_encoded_total") == patches
-    assert _metric(metrics, "atomstream_batch_size_count") < len(FRAMES)  # batched across frames
-    assert _metric(metrics, "atomstream_end_to_end_seconds_count") == len(FRAMES)
+    assert metric_value(metrics, "atomstream_frames_received_total") == len(FRAMES)
+    assert metric_value(metrics, "atomstream_frames_published_total") == len(FRAMES)
+    assert metric_value(metrics, "atomstream_patches_encoded_total") == patches
+    assert metric_value(metrics, "atomstream_batch_size_count") < len(FRAMES)  # batched across frames
+    assert metric_value(metrics, "atomstream_end_to_end_seconds_count") == len(FRAMES)
     assert 'atomstream_model_info{backend="onnx",device="cpu",name="test-encoder"' in metrics
 
 
@@ -246,8 +224,8 @@ def test_a_malformed_frame_yields_one_error_and_every_other_frame_its_maps(
     named = frame_id is not None  # a header that is not JSON cannot say which scan it belonged to
     assert summary.frames_received == 4 + named and summary.frames_rejected == int(named)
     assert summary.frames_published == 4
-    assert _metric(metrics, "atomstream_frames_received_total") == 5
-    assert _metric(metrics, f'atomstream_frames_rejected_total{{reason="{reason}"}}') == 1
+    assert metric_value(metrics, "atomstream_frames_received_total") == 5
+    assert metric_value(metrics, f'atomstream_frames_rejected_total{{reason="{reason}"}}') == 1
 
 
 def test_an_encoder_exception_fails_its_batch_as_internal_and_the_service_goes_on(
@@ -362,7 +340,7 @@ def test_drop_oldest_publishes_overloaded_errors_naming_the_dropped_frames(encod
     assert [(m.reason, m.frame_id) for m, _ in errors] == [("overloaded", k) for k in (1, 2, 3, 4)]
     assert "drop_oldest" in errors[0][0].detail
     assert [m.frame_id for m, _ in _by_kind(got, "maps")] == [0, 5]
-    assert _metric(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 4
+    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 4
 
 
 def test_block_policy_pushes_back_on_the_producer_and_loses_nothing(encoder: Encoder, zs: Sockets) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from streamer.config import ServiceConfig
 from streamer.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "Sockets",
     "collect",
     "control",
+    "metric_value",
     "push_frame",
     "push_scan",
     "recv_published",
+    "service_config",
     "sockets",
     "subscribe",
     "wait_until_received",
@@ -128,3 +131,24 @@ def wait_until_received(req: zmq.Socket[bytes], n: int, *, timeout_s: float = TI
             return status
         if time.monotonic() > deadline:
             raise TimeoutError(f"the service received {status['frames_received']} of {n} frames in {timeout_s} s")
+
+
+def service_config(**fields: Any) -> ServiceConfig:
+    """A service for tests: random loopback ports, CPU, fast heartbeats; ``fields`` override any of it."""
+    base: dict[str, Any] = {
+        "ingest": "tcp://127.0.0.1:0",
+        "publish": "tcp://127.0.0.1:0",
+        "control": "tcp://127.0.0.1:0",
+        "metrics_port": 0,
+        "status_interval_s": 0.05,
+        "device": "cpu",
+    }
+    return ServiceConfig(**{**base, **fields})
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample ``name`` in Prometheus text."""
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
