@@ -442,14 +442,18 @@ _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 
 
 def _check_finite(name: str, array: np.ndarray, ids: dict[str, Any]) -> None:
-    """NaN/Inf, and float64 values that would overflow the float32 the encoder computes in, are refused."""
+    """NaN/Inf, and float64 values that would overflow the float32 the encoder computes in, are refused.
+
+    One pass in the common case: the largest magnitude is NaN, Inf or too large exactly when something is wrong.
+    """
+    if array.size == 0 or float(np.abs(array).max()) <= _FLOAT32_MAX:
+        return
     if not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise ProtocolError("non_finite", f"array {name!r} holds {bad} NaN/Inf value(s)", **ids)
-    if array.dtype.itemsize > 4 and array.size and float(np.abs(array).max()) > _FLOAT32_MAX:
-        raise ProtocolError(
-            "non_finite", f"array {name!r} holds values beyond the float32 range (|x| > {_FLOAT32_MAX:.3g})", **ids
-        )
+    raise ProtocolError(
+        "non_finite", f"array {name!r} holds values beyond the float32 range (|x| > {_FLOAT32_MAX:.3g})", **ids
+    )
 
 
 def frame_message(scan_id: str, frame_id: int, array: np.ndarray, **fields: Any) -> Frame:
