@@ -172,13 +172,21 @@ class Batcher:
                 if first is not None:
                     self.emit(FrameResult(first, reason="internal", detail="the service stopped before encoding it"))
                 return
-            self._one_batch(self._pipeline or pipeline, first)  # the newest model at the batch's start
+            next_first: QueuedFrame | None = first
+            while next_first is not None:  # a frame taken after a reload starts the new model's batch
+                next_first = self._one_batch(self._pipeline or pipeline, next_first)
 
-    def _one_batch(self, pipeline: Pipeline, first: QueuedFrame) -> None:
+    def _one_batch(self, pipeline: Pipeline, first: QueuedFrame) -> QueuedFrame | None:
+        """Collect and encode one batch on ``pipeline``; returns a frame taken after a reload, for the next batch.
+
+        Frames the queue hands over after ``set_pipeline`` were accepted after the reload, so they must not join a
+        batch of the old model.
+        """
         batch: list[tuple[QueuedFrame, PreparedFrame]] = []
         n_patches = 0
         deadline = time.perf_counter() + self.max_wait_s
         item: QueuedFrame | None = first
+        leftover: QueuedFrame | None = None
         while item is not None:
             self.on_take()
             prepared = self._prepare(pipeline, item)
@@ -188,8 +196,12 @@ class Batcher:
             if n_patches >= self.max_batch_patches or self.abort:
                 break
             item = self.queue.take(deadline)
+            if item is not None and self._pipeline is not pipeline:
+                leftover = item
+                break
         if batch:
             self._encode(pipeline, batch, n_patches)
+        return leftover
 
     def _prepare(self, pipeline: Pipeline, item: QueuedFrame) -> PreparedFrame | None:
         try:
