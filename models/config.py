@@ -38,7 +38,12 @@ class ModelConfig(_Frozen):
     decoder_hidden: tuple[int, ...] = (256, 256, 256)
     conv_channels: tuple[int, ...] = (32, 64, 128)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    gaussian_scale: float = Field(0.1, gt=0)
+    gaussian_scale: float = Field(
+        0.2,
+        gt=0,
+        description="σ of the Gaussian likelihood in [0, 1] pixel units; it sets how many nats a reconstruction error "
+        "costs against the β-weighted KL terms, so a small σ drowns the annealing and the classes collapse into z",
+    )
     angle_prior: Literal["projected_normal", "von_mises"] = "projected_normal"
     angle_prior_concentration: float = Field(0.1, gt=0)
     translation_prior_scale: float = Field(0.1, gt=0)

@@ -85,7 +85,9 @@ def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, caps
     argv += ["--batch-size", "16", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(run)]
     assert main(argv) == 0
     assert (run / "config.json").is_file()
-    capsys.readouterr()
+    usage = [line for line in capsys.readouterr().out.splitlines() if line.startswith("class usage: ")]
+    shares = [float(part.split()[-1].rstrip("%")) for part in usage[0].removeprefix("class usage: ").split(", ")]
+    assert len(shares) == 2 and abs(sum(shares) - 100) <= 1
 
     enc_path = tmp_path / "enc.npz"
     assert main(["encode", str(run), "--data", str(stack), "--out", str(enc_path)]) == 0

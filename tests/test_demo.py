@@ -25,3 +25,15 @@ def test_demo_runs_end_to_end_and_its_report_matches_its_figures(tmp_path: Path)
     for figure in result.figures:
         assert figure.stat().st_size > 5_000 and f"({figure.name})" in report
     assert (tmp_path / "artifact" / "manifest.json").is_file() and (tmp_path / "run" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_demo_at_its_default_size_maps_film_and_substrate_on_frames_it_did_not_train_on(tmp_path: Path) -> None:
+    """The README's promise, measured: with the demo's own settings (seed 0) the class map follows the interface.
+
+    Five seeds of the default demo gave 0.991, 0.954, 0.984, 0.504 and 0.966; the fourth is the mixture settling on
+    the lattice's registration instead of the phase (see the README's limitations), which is why the seed is fixed.
+    """
+    result = run_demo(DemoOptions(out=tmp_path, progress=False))
+    assert result.metrics["phase_accuracy_held_out"] >= 0.9
+    assert result.metrics["maps_received"] == result.metrics["frames_sent"] == DemoOptions().frames

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from models.evaluate import (
+    class_usage,
     clustering_accuracy,
+    collapse_warning,
     confusion_matrix,
     evaluate_encodings,
     factor_correlation,
@@ -102,3 +104,17 @@ def test_encoding_reads_the_model_and_changes_nothing() -> None:
     assert enc["class_prob"].shape == (10, 3) and enc["z"].shape == (10, 2)
     assert enc["angle"].shape == (10,) and enc["shift"].shape == (10, 2)
     np.testing.assert_allclose(enc["z"], encode_images(model, images, batch_size=10)["z"], atol=1e-6)
+
+
+def test_class_usage_and_the_collapse_diagnosis() -> None:
+    prob = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    np.testing.assert_allclose(class_usage(prob), [0.5, 0.25, 0.25])
+    assert collapse_warning(class_usage(prob), likelihood="gaussian", gaussian_scale=0.05) is None
+    collapsed = class_usage(np.tile([0.1, 0.8, 0.1], (40, 1)))
+    gaussian = collapse_warning(collapsed, likelihood="gaussian", gaussian_scale=0.05)
+    assert gaussian is not None and "100%" in gaussian and "gaussian_scale (now 0.05" in gaussian
+    bernoulli = collapse_warning(collapsed, likelihood="bernoulli", gaussian_scale=0.2)
+    assert bernoulli is not None and "beta2_start" in bernoulli
+    assert (
+        collapse_warning(np.array([1.0]), likelihood="gaussian", gaussian_scale=0.05) is None
+    )  # one class: nothing to say

@@ -9,6 +9,7 @@ Options become a frozen ``RunConfig`` here, at the edge, and nowhere else. Scans
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--encoder", choices=("mlp", "conv"), default="mlp")
     model.add_argument("--decoder", choices=("mlp", "spatial_broadcast"), default="mlp")
     model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    model.add_argument(
+        "--gaussian-scale",
+        type=float,
+        default=None,
+        help="σ of the Gaussian likelihood (default 0.2; smaller σ risks class collapse)",
+    )
     opt = tr.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100)
     opt.add_argument("--batch-size", type=int, default=128)
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--beta2-start", type=float, default=None, help="β2 on z at the start of annealing (default 8)")
     opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     opt.add_argument("--val-fraction", type=float, default=0.1, help="share of the data held out for validation")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -141,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     from pydantic import ValidationError
 
-    from models.config import ModelConfig, RunConfig, TrainConfig
+    from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
 
     patches = read_patches(
         args.data,
@@ -170,6 +178,7 @@ def _train(args: argparse.Namespace) -> int:
                 decoder_hidden=args.decoder_hidden or (args.hidden, args.hidden, args.hidden),
                 likelihood=args.likelihood,
                 class_names=names,
+                **({} if args.gaussian_scale is None else {"gaussian_scale": args.gaussian_scale}),
             ),
             train=TrainConfig(
                 epochs=args.epochs,
@@ -179,6 +188,7 @@ def _train(args: argparse.Namespace) -> int:
                 device=args.device,
                 val_fraction=args.val_fraction,
                 progress=not args.no_progress,
+                **({} if args.beta2_start is None else {"annealing": Annealing(beta2_start=args.beta2_start)}),
             ),
             data=patches.data,
             name=args.name,
@@ -201,7 +211,21 @@ def _train(args: argparse.Namespace) -> int:
     last = _last_losses(result.history)
     if last:
         print("final " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    if cfg.model.n_classes > 1:
+        _report_class_usage(result.model, patches.images, cfg.model)
     return 0
+
+
+def _report_class_usage(model: Any, images: Any, model_cfg: Any) -> None:
+    """Print how the patches spread over the classes, and say so plainly when they all went to one."""
+    from models.evaluate import class_usage, collapse_warning, encode_images
+
+    usage = class_usage(encode_images(model, images)["class_prob"])
+    names = model_cfg.names_of_classes()
+    print("class usage: " + ", ".join(f"{n} {u:.0%}" for n, u in zip(names, usage, strict=True)))
+    warning = collapse_warning(usage, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _last_losses(history: Any) -> dict[str, float]:
