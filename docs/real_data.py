@@ -512,6 +512,7 @@ def _argv(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-patches", type=int, default=Settings.train_patches)
     parser.add_argument("--seed", type=int, default=Settings.seed)
     parser.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=Settings.likelihood)
+    parser.add_argument("--gaussian-scale", type=float, default=Settings.gaussian_scale, help="σ of the Gaussian")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
     return parser.parse_args(argv)
 
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         train_patches=args.train_patches,
         seed=args.seed,
         likelihood=args.likelihood,
+        gaussian_scale=args.gaussian_scale,
     )
     try:
         frame = load_frame(args.data)
