@@ -33,6 +33,8 @@ def log_magnitude(patches: torch.Tensor, window: Window = "none") -> torch.Tenso
     The patch mean is removed first so the DC term does not dominate the normalised spectrum.
     """
     x = patches.to(torch.float32) if not patches.is_floating_point() else patches
+    if x.numel() == 0:  # a frame with no patch in bounds: MKL's FFT refuses an empty batch
+        return torch.zeros_like(x)
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     w = window_2d(x.shape[-2], x.shape[-1], window, device=x.device, dtype=x.dtype)
     if w is not None:

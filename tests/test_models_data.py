@@ -118,3 +118,10 @@ def test_bad_inputs_raise_data_error(tmp_path: Path, name: str, kw: dict, match:
     _scan(tmp_path / "s.npy", (1, 30, 40))
     with pytest.raises(DataError, match=match):
         build_patches(tmp_path / name, **kw)
+
+
+@pytest.mark.parametrize("window", ["none", "hann"])
+def test_spectrum_of_an_empty_batch_is_empty_not_an_fft_error(window: str) -> None:
+    """A points-layout frame may keep no atom in bounds; its (0, ph, pw) batch must pass through, not crash MKL."""
+    out = log_magnitude(torch.zeros(0, 8, 8), window)  # type: ignore[arg-type]
+    assert out.shape == (0, 8, 8) and out.dtype == torch.float32
