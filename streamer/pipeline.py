@@ -3,16 +3,20 @@
 The work is split in three so the service can batch **across frames** (one encoder call for the patches of many
 small frames, several calls for one huge frame):
 
-1. ``prepare(frame)`` — move the frame to the encoder's device once, normalise, cut patches (grid or atom-centred,
-   as the artifact's manifest says) and apply the patch transform (FFT …): a ``PreparedFrame`` holding the patch
-   tensor on the device and where each patch came from.
-2. ``encode(patches)`` — the encoder on the (possibly concatenated) patches, in chunks of at most
-   ``max_batch_patches``; outputs come back to the host once, as numpy.
+1. ``prepare(frame)`` — move the frame to the encoder's device once, normalise it and lay the patch grid over it
+   (views, no copy; atom-centred patches are gathered): a ``PreparedFrame`` that knows where each patch comes from.
+2. ``encode_frames(prepared)`` — the encoder on the frames' patches in order, in calls of at most
+   ``max_batch_patches``. Each call's input is written straight into one batch buffer, reused from call to call:
+   cutting a patch out of the frame, its patch transforms (FFT …) and the batching across frames are a single copy,
+   the only one a patch ever gets. Outputs come back to the host once, as numpy. (``encode(patches)`` takes patches
+   already cut, e.g. ``PreparedFrame.patches``.)
 3. ``assemble(prepared, outputs)`` — one frame's slice of the outputs → ``FrameMaps``: the arrays of DESIGN.md in
    their published order and the defect regions (``streamer.defects`` documents the score and the connectivity).
 
-``process(frame)`` chains the three for one frame. Preprocessing goes through the same ``streamer.preprocess`` and
-``streamer.atoms`` functions training used, with the parameters the manifest recorded, so nothing is re-guessed here.
+``process(frame)`` chains the three for one frame, cutting the patches the plain way (``prepare_patches`` without a
+buffer), so the buffered path of the service is checked against it. Preprocessing goes through the same
+``streamer.preprocess`` and ``streamer.atoms`` functions training used, with the parameters the manifest recorded,
+so nothing is re-guessed here.
 A ``Pipeline`` is immutable: ``with_defects`` returns a new one sharing the encoder, which lets the service swap
 settings (or a reloaded model) between batches without locks.
 """
@@ -40,15 +44,17 @@ from streamer.defects import (
     regions_to_defects,
 )
 from streamer.manifest import Manifest
-from streamer.preprocess import prepare_frame, prepare_patches
+from streamer.preprocess import Preprocessing, prepare_frame, prepare_patches
 from streamer.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
-from streamer.tiling import TilingError, gather_points, tile_grid
+from streamer.tiling import TilingError, gather_points, patch_range, tile_grid
 
 __all__ = [
     "ARRAY_ORDER",
+    "BatchOutputs",
     "EncoderLike",
     "FrameError",
     "FrameMaps",
+    "PatchWriter",
     "Pipeline",
     "PipelineError",
     "PreparedFrame",
@@ -82,18 +88,105 @@ class EncoderLike(Protocol):
 
 @dataclass(frozen=True)
 class PreparedFrame:
-    """Encoder-ready patches of one frame (on the device) and their layout; ``tile_s``/``fft_s`` are stage times."""
+    """One frame made ready for the encoder: its normalised patches as views (``tiles``) and their layout.
 
-    patches: torch.Tensor
+    ``tiles`` is ``(gh, gw, ph, pw)`` for the grid layout (strided views of the normalised frame) or ``(N, ph, pw)``
+    for atom-centred patches. The patch-level steps run when the patches are written for the encoder (``write``), so
+    they run once per patch, into the encoder's batch buffer. ``tile_s`` is the time ``prepare`` took.
+    """
+
+    tiles: torch.Tensor
+    spec: Preprocessing
     grid: tuple[int, int] | None
     centers: np.ndarray | None
     frame_shape: tuple[int, int]
     tile_s: float
-    fft_s: float
 
     @property
     def n(self) -> int:
-        return int(self.patches.shape[0])
+        return int(self.tiles.shape[0] * self.tiles.shape[1]) if self.tiles.ndim == 4 else int(self.tiles.shape[0])
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """All patches, encoder-ready ``(n, 1, ph, pw)``, in a new tensor (the unbuffered path)."""
+        ph, pw = int(self.tiles.shape[-2]), int(self.tiles.shape[-1])
+        if self.n == 0:  # no atom found: the FFT refuses empty batches
+            return torch.zeros((0, 1, ph, pw), dtype=torch.float32, device=self.tiles.device)
+        return prepare_patches(self.tiles, self.spec)
+
+    def write(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Patches ``start:stop`` (row-major), encoder-ready, into ``out`` (``(stop - start, 1, ph, pw)``)."""
+        offset = 0
+        for piece in patch_range(self.tiles, start, stop):
+            k = piece.numel() // (piece.shape[-2] * piece.shape[-1])
+            prepare_patches(piece, self.spec, out=out[offset : offset + k])
+            offset += k
+
+
+class PatchWriter:
+    """The patches of a sequence of prepared frames, in order, written chunk by chunk into encoder batch buffers.
+
+    ``seconds[i]`` accumulates the time spent writing frame ``i``'s patches (the service's ``fft`` stage: cutting
+    the patches and their patch-level transforms).
+    """
+
+    def __init__(self, frames: Sequence[PreparedFrame] = ()) -> None:
+        self.frames: list[PreparedFrame] = []
+        self.total = self.written = 0
+        self.seconds: list[float] = []
+        self._index = 0  # the next patch: frame index, and patch within that frame
+        self._offset = 0
+        for frame in frames:
+            self.append(frame)
+
+    def append(self, frame: PreparedFrame) -> None:
+        """One more frame, after those already given (its patches are written after theirs)."""
+        self.frames.append(frame)
+        self.seconds.append(0.0)
+        self.total += frame.n
+
+    def write(self, out: torch.Tensor) -> None:
+        """The next ``out.shape[0]`` patches into ``out``; the work is finished on the device when this returns."""
+        size = int(out.shape[0])
+        if size > self.total - self.written:
+            raise PipelineError(f"asked for {size} patches but only {self.total - self.written} are left to write")
+        filled = 0
+        while filled < size:
+            frame = self.frames[self._index]
+            take = min(frame.n - self._offset, size - filled)
+            if take > 0:
+                t0 = time.perf_counter()
+                frame.write(self._offset, self._offset + take, out[filled : filled + take])
+                _sync(out.device)
+                self.seconds[self._index] += time.perf_counter() - t0
+            filled += take
+            self._offset += take
+            if self._offset == frame.n:
+                self._index, self._offset = self._index + 1, 0
+        self.written += size
+
+
+class BatchOutputs:
+    """The encoder outputs of a batch, put together call by call (in order) and joined once at the end.
+
+    Joined into new arrays, never reused: a frame's maps are views into them.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[dict[str, np.ndarray]] = []
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def put(self, host: dict[str, np.ndarray]) -> None:
+        """The outputs of the batch's next encoder call."""
+        self._calls.append(host)
+        self._arrays = None
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray] | None:
+        """Every call's outputs, concatenated; ``None`` before the first call."""
+        if self._arrays is None and self._calls:
+            self._arrays = {name: np.concatenate([c[name] for c in self._calls]) for name in self._calls[0]}
+        return self._arrays
 
 
 @dataclass(frozen=True)
@@ -237,20 +330,23 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def prepare(self, frame: np.ndarray | torch.Tensor) -> PreparedFrame:
-        """Frame → patches on the encoder's device (grid or atom-centred per the manifest)."""
+        """Frame → normalised frame on the encoder's device and its patches as views (grid or atom-centred)."""
         if frame.ndim != 2:
             raise FrameError(f"frame must be 2-D (H, W), got shape {tuple(frame.shape)}")
         h, w = int(frame.shape[0]), int(frame.shape[1])
         spec, tiling = self.manifest.preprocessing, self.manifest.tiling
         t0 = time.perf_counter()
-        x = _frame_tensor(frame, self.device)
         centers: np.ndarray | None = None
         grid: tuple[int, int] | None = None
         try:
             if self.layout == "grid":
-                tiles = tile_grid(prepare_frame(x, spec), self.patch, self.stride, self.origin)
+                # on the CPU a numpy frame (a read-only view on the message, as received) is normalised as it is
+                host = isinstance(frame, np.ndarray) and self.device.type == "cpu"
+                source = frame if host else _frame_tensor(frame, self.device)
+                tiles = tile_grid(prepare_frame(source, spec), self.patch, self.stride, self.origin)
                 grid = (int(tiles.shape[0]), int(tiles.shape[1]))
             else:
+                x = _frame_tensor(frame, self.device)
                 found = find_atoms(
                     x.to(torch.float32),
                     sigma=tiling.atom_sigma,
@@ -262,16 +358,13 @@ class Pipeline:
         except TilingError as exc:
             raise FrameError(f"a {h}x{w} frame cannot be cut for this model: {exc}") from None
         _sync(self.device)
-        t1 = time.perf_counter()
-        if tiles.shape[0] == 0:  # no atom found: the FFT backends refuse empty batches
-            patches = torch.zeros((0, 1, *self.patch), dtype=torch.float32, device=self.device)
-        else:
-            patches = prepare_patches(tiles, spec)
-        _sync(self.device)
-        t2 = time.perf_counter()
         return PreparedFrame(
-            patches=patches, grid=grid, centers=centers, frame_shape=(h, w), tile_s=t1 - t0, fft_s=t2 - t1
+            tiles=tiles, spec=spec, grid=grid, centers=centers, frame_shape=(h, w), tile_s=time.perf_counter() - t0
         )
+
+    def batch_buffer(self) -> torch.Tensor:
+        """An input buffer for ``encode_frames``: one encoder call's worth of patches on the device."""
+        return torch.empty((self.max_batch_patches, 1, *self.patch), dtype=torch.float32, device=self.device)
 
     def encode(
         self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
@@ -280,20 +373,56 @@ class Pipeline:
 
         ``observe(batch_size, seconds)`` is called after every encoder call (the service's metrics).
         """
-        n = int(patches.shape[0])
-        chunks: list[dict[str, torch.Tensor]] = []
-        for start in range(0, n, self.max_batch_patches):
-            t0 = time.perf_counter()
-            out = self.encoder(patches[start : start + self.max_batch_patches])
-            host = {name: value.detach().to("cpu") for name, value in out.items()}
-            if observe is not None:
-                observe(min(self.max_batch_patches, n - start), time.perf_counter() - t0)
-            chunks.append(host)
-        if not chunks:
-            return self._empty_outputs()
-        return {name: torch.cat([c[name] for c in chunks]).numpy() for name in chunks[0]}
+        outputs = BatchOutputs()
+        for start in range(0, int(patches.shape[0]), self.max_batch_patches):
+            outputs.put(self.call_encoder(patches[start : start + self.max_batch_patches], observe=observe))
+        return outputs.arrays if outputs.arrays is not None else self.empty_outputs()
 
-    def _empty_outputs(self) -> dict[str, np.ndarray]:
+    def encode_frames(
+        self,
+        frames: Sequence[PreparedFrame],
+        *,
+        buffer: torch.Tensor | None = None,
+        observe: Callable[[int, float], None] | None = None,
+    ) -> tuple[dict[str, np.ndarray], list[float]]:
+        """Encoder outputs for the patches of ``frames``, concatenated in order (rows as in ``encode``).
+
+        Each encoder call's input is written into ``buffer`` (``batch_buffer()``; a new one when ``None``), so the
+        caller can reuse one buffer for every batch. Also returns, per frame, the seconds spent writing its patches
+        (the patch-level preprocessing: the cut, FFT, min-max). ``observe`` as in ``encode``. The service's worker
+        does the same with two buffers, writing one while the encoder reads the other.
+        """
+        writer = PatchWriter(frames)
+        buffer = self.batch_buffer() if buffer is None else self.check_buffer(buffer)
+        outputs = BatchOutputs()
+        for start in range(0, writer.total, self.max_batch_patches):
+            chunk = buffer[: min(self.max_batch_patches, writer.total - start)]
+            writer.write(chunk)
+            outputs.put(self.call_encoder(chunk, observe=observe))
+        return (outputs.arrays if outputs.arrays is not None else self.empty_outputs()), writer.seconds
+
+    def check_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``buffer`` if it can serve as this pipeline's batch buffer, else ``PipelineError``."""
+        want = (self.max_batch_patches, 1, *self.patch)
+        if tuple(buffer.shape) != want or buffer.dtype != torch.float32 or buffer.device != self.device:
+            raise PipelineError(
+                f"batch buffer {tuple(buffer.shape)} {buffer.dtype} on {buffer.device} does not fit this pipeline: "
+                f"it needs {want} float32 on {self.device}; make it with batch_buffer()"
+            )
+        return buffer
+
+    def call_encoder(
+        self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """One encoder call on ``patches``; its outputs on the host, as numpy."""
+        t0 = time.perf_counter()
+        out = self.encoder(patches)
+        host = {name: value.detach().to("cpu").numpy() for name, value in out.items()}
+        if observe is not None:
+            observe(int(patches.shape[0]), time.perf_counter() - t0)
+        return host
+
+    def empty_outputs(self) -> dict[str, np.ndarray]:
         k, d = self.n_classes, self.latent_dim
         out = {"z_loc": np.zeros((0, d), np.float32)}
         if k > 0:

@@ -26,6 +26,8 @@ from types import TracebackType
 
 import zmq
 
+from streamer.sockets import bindable
+
 __all__ = ["Proxy", "ProxyError"]
 
 _HWM = 100_000
@@ -33,12 +35,6 @@ _HWM = 100_000
 
 class ProxyError(RuntimeError):
     """The proxy cannot run (endpoint in use, thread failed); the cause is chained."""
-
-
-def _bindable(endpoint: str) -> str:
-    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
-        return endpoint[:-2] + ":*"
-    return endpoint
 
 
 class Proxy:
@@ -147,7 +143,7 @@ class Proxy:
             control.connect(self._control_addr)
             for name, sock, endpoint in (("xsub", frontend, self.xsub), ("xpub", backend, self.xpub)):
                 try:
-                    sock.bind(_bindable(endpoint))
+                    sock.bind(bindable(endpoint))
                 except zmq.ZMQError as exc:
                     raise ProxyError(
                         f"cannot bind the proxy's {name} socket to {endpoint!r}: {exc}; is it in use? (port 0 picks"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TilingError", "gather_points", "grid_shape", "points_in_bounds", "tile_grid"]
+__all__ = ["TilingError", "gather_points", "grid_shape", "patch_range", "points_in_bounds", "tile_grid"]
 
 
 class TilingError(ValueError):
@@ -65,6 +65,35 @@ def tile_grid(
     gh, gw = grid_shape((frame.shape[0], frame.shape[1]), (ph, pw), (sy, sx), (y0, x0))
     region = frame[y0 : y0 + (gh - 1) * sy + ph, x0 : x0 + (gw - 1) * sx + pw]
     return region.unfold(0, ph, sy).unfold(1, pw, sx)
+
+
+def patch_range(tiles: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+    """Patches ``start:stop`` (row-major) of a ``(gh, gw, ph, pw)`` grid or an ``(N, ph, pw)`` stack, as views.
+
+    A range of a grid crosses grid rows, which no single view can express: it comes back as at most three pieces —
+    the tail of a first row ``(k, ph, pw)``, whole rows ``(r, gw, ph, pw)``, the head of a last row — in order. The
+    service cuts its encoder batches this way, so patches are copied once, straight into the batch.
+    """
+    if tiles.ndim == 3:
+        return [tiles[start:stop]] if stop > start else []
+    if tiles.ndim != 4:
+        raise TilingError(f"tiles must be (gh, gw, ph, pw) or (N, ph, pw), got shape {tuple(tiles.shape)}")
+    gw = int(tiles.shape[1])
+    pieces: list[torch.Tensor] = []
+    row, col = divmod(start, gw)
+    if col and start < stop:  # the tail of a partly taken row
+        end = min(gw, col + stop - start)
+        pieces.append(tiles[row, col:end])
+        start += end - col
+        row += 1
+    whole = (stop - start) // gw
+    if whole:
+        pieces.append(tiles[row : row + whole])
+        start += whole * gw
+        row += whole
+    if stop > start:
+        pieces.append(tiles[row, : stop - start])
+    return pieces
 
 
 def points_in_bounds(centers: torch.Tensor, frame_hw: tuple[int, int], patch: int | tuple[int, int]) -> torch.Tensor:

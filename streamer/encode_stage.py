@@ -1,0 +1,219 @@
+"""The encoder's own thread, fed by the batching worker through two batch buffers (double buffering).
+
+Why a second thread: on the CPU the encoder keeps every core busy while it runs, and the rest of the per-frame work
+— cutting patches into the batch buffer, assembling maps and defects — would otherwise run in series with it, all
+cores but one idle meanwhile. Here the worker (``streamer.batching``) writes the next chunk of a batch's patches into
+one buffer while the encoder reads the other, and the encoder thread assembles a batch's maps once its last chunk is
+encoded, while the worker already prepares the next batch; the operating system shares the cores between the two.
+The worker starts a new batch only when the encoder is idle (``wait_idle``), so no more frames are out of the queue
+than before (``queue_size`` still bounds the frames waiting).
+
+Order is kept: chunks are encoded and batches assembled in the order the worker submitted them, and the worker's own
+results (a frame it could not prepare) pass through the same queue, so frames leave in the order they were taken.
+Every frame submitted leaves as exactly one ``FrameResult``. ``close`` waits for everything submitted to leave, then
+re-raises a failure of the thread itself (a failed encoder call is not one: its frames get ``internal`` errors).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from streamer.frame_queue import FrameResult, QueuedFrame
+from streamer.metrics import ServiceMetrics
+from streamer.pipeline import BatchOutputs, PatchWriter, Pipeline, PreparedFrame, slice_outputs
+
+__all__ = ["N_BUFFERS", "EncodeStage"]
+
+log = logging.getLogger("atomstream.service")
+
+#: Batch buffers: one being written by the worker while the encoder reads the other.
+N_BUFFERS = 2
+
+
+@dataclass
+class _Batch:
+    pipeline: Pipeline
+    frames: list[tuple[QueuedFrame, PreparedFrame]]
+    writer: PatchWriter  # the worker's
+    outputs: BatchOutputs = field(default_factory=BatchOutputs)  # the encoder thread's
+    error: str | None = None  # set by whichever thread failed first; its frames then leave as ``internal`` errors
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One encoder call on ``buffer`` rows ``:size`` (the batch's next patches); the end of a batch (no buffer);
+    or a result the worker produced itself, passed through to keep the order."""
+
+    batch: _Batch | None = None
+    buffer: torch.Tensor | None = None
+    slot: int | None = None
+    size: int = 0
+    result: FrameResult | None = None
+
+
+class EncodeStage:
+    """The encoder thread and its batch buffers. ``submit`` runs on the worker thread, everything else here on the
+    encoder thread; ``close`` ends it."""
+
+    def __init__(self, *, emit: Callable[[FrameResult], None], metrics: ServiceMetrics) -> None:
+        self.emit = emit
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._free: list[int] = list(range(N_BUFFERS))
+        self._buffers: list[torch.Tensor] = []
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="atomstream-encode", daemon=True)
+
+    def start(self) -> EncodeStage:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Wait until every submitted job has left, end the thread; re-raise its failure."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.ident is not None:
+            self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    # ---------------------------------------------------------------- worker side
+    def wait_idle(self) -> None:
+        """Wait until no chunk is waiting for or inside the encoder (batches may still be assembling).
+
+        The worker takes the next batch's first frame only then, so frames out of the ``FrameQueue`` are only those
+        of the batch being encoded — what ``queue_size`` and the overload policy promise — and the overlap is
+        within a batch (writing chunk k+1 while chunk k is encoded) and between a batch's assembly and the next
+        batch's preparation.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._free) == N_BUFFERS or self._failure is not None)
+            self._raise_failure()
+
+    def pass_through(self, result: FrameResult) -> None:
+        """Emit ``result`` after everything submitted before it."""
+        self._put(_Job(result=result))
+
+    def submit(self, pipeline: Pipeline, frames: list[tuple[QueuedFrame, PreparedFrame]]) -> None:
+        """Write the frames' patches into the batch buffers chunk by chunk, queueing each chunk for the encoder as
+        soon as it is written; returns once the last is queued (the encoder may still be busy with them)."""
+        self._buffers_for(pipeline)
+        batch = _Batch(pipeline, frames, PatchWriter([p for _, p in frames]))
+        writer = batch.writer
+        while writer.written < writer.total:
+            size = min(pipeline.max_batch_patches, writer.total - writer.written)
+            slot, buffer = self._take_buffer()
+            try:
+                writer.write(buffer[:size])
+            except Exception as exc:
+                log.exception("writing a batch of %d frames (%d patches) failed", len(frames), writer.total)
+                batch.error = f"preparing a batch of {writer.total} patches failed: {type(exc).__name__}: {exc}"
+                self._release(slot)
+                break
+            self._put(_Job(batch=batch, buffer=buffer, slot=slot, size=size))
+        self._put(_Job(batch=batch))  # the end: assemble and emit once the chunks before it are encoded
+        for seconds in writer.seconds:
+            self.metrics.stage_seconds.labels(stage="fft").observe(seconds)
+
+    def _put(self, job: _Job) -> None:
+        with self._cond:
+            self._raise_failure()
+            self._jobs.append(job)
+            self._cond.notify_all()
+
+    def _take_buffer(self) -> tuple[int, torch.Tensor]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._free or self._failure is not None)
+            self._raise_failure()
+            slot = self._free.pop(0)
+            return slot, self._buffers[slot]
+
+    def _buffers_for(self, pipeline: Pipeline) -> None:
+        """Buffers shaped for ``pipeline`` (after a reload to another patch size or device: new ones, once the
+        encoder has finished with the old)."""
+        want = (pipeline.max_batch_patches, 1, *pipeline.patch)
+        with self._cond:
+            if self._buffers and tuple(self._buffers[0].shape) == want and self._buffers[0].device == pipeline.device:
+                return
+            self._cond.wait_for(lambda: len(self._free) == N_BUFFERS or self._failure is not None)
+            self._raise_failure()
+            self._buffers = []  # let the old ones go before allocating (device memory)
+            self._buffers = [pipeline.batch_buffer() for _ in range(N_BUFFERS)]
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError("the encoder thread failed") from self._failure
+
+    def _release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- encoder thread
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._jobs or self._closed)
+                    if not self._jobs:
+                        return
+                    job = self._jobs.popleft()
+                self._do(job)
+        except BaseException as exc:
+            log.exception("the encoder thread failed")
+            with self._cond:
+                self._failure = exc
+                self._cond.notify_all()
+
+    def _do(self, job: _Job) -> None:
+        if job.result is not None:
+            self.emit(job.result)
+            return
+        batch = job.batch
+        assert batch is not None
+        if job.buffer is None:
+            self._finish(batch)
+            return
+        if batch.error is None:
+            try:
+                batch.outputs.put(batch.pipeline.call_encoder(job.buffer[: job.size], observe=self._observe_call))
+            except Exception as exc:
+                log.exception("encoding a chunk of %d patches failed", job.size)
+                batch.error = f"encoding a batch of {batch.writer.total} patches failed: {type(exc).__name__}: {exc}"
+        if job.slot is not None:
+            self._release(job.slot)
+
+    def _observe_call(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.patches_encoded.inc(size)
+        self.metrics.stage_seconds.labels(stage="encode").observe(seconds)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Assemble and emit each frame of a fully encoded batch (or its error)."""
+        if batch.error is not None:
+            for item, _ in batch.frames:
+                self.emit(FrameResult(item, reason="internal", detail=batch.error))
+            return
+        outputs = batch.outputs.arrays if batch.outputs.arrays is not None else batch.pipeline.empty_outputs()
+        start = 0
+        for item, prepared in batch.frames:
+            t0 = time.perf_counter()
+            try:
+                maps = batch.pipeline.assemble(prepared, slice_outputs(outputs, start, start + prepared.n))
+            except Exception as exc:
+                log.exception("assembling frame %s/%s failed", item.scan_id, item.frame_id)
+                self.emit(FrameResult(item, reason="internal", detail=f"assembly failed: {type(exc).__name__}: {exc}"))
+            else:
+                self.metrics.stage_seconds.labels(stage="assemble").observe(time.perf_counter() - t0)
+                self.emit(FrameResult(item, maps=maps))
+            start += prepared.n

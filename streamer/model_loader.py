@@ -1,0 +1,110 @@
+"""Which model the service serves: loading artifacts off the I/O thread, building pipelines, swapping them in.
+
+A load (at start, and on the control command ``reload``) runs on a short-lived loader thread, so a slow load never
+stalls ingest; the I/O thread answers the ``reload`` request once the job is done (REP allows one request at a time
+anyway). Installing a pipeline hands it to the batcher, which uses it from its next batch on: frames in flight finish
+on the old model. ``set`` (defect classes and threshold) builds a new pipeline on the same encoder, no reload.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from streamer.batching import Batcher
+from streamer.config import ServiceConfig
+from streamer.metrics import ServiceMetrics
+from streamer.pipeline import EncoderLike, Pipeline
+
+__all__ = ["ModelLoader", "ReloadJob"]
+
+
+@dataclass
+class ReloadJob:
+    """A reload in progress on a loader thread; the I/O thread replies once ``done`` is set."""
+
+    artifact: str
+    done: threading.Event = field(default_factory=threading.Event)
+    pipeline: Pipeline | None = None
+    error: BaseException | None = None
+
+
+class ModelLoader:
+    """Builds, loads and installs pipelines for the service; ``backend``/``device`` describe the model serving now."""
+
+    def __init__(
+        self,
+        cfg: ServiceConfig,
+        *,
+        batcher: Batcher,
+        metrics: ServiceMetrics,
+        backend: str,
+        device: str,
+        on_done: Callable[[], None],
+    ) -> None:
+        self.cfg = cfg
+        self.batcher = batcher
+        self.metrics = metrics
+        self.backend, self.device = backend, device
+        self.on_done = on_done  # a reload finished: wake the I/O thread
+        self.defect_classes: list[str | int] | None = cfg.defect_classes
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        return self.batcher.pipeline
+
+    def build(self, encoder: EncoderLike) -> Pipeline:
+        """A pipeline on ``encoder`` with the service's defect and batching settings (those ``set`` changed last)."""
+        current = self.batcher.pipeline
+        return Pipeline(
+            encoder,
+            defect_classes=self.defect_classes,
+            defect_threshold=current.rule.threshold if current is not None else self.cfg.defect_threshold,
+            connectivity=self.cfg.connectivity,
+            max_batch_patches=self.cfg.max_batch_patches,
+        )
+
+    def load(self, artifact: str) -> EncoderLike:
+        from streamer.encoder import load
+
+        return load(
+            artifact, backend=self.cfg.backend, device=self.cfg.device, batch_sizes=(1, self.cfg.max_batch_patches)
+        )
+
+    def load_configured(self) -> None:
+        """Load ``cfg.artifact`` and serve it (the loader thread at start)."""
+        if self.cfg.artifact is None:
+            raise ValueError("no artifact configured to load")
+        self.install(self.build(self.load(str(self.cfg.artifact))))
+
+    def install(self, pipeline: Pipeline) -> None:
+        self.backend, self.device = pipeline.encoder.backend, pipeline.encoder.device
+        self.metrics.set_model(pipeline.model, backend=self.backend, device=self.device)
+        self.batcher.set_pipeline(pipeline)
+
+    def start_reload(self, artifact: str) -> ReloadJob:
+        """Load ``artifact`` on a loader thread; the job says when it is done and what came of it."""
+        job = ReloadJob(artifact)
+        threading.Thread(target=self._reload, args=(job,), name="atomstream-reload", daemon=True).start()
+        return job
+
+    def _reload(self, job: ReloadJob) -> None:
+        try:
+            job.pipeline = self.build(self.load(job.artifact))
+        except Exception as exc:
+            job.error = exc
+        finally:
+            job.done.set()
+            self.on_done()
+
+    def set_defects(self, *, classes: Sequence[str | int] | None, threshold: float | None) -> Pipeline:
+        """Serve the current model with new defect settings (``PipelineError`` for unknown classes)."""
+        pipeline = self.batcher.pipeline
+        if pipeline is None:
+            raise RuntimeError("no model is loaded yet")
+        updated = pipeline.with_defects(classes=classes, threshold=threshold)
+        if classes is not None:
+            self.defect_classes = list(classes)
+        self.batcher.set_pipeline(updated)
+        return updated

@@ -1,0 +1,112 @@
+"""The service's ZeroMQ sockets: created, configured, secured and bound in one place, closed in one place.
+
+Everything here runs on the I/O thread, the sockets' only owner (ZeroMQ sockets are not thread-safe). Options per
+socket: the ingest PULL's receive high-water mark (``recv_hwm``: with ``overload=block`` this is what pushes back on
+the producer), the publishing sockets' send high-water mark and ``linger_ms`` (so subscribers receive the tail at
+shutdown; the others close at once), CURVE on all of them when configured. ``tcp://host:0`` binds a free port and
+the endpoints come back as actually bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from streamer.config import ServiceConfig
+
+__all__ = ["SocketError", "SocketSet", "bindable", "open_sockets"]
+
+#: ``ServiceConfig`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
+NAMES = ("ingest", "publish", "control", "publish_reliable")
+
+
+class SocketError(RuntimeError):
+    """A socket could not be bound or connected; the message names the endpoint and what to do."""
+
+
+def bindable(endpoint: str) -> str:
+    """``tcp://host:0`` → ``tcp://host:*`` (ZeroMQ's spelling of "any free port")."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        return endpoint[:-2] + ":*"
+    return endpoint
+
+
+@dataclass
+class SocketSet:
+    """The service's sockets (``reliable``: the ``publish_reliable`` XPUB, or ``None``) and their endpoints."""
+
+    context: zmq.Context[zmq.Socket[bytes]]
+    pull: zmq.Socket[bytes]
+    pub: zmq.Socket[bytes]
+    rep: zmq.Socket[bytes]
+    reliable: zmq.Socket[bytes] | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+    auth: Any = None  # the CURVE authenticator thread, when CURVE is on
+
+    @property
+    def all(self) -> list[zmq.Socket[bytes]]:
+        return [s for s in (self.pull, self.pub, self.rep, self.reliable) if s is not None]
+
+    def close(self) -> None:
+        """Close every socket (each with its own linger: the publishing ones flush the tail), then the context."""
+        for s in self.all:
+            s.close()
+        if self.auth is not None:
+            self.auth.stop()
+        self.context.term()
+
+
+def open_sockets(cfg: ServiceConfig) -> SocketSet:
+    """A new context with the service's sockets configured and bound (or, for ``publish_connect``, connected).
+
+    On failure everything opened so far is closed again and ``SocketError`` says which endpoint failed.
+    """
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sockets = SocketSet(ctx, *(ctx.socket(kind) for kind in (zmq.PULL, zmq.PUB, zmq.REP)))
+    try:
+        if cfg.publish_reliable is not None:
+            sockets.reliable = ctx.socket(zmq.XPUB)
+            sockets.reliable.setsockopt(zmq.XPUB_NODROP, 1)
+            sockets.reliable.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+        sockets.pull.setsockopt(zmq.RCVHWM, cfg.recv_hwm)
+        sockets.pub.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+        for s in sockets.all:
+            s.setsockopt(zmq.LINGER, 0)
+        for s in (sockets.pub, sockets.reliable):
+            if s is not None:
+                s.setsockopt(zmq.LINGER, cfg.linger_ms)
+        if cfg.curve is not None:
+            from streamer.security import secure_server_socket, server_auth
+
+            sockets.auth = server_auth(ctx, cfg.curve)
+            for s in sockets.all:
+                secure_server_socket(s, cfg.curve)
+        for name, s in zip(NAMES, sockets.all, strict=False):
+            sockets.endpoints[name] = _attach(name, s, cfg)
+    except BaseException:
+        sockets.close()
+        raise
+    return sockets
+
+
+def _attach(name: str, s: zmq.Socket[bytes], cfg: ServiceConfig) -> str:
+    endpoint: str = getattr(cfg, name)
+    if name == "publish" and cfg.publish_connect:
+        try:
+            s.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise SocketError(
+                f"cannot connect the publish socket to {endpoint!r}: {exc}; give the proxy's XSUB endpoint, e.g. "
+                "'tcp://127.0.0.1:5560'"
+            ) from None
+        return endpoint
+    try:
+        s.bind(bindable(endpoint))
+    except zmq.ZMQError as exc:
+        raise SocketError(
+            f"cannot bind the {name} socket to {endpoint!r}: {exc}; is another service using it? (port 0 picks a "
+            "free port)"
+        ) from None
+    return s.getsockopt_string(zmq.LAST_ENDPOINT)
