@@ -70,6 +70,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     from exporters.export import export_model
     from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
     from models.data import scan_patches
+    from models.evaluate import class_usage
     from models.plots import plot_traversals
     from models.train import fit
     from sim.lattice import LatticeConfig, synth_scan
@@ -133,8 +134,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     t = _stage(3, n, "exporting the encoder (ONNX + TorchScript + manifest) and checking parity")
     model = result.model.eval()
     train_input = torch.from_numpy(patches.images)[:, None]
-    shares = np.bincount(model.encode(train_input)["class_prob"].argmax(1).numpy(), minlength=opts.classes)
-    shares = shares / shares.sum()
+    shares = class_usage(model.encode(train_input)["class_prob"].numpy())
     smallest = int(shares.argmin())
     # Unsupervised choice of the defect class: a class that holds few patches is the rare structure. With no such
     # class the service falls back to class entropy as the defect score.
