@@ -6,10 +6,8 @@ decoder of three 256-wide tanh layers, K=4, D=2, rotation and translation. pyroV
 ``hidden_dim_d=[256, 256]`` because its coordinate layer is counted apart; the matmul shapes are the same as ours
 with ``decoder_hidden=(256, 256, 256)``.
 
-pyroVED is the ``bench`` extra (``pip install pyroved --no-deps``). Its plotting helpers import torchvision at
-package import time; when torchvision is absent we register a stand-in module whose ``make_grid`` raises, since no
-plotting runs here (its training code does not touch it). If pyroVED is missing, the table says so and shows ours
-only.
+pyroVED is the ``bench`` extra, imported through ``pyroved_import`` (it needs no torchvision that way). If pyroVED is
+missing, the table says so and shows ours only.
 
     python benchmarks/train_speed.py [--size 48] [--batch 32] [--steps 3] [--warmup 1] [--threads N]
 """
@@ -17,10 +15,7 @@ only.
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import time
-import types
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +23,7 @@ import pyro
 import torch
 from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import Adam
+from pyroved_import import import_pyroved
 
 from models.config import ModelConfig
 from models.jtrvae import JTrVAE
@@ -66,25 +62,8 @@ def ours_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
     return lambda: _fresh_store_step(lambda: svi.step(x, beta))
 
 
-def _import_pyroved() -> types.ModuleType:
-    try:
-        importlib.import_module("torchvision")
-    except ImportError:
-        stub = types.ModuleType("torchvision")
-        utils = types.ModuleType("torchvision.utils")
-
-        def make_grid(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("torchvision is not installed; pyroVED plotting is unavailable in this benchmark")
-
-        utils.make_grid = make_grid  # type: ignore[attr-defined]
-        stub.utils = utils  # type: ignore[attr-defined]
-        sys.modules.setdefault("torchvision", stub)
-        sys.modules.setdefault("torchvision.utils", utils)
-    return importlib.import_module("pyroved")
-
-
 def pyroved_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
-    pv = _import_pyroved()
+    pv = import_pyroved()
     size = tuple(x.shape[-2:])
     vae = pv.models.jiVAE(
         size,

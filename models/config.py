@@ -33,7 +33,12 @@ class ModelConfig(_Frozen):
     rotation: bool = True
     translation: bool = True
     encoder: Literal["mlp", "conv"] = "mlp"
-    decoder: Literal["mlp", "spatial_broadcast"] = "mlp"
+    decoder: Literal["mlp", "spatial_broadcast", "dense"] = Field(
+        "mlp",
+        description="mlp: the coordinate MLP of the paper; spatial_broadcast: its convolutional variant; dense: a "
+        "plain MLP from (z, y) to all pixels, the paper's j-VAE baseline, only for models with no rotation or "
+        "translation",
+    )
     encoder_hidden: tuple[int, ...] = (256, 256)
     decoder_hidden: tuple[int, ...] = (256, 256, 256)
     conv_channels: tuple[int, ...] = (32, 64, 128)
@@ -53,6 +58,10 @@ class ModelConfig(_Frozen):
     def _check(self) -> ModelConfig:
         if min(self.patch) < 4:
             raise ValueError(f"patch {self.patch} is too small: each side needs at least 4 pixels")
+        if self.decoder == "dense" and (self.rotation or self.translation):
+            raise ValueError(
+                "the dense decoder cannot draw a rotated or shifted grid: use it with rotation and translation off"
+            )
         if self.class_names is not None and len(self.class_names) != self.n_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} names but n_classes={self.n_classes}; give one per class"

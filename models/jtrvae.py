@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, MLPEncoder
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
 
 __all__ = ["CircularVonMises", "DecodedImage", "JTrVAE", "build_decoder", "build_encoder"]
 
@@ -136,6 +136,9 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
 def build_decoder(cfg: ModelConfig) -> nn.Module:
     if cfg.decoder == "mlp":
         return CoordDecoder(latent_dim=cfg.latent_dim, n_classes=cfg.n_classes, hidden=cfg.decoder_hidden)
+    if cfg.decoder == "dense":
+        n_pixels = cfg.patch[0] * cfg.patch[1]
+        return DenseDecoder(n_pixels, latent_dim=cfg.latent_dim, n_classes=cfg.n_classes, hidden=cfg.decoder_hidden)
     return BroadcastDecoder(cfg.patch, latent_dim=cfg.latent_dim, n_classes=cfg.n_classes, channels=cfg.conv_channels)
 
 
@@ -239,6 +242,8 @@ class JTrVAE(nn.Module):
         trained without them — the decoder is a function of coordinates, so it draws any rotation.
         """
         cfg = self.cfg
+        if cfg.decoder == "dense" and (angle is not None or shift is not None):
+            raise ValueError("a dense decoder draws untransformed images only: leave angle and shift out")
         n = z.shape[0]
         onehot = None
         if cfg.n_classes > 0:

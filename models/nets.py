@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
 
-__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "MLPEncoder"]
+__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "DenseDecoder", "MLPEncoder"]
 
 _MIN_SCALE = 1e-4
 
@@ -182,6 +182,48 @@ class CoordDecoder(nn.Module):
             likelihood=likelihood,
             gaussian_scale=gaussian_scale,
         )
+
+
+class DenseDecoder(nn.Module):
+    """A plain MLP from ``(z, y)`` to every pixel at once: the decoder of a VAE that infers no transform.
+
+    It ignores the coordinates (only their count is used), so it cannot draw a rotation or a shift, and is valid only
+    for variants without them. It exists because that is what the paper's j-VAE baseline is (pyroVED switches to a
+    fully connected decoder when no invariance is on): a coordinate MLP conditioned on a one-hot class has to make
+    each suit a smooth function of position, while the last layer here holds a free template per pixel, which is
+    what lets a joint VAE without transforms pull the classes apart. The first layer is split as in
+    :class:`CoordDecoder` so the K enumerated classes cost one ``W_y`` row each.
+    """
+
+    def __init__(
+        self, n_pixels: int, *, latent_dim: int, n_classes: int, hidden: tuple[int, ...] = (256, 256, 256)
+    ) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("decoder_hidden is empty; the dense decoder needs at least one hidden layer")
+        self.latent = nn.Linear(latent_dim, hidden[0])
+        self.label = nn.Linear(n_classes, hidden[0], bias=False) if n_classes > 0 else None
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(hidden))
+        self.out = nn.Linear(hidden[-1], n_pixels)
+
+    def forward(self, coords: Tensor, z: Tensor, y: Tensor | None = None) -> Tensor:
+        if coords.shape[-2] != self.out.out_features:
+            raise ValueError(f"this decoder draws {self.out.out_features} pixels, the grid has {coords.shape[-2]}")
+        h = self.latent(z)
+        if self.label is not None:
+            if y is None:
+                raise ValueError("this decoder has classes: pass the one-hot class y")
+            h = h + self.label(y)
+        h = torch.tanh(h)
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        return self.out(h)
+
+    def log_likelihood(
+        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
 
 class BroadcastDecoder(nn.Module):

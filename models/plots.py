@@ -53,8 +53,8 @@ def _decode(
 ) -> np.ndarray:
     """Decode latent rows ``z`` (N, D) for class ``y`` at rotation ``angle`` (radians, None: upright), no shift.
 
-    The decoder is a function of pixel coordinates, so any model, even one trained without the rotation latent,
-    can draw a rotated image.
+    The coordinate decoders are functions of pixel coordinates, so a model trained without the rotation latent can
+    still draw a rotated image; the dense decoder cannot (``JTrVAE.generate`` says so).
     """
     device = _model_device(model)
     n = z.shape[0]

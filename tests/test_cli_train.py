@@ -45,6 +45,7 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--classes", "-1"], "--classes -1"),
         (["--patch", "16"], "does not match"),
         (["--latent", "0"], "--latent 0"),
+        (["--decoder", "dense"], "dense decoder cannot draw a rotated or shifted grid"),
     ],
 )
 def test_train_rejects_contradictory_options(

@@ -52,10 +52,10 @@ def _latent_sites(tr: poutine.Trace) -> set[str]:
     return {n for n in tr.stochastic_nodes if tr.nodes[n]["cond_indep_stack"]}  # inside the plate: not the plate
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_sample_site_shapes(name: str) -> None:
+@pytest.mark.parametrize(("name", "decoder"), [(n, "mlp") for n in VARIANTS] + [("VAE", "dense"), ("jVAE", "dense")])
+def test_sample_site_shapes(name: str, decoder: str) -> None:
     k, rotation, translation = VARIANTS[name]
-    m = _tiny(k, rotation, translation)
+    m = _tiny(k, rotation, translation, decoder=decoder)
     assert m.cfg.variant == name
     b = 4
     x = torch.rand(b, *PATCH)
@@ -206,3 +206,13 @@ def test_encode_and_generate() -> None:
         m.generate(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="do not match"):
         m.encode(torch.rand(2, 5, 5))
+
+
+def test_dense_decoder_only_without_transforms() -> None:
+    with pytest.raises(ValueError, match="dense decoder cannot draw a rotated or shifted grid"):
+        _tiny(3, True, False, decoder="dense")
+    m = _tiny(3, False, False, decoder="dense")
+    z, y = torch.zeros(2, 2), torch.tensor([0, 2])
+    assert m.generate(z, y).shape == (2, *PATCH)
+    with pytest.raises(ValueError, match="leave angle and shift out"):
+        m.generate(z, y, angle=torch.tensor(0.5))

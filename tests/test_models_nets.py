@@ -15,7 +15,7 @@ import torch
 import models.fused_likelihood as fused
 from models.coords import pixel_grid, transform_grid
 from models.fused_likelihood import pixel_log_likelihood
-from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, MLPEncoder
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,7 @@ def test_decoders_broadcast_over_enumerated_classes() -> None:
     for dec in (
         CoordDecoder(latent_dim=2, n_classes=k, hidden=(8, 8)),
         BroadcastDecoder((6, 5), latent_dim=2, n_classes=k, channels=(4, 4)),
+        DenseDecoder(p, latent_dim=2, n_classes=k, hidden=(8, 8)),
     ):
         out = dec(coords, z, y)
         assert out.shape == (k, b, p)
@@ -126,3 +127,9 @@ def test_fused_log_likelihood_without_grad_matches() -> None:
         got = dec.log_likelihood(coords, z, y, x, likelihood="bernoulli", gaussian_scale=0.1)
         want = pixel_log_likelihood(dec(coords, z, y), x, "bernoulli", 0.1).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_decoder_refuses_a_grid_of_another_size() -> None:
+    dec = DenseDecoder(30, latent_dim=2, n_classes=0, hidden=(8,))
+    with pytest.raises(ValueError, match="draws 30 pixels, the grid has 20"):
+        dec(torch.zeros(1, 20, 2), torch.zeros(1, 2))

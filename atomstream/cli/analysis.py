@@ -106,7 +106,8 @@ def _plot(args: argparse.Namespace) -> int:
     ]
     if m.latent_dim >= 2:
         written.append(plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid))
-    written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
+    if m.decoder != "dense":  # a dense decoder has no coordinates to rotate
+        written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
     if args.data is not None:
         patches = read_patches(args.data, data_config=cfg.data)
         enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--encoder-hidden", type=_widths, default=None, help="encoder widths, e.g. 256,256")
     model.add_argument("--decoder-hidden", type=_widths, default=None, help="decoder widths, e.g. 256,256,256")
     model.add_argument("--encoder", choices=("mlp", "conv"), default="mlp")
-    model.add_argument("--decoder", choices=("mlp", "spatial_broadcast"), default="mlp")
+    model.add_argument("--decoder", choices=("mlp", "spatial_broadcast", "dense"), default="mlp")
     model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
     model.add_argument(
         "--gaussian-scale",
@@ -85,6 +85,8 @@ def _one_line(exc: Exception) -> str:
 
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
+        if not err["loc"]:  # a check across fields: the input is the whole model, the message says what clashes
+            return str(err["msg"]).removeprefix("Value error, ")
         where = ".".join(str(part) for part in err["loc"])
         return f"{where}={err.get('input')!r}: {err['msg']}"
     return " ".join(str(exc).split())
