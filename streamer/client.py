@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
@@ -151,7 +151,73 @@ class _SeqTracker:
         self.expected[topic] = seq + 1
 
 
-class Subscriber:
+class _ClientSocket:
+    """One connected socket and, unless the caller lent one, the context it lives in.
+
+    Both clients open the same way (linger 0 so a dead service never blocks exit, CURVE before connect, the context
+    torn down only if the client made it) and must not leak a context when ``connect`` fails halfway; keeping that
+    here means the two cannot drift apart.
+    """
+
+    def __init__(self, endpoint: str, curve: ClientCurve | None, context: zmq.Context | None) -> None:
+        self.endpoint = endpoint
+        self._curve = curve
+        self._own_ctx = context is None
+        self._ctx = context
+        self._sock: zmq.Socket | None = None
+
+    def _connect(
+        self, kind: int, configure: Callable[[zmq.Socket], None], undo: Callable[[], None] | None = None
+    ) -> None:
+        """Open a ``kind`` socket, let ``configure`` set it up, apply CURVE and connect; undo everything on failure.
+
+        ``undo`` closes whatever ``configure`` opened besides the socket: it must run before the context is
+        terminated, because ``term`` waits for every socket of the context and would wait forever.
+        """
+        ctx = self._ctx if self._ctx is not None else zmq.Context()
+        sock = ctx.socket(kind)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            configure(sock)
+            if self._curve is not None:
+                self._curve.apply(sock)
+            sock.connect(self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            if undo is not None:
+                undo()
+            if self._own_ctx:
+                ctx.term()
+            raise
+        self._ctx, self._sock = ctx, sock
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def start(self: _Client) -> _Client:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._disconnect()
+
+    def __enter__(self: _Client) -> _Client:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+_Client = TypeVar("_Client", bound=_ClientSocket)
+
+
+class Subscriber(_ClientSocket):
     """A SUB socket on the service's (or a proxy's) publish endpoint; a context manager.
 
     ``recv(timeout)`` returns the next message of the requested ``topics`` or raises ``TimeoutError``; iterating
@@ -176,16 +242,12 @@ class Subscriber:
             raise ValueError(f"topics {list(topics)!r}: each must be one of {', '.join(PUBLISH_TOPICS)}")
         if rcvtimeo_ms < 0:
             raise ValueError(f"rcvtimeo_ms must be >= 0, got {rcvtimeo_ms}")
-        self.endpoint = endpoint
+        super().__init__(endpoint, curve, context)
         self.topics = tuple(topics)
         self.rcvtimeo_ms = rcvtimeo_ms
         self.stats = SubscriberStats()
         self._tracker = _SeqTracker(self.stats, on_gap) if track_seq else None
-        self._curve = curve
         self._rcvhwm = rcvhwm
-        self._own_ctx = context is None
-        self._ctx = context
-        self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_connection = False
         self._pending: collections.deque[Received] = collections.deque()
@@ -195,45 +257,27 @@ class Subscriber:
     def start(self) -> Subscriber:
         if self._sock is not None:
             return self
-        ctx = self._ctx if self._ctx is not None else zmq.Context()
-        sock = ctx.socket(zmq.SUB)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
+
+        def configure(sock: zmq.Socket) -> None:
             sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
-            if self._curve is not None:
-                self._curve.apply(sock)
             for topic in {*self.topics, "status"}:
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-            monitor = sock.get_monitor_socket(_MONITORED)
-            sock.connect(self.endpoint)
-        except BaseException:
-            sock.close(linger=0)
-            if self._own_ctx:
-                ctx.term()
-            raise
-        self._ctx, self._sock, self._monitor = ctx, sock, monitor
+            self._monitor = sock.get_monitor_socket(_MONITORED)  # before connect: the first connection is an event
+
+        self._connect(zmq.SUB, configure, self._close_monitor)
         return self
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def close(self) -> None:
         """Close the socket (linger 0) and, if this subscriber made it, the context; safe to call twice."""
         if self._monitor is not None and self._sock is not None:
             self._sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._own_ctx and self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
-
-    def __enter__(self) -> Subscriber:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        self._close_monitor()
+        self._disconnect()
 
     # ------------------------------------------------------------------ receiving
     def _socket(self) -> zmq.Socket:
@@ -340,7 +384,7 @@ class ControlTimeoutError(TimeoutError):
     """No reply to a control request in time (service down, busy, or this client's key not authorised)."""
 
 
-class Controller:
+class Controller(_ClientSocket):
     """A REQ client of the service's control socket; every request waits at most ``timeout_ms``."""
 
     def __init__(
@@ -353,49 +397,19 @@ class Controller:
     ) -> None:
         if timeout_ms < 1:
             raise ValueError(f"timeout_ms must be >= 1, got {timeout_ms}")
-        self.endpoint = endpoint
+        super().__init__(endpoint, curve, context)
         self.timeout_ms = timeout_ms
-        self._curve = curve
-        self._own_ctx = context is None
-        self._ctx = context
-        self._sock: zmq.Socket | None = None
 
     def start(self) -> Controller:
-        if self._sock is not None:
-            return self
-        ctx = self._ctx if self._ctx is not None else zmq.Context()
-        sock = ctx.socket(zmq.REQ)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.REQ_RELAXED, 1)
-            sock.setsockopt(zmq.REQ_CORRELATE, 1)
-            sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
-            if self._curve is not None:
-                self._curve.apply(sock)
-            sock.connect(self.endpoint)
-        except BaseException:
-            sock.close(linger=0)
-            if self._own_ctx:
-                ctx.term()
-            raise
-        self._ctx, self._sock = ctx, sock
+        if self._sock is None:
+
+            def configure(sock: zmq.Socket) -> None:
+                sock.setsockopt(zmq.REQ_RELAXED, 1)
+                sock.setsockopt(zmq.REQ_CORRELATE, 1)
+                sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+
+            self._connect(zmq.REQ, configure)
         return self
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._own_ctx and self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
-
-    def __enter__(self) -> Controller:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def request(self, command: StatusCommand | ReloadCommand | SetCommand, *, timeout_ms: int | None = None) -> Any:
         """Send one command and return the ``ControlReply`` (``ok`` may be false); ``ControlTimeoutError`` if none."""

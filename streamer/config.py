@@ -63,6 +63,12 @@ class ServiceConfig(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="HTTP host of /metrics, /healthz, /readyz")
     metrics_port: int | None = Field(9108, ge=0, le=65535, description="0: a free port; null: no HTTP endpoint")
     max_batch_patches: int = Field(1024, ge=1, description="most patches per encoder call (across frames)")
+    intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        description="ONNX Runtime CPU threads; null: min(4, the CPUs this process may use). Fewer can be faster on a "
+        "machine shared with other busy processes",
+    )
     max_wait_ms: float = Field(2.0, ge=0, description="how long a partial batch waits for more frames")
     queue_size: int = Field(16, ge=1, description="frames accepted but not yet encoded, at most")
     overload: Literal["block", "drop_oldest"] = Field(

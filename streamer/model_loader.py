@@ -69,7 +69,11 @@ class ModelLoader:
         from streamer.encoder import load
 
         return load(
-            artifact, backend=self.cfg.backend, device=self.cfg.device, batch_sizes=(1, self.cfg.max_batch_patches)
+            artifact,
+            backend=self.cfg.backend,
+            device=self.cfg.device,
+            batch_sizes=(1, self.cfg.max_batch_patches),
+            intra_op_threads=self.cfg.intra_op_threads,
         )
 
     def load_configured(self) -> None:

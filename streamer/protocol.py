@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -109,22 +110,27 @@ class ScanStart(_Msg):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+#: An integer on the wire must be a JSON integer: ``true`` or ``3.0`` in a frame header is a client bug, and quietly
+#: reading them as 1 and 3 would file the frame under a number its sender never meant.
+WireInt = Annotated[int, Strict()]
+
+
 class Frame(_Msg):
     """One scan frame; exactly one buffer of ``prod(shape) * itemsize`` bytes follows the header."""
 
     kind: Literal["frame"] = "frame"
     scan_id: str = Field(description="the scan this frame belongs to; maps and errors repeat it")
-    frame_id: int = Field(ge=0, description="the frame's number within the scan, from 0")
+    frame_id: WireInt = Field(ge=0, description="the frame's number within the scan, from 0")
     dtype: str = Field(description="element type of the buffer, one of the supported dtypes")
-    shape: list[int] = Field(description="[H, W], positive; the buffer holds H*W*itemsize bytes, C order")
-    t_acq_ns: int | None = Field(None, description="acquisition time (ns since the epoch), for latency figures")
+    shape: list[WireInt] = Field(description="[H, W], positive; the buffer holds H*W*itemsize bytes, C order")
+    t_acq_ns: WireInt | None = Field(None, description="acquisition time (ns since the epoch), for latency figures")
     meta: dict[str, Any] = Field(default_factory=dict, description="free-form (pixel size, stage position, …)")
 
 
 class ScanEnd(_Msg):
     kind: Literal["scan_end"] = "scan_end"
     scan_id: str
-    n_frames: int | None = Field(default=None, ge=0)
+    n_frames: WireInt | None = Field(default=None, ge=0)
 
 
 # ---------------------------------------------------------------- publish
@@ -457,8 +463,13 @@ def _check_finite(name: str, array: np.ndarray, ids: dict[str, Any]) -> None:
 
 
 def frame_message(scan_id: str, frame_id: int, array: np.ndarray, **fields: Any) -> Frame:
-    """The ``Frame`` header that describes ``array`` (dtype and shape filled in)."""
-    return Frame(scan_id=scan_id, frame_id=frame_id, dtype=array.dtype.name, shape=list(array.shape), **fields)
+    """The ``Frame`` header that describes ``array`` (dtype and shape filled in).
+
+    ``frame_id`` may be any integer type (a numpy counter too): the header is strict about JSON integers, not about
+    which Python integer a caller counts with.
+    """
+    fid = operator.index(frame_id)
+    return Frame(scan_id=scan_id, frame_id=fid, dtype=array.dtype.name, shape=list(array.shape), **fields)
 
 
 def encode_published(msg: BaseModel, *arrays: np.ndarray) -> list[bytes | memoryview]:

@@ -216,3 +216,14 @@ def test_watch_prints_the_table_and_saves_pngs(
     assert "\x1b[" not in out  # not a terminal: plain blocks
     pngs = sorted((tmp_path / "png").glob("w_*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("client", [Subscriber, Controller])
+def test_a_bad_endpoint_fails_start_and_leaves_nothing_open(client: type[Subscriber] | type[Controller]) -> None:
+    # The subscriber's monitor socket once kept its own context's term() waiting forever here.
+    c = client("bogus://nowhere")
+    with pytest.raises(zmq.ZMQError):
+        c.start()
+    assert c._sock is None and c._ctx is None
+    c.close()  # and closing again is harmless

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from streamer.protocol import (
     REASONS,
@@ -217,6 +218,11 @@ def _frame_frames(array: np.ndarray | None = None, **header) -> list[bytes]:
         (_frame_frames(shape=[0, 5]), "bad_header"),
         (_frame_frames(shape=[-4, 5]), "bad_header"),
         (_frame_frames(shape=[4, 5, 1]), "bad_header"),
+        (_frame_frames(frame_id=True), "bad_header"),
+        (_frame_frames(frame_id=9.0), "bad_header"),
+        (_frame_frames(frame_id="9"), "bad_header"),
+        (_frame_frames(shape=[1.0, 2]), "bad_header"),
+        (_frame_frames(t_acq_ns=1.5e18), "bad_header"),
         (_frame_frames(dtype="complex64"), "unsupported_dtype"),
         (_frame_frames(dtype="object"), "unsupported_dtype"),
         (_frame_frames(shape=[10**9, 10**9]), "frame_too_large"),
@@ -281,3 +287,10 @@ def test_bad_control_requests() -> None:
     for raw in (b"\xff", b"[]", b'{"cmd": "explode"}', b'{"cmd": "reload"}', b'{"cmd": "set", "defect_threshold": 2}'):
         with pytest.raises(ProtocolError):
             decode_control(raw)
+
+
+def test_frame_message_takes_a_numpy_counter_but_the_wire_takes_only_json_integers() -> None:
+    array = np.zeros((2, 3), np.float32)
+    assert frame_message("s", np.int64(4), array).frame_id == 4
+    with pytest.raises(ValidationError):
+        Frame(scan_id="s", frame_id=4.0, dtype="float32", shape=[2, 3])

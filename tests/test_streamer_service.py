@@ -475,6 +475,15 @@ def test_config_precedence_is_flags_then_environment_then_yaml(tmp_path: Path, m
         ServiceConfig.load(config_file=tmp_path / "nope.yaml")
 
 
+def test_intra_op_threads_reach_the_onnx_session(artifact: Path) -> None:
+    with pytest.raises(ConfigError, match="intra_op_threads"):
+        ServiceConfig.load(overrides={"intra_op_threads": 0})
+    with Service(_config(artifact=artifact, intra_op_threads=1)) as svc:
+        svc.wait_ready(30)
+        pipeline = svc._models.pipeline
+        assert pipeline is not None and pipeline.encoder.intra_op_threads == 1
+
+
 def test_a_port_in_use_is_refused_with_the_endpoint_named(encoder: Encoder) -> None:
     with Service(_config(metrics_port=None), encoder=encoder) as first:
         taken = first.publish_endpoint
