@@ -37,8 +37,10 @@ import numpy as np
 import torch
 from pyroved_import import import_pyroved
 
+from models import plots
 from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
 from models.evaluate import encode_images, evaluate_encodings
+from models.jtrvae import JTrVAE
 from models.train import fit
 from sim.cards import CLASS_NAMES, make_cards
 from streamer.preprocess import Preprocessing
@@ -72,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="save confusion matrices (every model) and, for j-trVAE, latent traversals and class- and "
+        "angle-conditioned generation (full turn) here",
+    )
     return p.parse_args(argv)
 
 
@@ -140,6 +149,14 @@ def fit_pyroved_jvae(args: argparse.Namespace, images: np.ndarray) -> Callable[[
     return encode
 
 
+def save_generation_figures(model: JTrVAE, stem: Path) -> None:
+    """What the paper shows of a trained j-trVAE: z0 and z1 traversals per class, and every class drawn at 0…330°."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for dim in range(model.cfg.latent_dim):
+        plots.plot_traversals(model, model.cfg, f"{stem}-traversal-z{dim}.png", dim=dim)
+    plots.plot_conditioned(model, model.cfg, f"{stem}-conditioned.png")
+
+
 def measure(args: argparse.Namespace, rotation_deg: float, variant: str) -> dict[str, Any]:
     train = make_cards(args.n_train, size=args.size, rotation=rotation_deg, seed=args.seed)
     test = make_cards(args.n_test, size=args.size, rotation=rotation_deg, seed=args.seed + 1)
@@ -151,7 +168,13 @@ def measure(args: argparse.Namespace, rotation_deg: float, variant: str) -> dict
         result = fit(run_config(args, variant), train.images, None)
         seconds = time.perf_counter() - t0
         enc = encode_images(result.model, test.images, batch_size=1000)
+        if args.figures is not None and variant == "jtrVAE":
+            save_generation_figures(result.model, args.figures / f"{variant}-{rotation_deg:g}")
     ev = evaluate_encodings(enc, labels=test.labels, factors={"shear": test.shear, "scale": test.scale})
+    if args.figures is not None and ev.confusion is not None:
+        plots.plot_confusion(
+            ev.confusion, args.figures / f"{variant}-{rotation_deg:g}-confusion.png", class_names=CLASS_NAMES
+        )
     return {
         "rotation": rotation_deg,
         "variant": variant,
