@@ -39,7 +39,7 @@ from pyroved_import import import_pyroved
 
 from models import plots
 from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
-from models.evaluate import encode_images, evaluate_encodings
+from models.evaluate import encode_images, evaluate_encodings, matched_class_names
 from models.jtrvae import JTrVAE
 from models.train import fit
 from sim.cards import CLASS_NAMES, make_cards
@@ -98,7 +98,6 @@ def run_config(args: argparse.Namespace, variant: str) -> RunConfig:
             decoder="mlp" if joint_tr else "dense",
             encoder_hidden=(args.encoder_hidden, args.encoder_hidden),
             decoder_hidden=(args.decoder_hidden if joint_tr else args.jvae_decoder_hidden,) * args.decoder_layers,
-            class_names=CLASS_NAMES,
         ),
         train=TrainConfig(
             epochs=args.epochs,
@@ -149,12 +148,16 @@ def fit_pyroved_jvae(args: argparse.Namespace, images: np.ndarray) -> Callable[[
     return encode
 
 
-def save_generation_figures(model: JTrVAE, stem: Path) -> None:
-    """What the paper shows of a trained j-trVAE: z0 and z1 traversals per class, and every class drawn at 0…330°."""
+def save_generation_figures(model: JTrVAE, names: tuple[str, ...], stem: Path) -> None:
+    """What the paper shows of a trained j-trVAE: z0 and z1 traversals per class, and every class drawn at 0…330°.
+
+    Rows are named by the suit each class was matched to on the test cards, not by class index.
+    """
     stem.parent.mkdir(parents=True, exist_ok=True)
-    for dim in range(model.cfg.latent_dim):
-        plots.plot_traversals(model, model.cfg, f"{stem}-traversal-z{dim}.png", dim=dim)
-    plots.plot_conditioned(model, model.cfg, f"{stem}-conditioned.png")
+    cfg = model.cfg.model_copy(update={"class_names": names})
+    for dim in range(cfg.latent_dim):
+        plots.plot_traversals(model, cfg, f"{stem}-traversal-z{dim}.png", dim=dim)
+    plots.plot_conditioned(model, cfg, f"{stem}-conditioned.png")
 
 
 def measure(args: argparse.Namespace, rotation_deg: float, variant: str) -> dict[str, Any]:
@@ -169,7 +172,9 @@ def measure(args: argparse.Namespace, rotation_deg: float, variant: str) -> dict
         seconds = time.perf_counter() - t0
         enc = encode_images(result.model, test.images, batch_size=1000)
         if args.figures is not None and variant == "jtrVAE":
-            save_generation_figures(result.model, args.figures / f"{variant}-{rotation_deg:g}")
+            pred = enc["class_prob"].argmax(axis=1)
+            names = matched_class_names(pred, test.labels, CLASS_NAMES, len(CLASS_NAMES))
+            save_generation_figures(result.model, names, args.figures / f"{variant}-{rotation_deg:g}")
     ev = evaluate_encodings(enc, labels=test.labels, factors={"shear": test.shear, "scale": test.scale})
     if args.figures is not None and ev.confusion is not None:
         plots.plot_confusion(

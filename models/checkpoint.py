@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from models.config import RunConfig
+from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "load_run",
     "load_training_state",
     "plot_history",
+    "rename_classes",
     "save_run",
 ]
 
@@ -129,6 +130,15 @@ def load_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} not found: pass a run directory written by `atomstream train` (models.fit)")
     return RunConfig.model_validate_json(path.read_text())
+
+
+def rename_classes(run_dir: str | Path, names: tuple[str, ...]) -> RunConfig:
+    """Rewrite the run's ``config.json`` with new class names; the weights do not depend on them."""
+    cfg = load_config(run_dir)
+    model = ModelConfig.model_validate({**cfg.model.model_dump(), "class_names": names})
+    cfg = cfg.model_copy(update={"model": model})
+    _atomic_write_text(Path(run_dir) / "config.json", cfg.model_dump_json(indent=2) + "\n")
+    return cfg
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[JTrVAE, RunConfig]:

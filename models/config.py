@@ -52,7 +52,11 @@ class ModelConfig(_Frozen):
     angle_prior: Literal["projected_normal", "von_mises"] = "projected_normal"
     angle_prior_concentration: float = Field(0.1, gt=0)
     translation_prior_scale: float = Field(0.1, gt=0)
-    class_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = Field(
+        None,
+        description="what each class holds, as the manifest and every published map name it; atomstream train sets "
+        "them after training to the data's labels the classes match (an unsupervised class k is not label k)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

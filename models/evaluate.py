@@ -30,6 +30,7 @@ __all__ = [
     "factor_columns",
     "factor_correlation",
     "match_clusters",
+    "matched_class_names",
     "normalized_mutual_info",
 ]
 
@@ -109,6 +110,21 @@ def match_clusters(pred: np.ndarray, labels: np.ndarray) -> dict[int, int]:
     table, clusters, classes = _contingency(pred, labels)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return {int(clusters[r]): int(classes[c]) for r, c in zip(rows, cols, strict=True)}
+
+
+def matched_class_names(
+    pred: np.ndarray, labels: np.ndarray, label_names: tuple[str, ...], n_clusters: int
+) -> tuple[str, ...]:
+    """A name for each of ``n_clusters`` clusters: the label it is matched to (``match_clusters``).
+
+    An unsupervised model's class k is whatever cluster formed k-th, so naming it after the data's label k would put
+    "clubs" on a map that shows hearts. Clusters no label was matched to (empty ones) are called ``unmatched<k>``.
+    """
+    mapping = match_clusters(pred, labels)
+    return tuple(
+        label_names[mapping[k]] if k in mapping and 0 <= mapping[k] < len(label_names) else f"unmatched{k}"
+        for k in range(n_clusters)
+    )
 
 
 def clustering_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:

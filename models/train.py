@@ -106,7 +106,8 @@ def evaluate_loss(
 
 def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     saved = load_config(run_dir)
-    if saved.model != cfg.model:
+    unnamed = {"class_names": None}  # names are set after training (atomstream train matches them to labels)
+    if saved.model.model_copy(update=unnamed) != cfg.model.model_copy(update=unnamed):
         raise CheckpointError(
             f"cannot resume {run_dir}: its model config differs from the one given; resume with the saved config "
             "(config.json) or train into a new directory"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from atomstream.cli import main
+from models.evaluate import matched_class_names
 
 
 @pytest.fixture
@@ -110,6 +111,29 @@ def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, caps
     written = {Path(line).name for line in capsys.readouterr().out.split()}
     assert written == {"traversal_z0.png", "traversal_z1.png", "manifolds.png", "conditioned.png", "confusion.png"}
     assert all((tmp_path / "fig" / name).stat().st_size > 0 for name in written)
+
+
+@pytest.mark.slow
+def test_classes_take_the_names_of_the_labels_they_match(
+    stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with np.load(stack) as z:
+        arrays = dict(z)
+    named = tmp_path / "named.npz"
+    np.savez(named, **arrays, class_names=np.array(["vertical", "horizontal"]))
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(named), "--classes", "3", "--latent", "1", "--epochs", "3", "--hidden", "16"]
+    argv += ["--batch-size", "8", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(run)]
+    assert main(argv) == 0
+    names = json.loads((run / "config.json").read_text())["model"]["class_names"]
+    enc_path = tmp_path / "enc.npz"
+    assert main(["encode", str(run), "--data", str(named), "--out", str(enc_path)]) == 0
+    with np.load(enc_path) as enc:
+        pred = enc["class_prob"].argmax(axis=1)
+    # the run is named by matching its own clusters to the labels (the rule itself: test_models_evaluate)
+    assert tuple(names) == matched_class_names(pred, arrays["labels"], ("vertical", "horizontal"), 3)
+    assert sum(n.startswith("unmatched") for n in names) >= 1  # three classes, two labels
+    assert "classes named after the labels they match" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from models.evaluate import (
     evaluate_encodings,
     factor_correlation,
     match_clusters,
+    matched_class_names,
     normalized_mutual_info,
 )
 
@@ -118,3 +119,10 @@ def test_class_usage_and_the_collapse_diagnosis() -> None:
     assert (
         collapse_warning(np.array([1.0]), likelihood="gaussian", gaussian_scale=0.05) is None
     )  # one class: nothing to say
+
+
+def test_classes_are_named_after_the_label_they_match_not_their_index() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    pred = np.array([2, 2, 1, 0, 0, 0, 3, 3])  # cluster 2 holds the clubs, 0 the spades, 3 the hearts, 1 one stray
+    names = matched_class_names(pred, labels, ("clubs", "spades", "hearts"), 5)
+    assert names == ("spades", "unmatched1", "clubs", "hearts", "unmatched4")

@@ -15,7 +15,7 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 from scipy.optimize import linear_sum_assignment
 
-from models.checkpoint import CheckpointError, load_run
+from models.checkpoint import CheckpointError, load_run, rename_classes
 from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
 from models.jtrvae import JTrVAE
 from models.train import FitError, evaluate_loss, fit, make_elbo
@@ -115,6 +115,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path: Path) -> None:
     fit(_run(2, checkpoint_every=1), x, run)
     assert json.loads((run / "state.json").read_text()) == {"epoch": 2}
     steps_before = _adam_steps(run)
+    rename_classes(run, ("blob a", "blob b"))  # what `atomstream train` does after matching: names do not block resume
     res = fit(_run(4, checkpoint_every=1), x, run, resume=True)
     assert [r["epoch"] for r in res.history] == [0, 1, 2, 3]
     assert json.loads((run / "state.json").read_text()) == {"epoch": 4}

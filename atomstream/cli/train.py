@@ -165,7 +165,6 @@ def _train(args: argparse.Namespace) -> int:
             "atom_threshold": args.atom_threshold,
         },
     )
-    names = patches.class_names if patches.class_names and len(patches.class_names) == args.classes else None
     try:
         cfg = RunConfig(
             model=ModelConfig(
@@ -179,7 +178,6 @@ def _train(args: argparse.Namespace) -> int:
                 encoder_hidden=args.encoder_hidden or (args.hidden, args.hidden),
                 decoder_hidden=args.decoder_hidden or (args.hidden, args.hidden, args.hidden),
                 likelihood=args.likelihood,
-                class_names=names,
                 **({} if args.gaussian_scale is None else {"gaussian_scale": args.gaussian_scale}),
             ),
             train=TrainConfig(
@@ -214,16 +212,27 @@ def _train(args: argparse.Namespace) -> int:
     if last:
         print("final " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if cfg.model.n_classes > 1:
-        _report_class_usage(result.model, patches.images, cfg.model)
+        _name_and_report_classes(result.model, patches, cfg.model, args.out)
     return 0
 
 
-def _report_class_usage(model: Any, images: Any, model_cfg: Any) -> None:
-    """Print how the patches spread over the classes, and say so plainly when they all went to one."""
-    from models.evaluate import class_usage, collapse_warning, encode_images
+def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path) -> None:
+    """Name the classes after the labels they match, if the data has named labels; print how the patches spread
+    over the classes, and say so plainly when they all went to one.
 
-    usage = class_usage(encode_images(model, images)["class_prob"])
+    The names end up in the manifest and on every published map, so they must say what a class holds: class k of an
+    unsupervised model is not label k of the data, hence the matching (on the training patches) before naming.
+    """
+    from models.checkpoint import rename_classes
+    from models.evaluate import class_usage, collapse_warning, encode_images, matched_class_names
+
+    prob = encode_images(model, patches.images)["class_prob"]
     names = model_cfg.names_of_classes()
+    if patches.labels is not None and patches.class_names:
+        names = matched_class_names(prob.argmax(axis=1), patches.labels, patches.class_names, model_cfg.n_classes)
+        rename_classes(run_dir, names)
+        print("classes named after the labels they match on the training patches: " + ", ".join(names))
+    usage = class_usage(prob)
     print("class usage: " + ", ".join(f"{n} {u:.0%}" for n, u in zip(names, usage, strict=True)))
     warning = collapse_warning(usage, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
     if warning:
