@@ -117,7 +117,8 @@ def _save(fig: Any, path: str | Path, layout: tuple[int, int]) -> Path:
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100, metadata={"Description": f"panels {layout[0]}x{layout[1]}"})
+    # tight: long class names on the y axis (a confusion matrix of "diamonds") would otherwise be cut off
+    fig.savefig(p, dpi=100, bbox_inches="tight", metadata={"Description": f"panels {layout[0]}x{layout[1]}"})
     plt.close(fig)
     return p
 
