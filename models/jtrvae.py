@@ -239,7 +239,8 @@ class JTrVAE(nn.Module):
         """Pixel means ``(N, H, W)`` in [0, 1] for latents ``z`` ``(N, D)``, classes ``y`` (N,) and optional transforms.
 
         ``angle`` (radians, scalar or ``(N,)``) and ``shift`` (``(2,)`` or ``(N, 2)``) may be given even for a model
-        trained without them — the decoder is a function of coordinates, so it draws any rotation.
+        trained without them — the coordinate decoders are functions of coordinates, so they draw any rotation (the
+        dense decoder is not, and refuses).
         """
         cfg = self.cfg
         if cfg.decoder == "dense" and (angle is not None or shift is not None):

@@ -189,9 +189,9 @@ class DenseDecoder(nn.Module):
 
     It ignores the coordinates (only their count is used), so it cannot draw a rotation or a shift, and is valid only
     for variants without them. It exists because that is what the paper's j-VAE baseline is (pyroVED switches to a
-    fully connected decoder when no invariance is on): a coordinate MLP conditioned on a one-hot class has to make
-    each suit a smooth function of position, while the last layer here holds a free template per pixel, which is
-    what lets a joint VAE without transforms pull the classes apart. The first layer is split as in
+    fully connected decoder when no invariance is on), so a comparison with j-trVAE is against the model the paper
+    compared with; its last layer holds a free template per pixel instead of a smooth function of position. (On the
+    cards it sorts the suits no better than the coordinate decoder did: docs/cards.md.) The first layer is split as in
     :class:`CoordDecoder` so the K enumerated classes cost one ``W_y`` row each.
     """
 
