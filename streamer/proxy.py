@@ -26,7 +26,7 @@ from types import TracebackType
 
 import zmq
 
-from streamer.sockets import bindable
+from streamer.sockets import bind_endpoint
 
 __all__ = ["Proxy", "ProxyError"]
 
@@ -142,14 +142,7 @@ class Proxy:
             backend.setsockopt(zmq.SNDHWM, self.hwm)
             control.connect(self._control_addr)
             for name, sock, endpoint in (("xsub", frontend, self.xsub), ("xpub", backend, self.xpub)):
-                try:
-                    sock.bind(bindable(endpoint))
-                except zmq.ZMQError as exc:
-                    raise ProxyError(
-                        f"cannot bind the proxy's {name} socket to {endpoint!r}: {exc}; is it in use? (port 0 picks"
-                        " a free port)"
-                    ) from None
-                self._endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._endpoints[name] = bind_endpoint(sock, endpoint, f"the proxy's {name} socket", ProxyError)
             for endpoint in self.upstream:
                 frontend.connect(endpoint)
             self._bound.set()

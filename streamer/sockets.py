@@ -16,7 +16,7 @@ import zmq
 
 from streamer.config import ServiceConfig
 
-__all__ = ["SocketError", "SocketSet", "bindable", "open_sockets"]
+__all__ = ["SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
 
 #: ``ServiceConfig`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
 NAMES = ("ingest", "publish", "control", "publish_reliable")
@@ -31,6 +31,20 @@ def bindable(endpoint: str) -> str:
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         return endpoint[:-2] + ":*"
     return endpoint
+
+
+def bind_endpoint(sock: zmq.Socket[bytes], endpoint: str, what: str, error: type[RuntimeError] = SocketError) -> str:
+    """Bind ``sock`` (port 0: any free port) and return the endpoint it got; a failure is ``error`` naming ``what``.
+
+    The service and the proxy both bind user-given endpoints, and a taken port must read the same from either.
+    """
+    try:
+        sock.bind(bindable(endpoint))
+    except zmq.ZMQError as exc:
+        raise error(
+            f"cannot bind {what} to {endpoint!r}: {exc}; is another process using it? (port 0 picks a free port)"
+        ) from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 @dataclass
@@ -102,11 +116,4 @@ def _attach(name: str, s: zmq.Socket[bytes], cfg: ServiceConfig) -> str:
                 "'tcp://127.0.0.1:5560'"
             ) from None
         return endpoint
-    try:
-        s.bind(bindable(endpoint))
-    except zmq.ZMQError as exc:
-        raise SocketError(
-            f"cannot bind the {name} socket to {endpoint!r}: {exc}; is another service using it? (port 0 picks a "
-            "free port)"
-        ) from None
-    return s.getsockopt_string(zmq.LAST_ENDPOINT)
+    return bind_endpoint(s, endpoint, f"the {name} socket")
