@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from exporters.quiet import quiet_export_warnings
 from exporters.verify import check_parity
 from exporters.wrapper import InferenceWrapper
 from models.config import ModelConfig, RunConfig
@@ -50,7 +49,6 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "latent_layout",
-    "quiet_export_warnings",
 ]
 
 DEFAULT_OPSET = 17
@@ -60,19 +58,6 @@ _EXAMPLE_BATCH = 2
 
 class ExportError(Exception):
     """An export that cannot be made as asked (bad opset, bad defect classes, unwritable directory)."""
-
-
-@contextmanager
-def quiet_export_warnings() -> Iterator[None]:
-    """torch announces the deprecation of TorchScript and of the TorchScript-based ONNX exporter on every call.
-
-    Those notices are upstream's, not ours; parity, not the absence of warnings, is what proves an export right.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
 
 
 def latent_layout(cfg: ModelConfig) -> LatentLayout:

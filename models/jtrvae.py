@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder, posterior_means
 
 __all__ = ["CircularVonMises", "DecodedImage", "JTrVAE", "build_decoder", "build_encoder"]
 
@@ -217,19 +217,18 @@ class JTrVAE(nn.Module):
     # ---- inference-time helpers ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> dict[str, Tensor]:
-        """Posterior means (and ``z_scale``) of a batch ``(B, H, W)`` or ``(B, 1, H, W)``.
+        """Posterior means (and ``z_scale``) of a batch ``(B, H, W)`` or ``(B, 1, H, W)``, by ``posterior_means``.
 
-        ``angle`` is in radians (the direction of the projected normal's concentration), ``shift`` is ``(s_x, s_y)``
-        in grid units (1 = half the longer patch side); see ``models.coords`` for the conventions.
+        The mean of z is returned as ``z`` (its name in maps, encodings files and metrics), the rest under the
+        exported names: ``class_logits``, ``class_prob``, ``z_scale``, ``angle`` (radians, the direction of the
+        projected normal's concentration), ``shift`` (``(s_x, s_y)`` in grid units, 1 = half the longer patch side);
+        see ``models.coords`` for the conventions.
         """
-        q = self.encoder(self._flat(x))
-        out = {"z": q["z_loc"], "z_scale": q["z_scale"]}
-        if self.cfg.n_classes > 0:
-            out["class_prob"] = torch.softmax(q["class_logits"], dim=-1)
-        if self.cfg.rotation:
-            out["angle"] = torch.atan2(q["angle_loc"][:, 1], q["angle_loc"][:, 0])
-        if self.cfg.translation:
-            out["shift"] = q["shift_loc"]
+        cfg = self.cfg
+        out = posterior_means(
+            self.encoder(self._flat(x)), n_classes=cfg.n_classes, rotation=cfg.rotation, translation=cfg.translation
+        )
+        out["z"] = out.pop("z_loc")
         return out
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
 
-__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "DenseDecoder", "MLPEncoder"]
+__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "DenseDecoder", "MLPEncoder", "posterior_means"]
 
 _MIN_SCALE = 1e-4
 
@@ -68,6 +68,38 @@ class _Heads(nn.Module):
             out["shift_loc"] = o[:, i : i + 2]
             out["shift_scale"] = F.softplus(o[:, i + 2 : i + 4]) + self.min_scale
         return out
+
+
+def posterior_means(
+    heads: dict[str, Tensor], *, n_classes: int, rotation: bool, translation: bool, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The guide's posterior means from an encoder's heads, under the exported output names.
+
+    ``class_logits`` and ``class_prob = softmax(class_logits)`` (when ``n_classes > 0``), ``z_loc`` (the mean of z)
+    and ``z_scale``, ``angle`` (with rotation: the mean direction ``atan2(c_y, c_x)`` of the projected normal's
+    concentration, radians in (-π, π]) and ``shift`` (with translation: the loc of q(s|x), ``(s_x, s_y)``).
+
+    ``JTrVAE.encode`` and the export wrapper both call this one function, so what is served cannot drift from what
+    the model reports. ``dtype`` converts each head first: the fp16 export does its softmax and ``atan2`` in float32,
+    where the ill-conditioned angle of a weak concentration is safest. Pure tensor code, so it traces and exports.
+    """
+
+    def head(name: str) -> Tensor:
+        return heads[name] if dtype is None else heads[name].to(dtype)
+
+    out: dict[str, Tensor] = {}
+    if n_classes > 0:
+        logits = head("class_logits")
+        out["class_logits"] = logits
+        out["class_prob"] = torch.softmax(logits, dim=-1)
+    out["z_loc"] = head("z_loc")
+    out["z_scale"] = head("z_scale")
+    if rotation:
+        c = head("angle_loc")
+        out["angle"] = torch.atan2(c[:, 1], c[:, 0])
+    if translation:
+        out["shift"] = head("shift_loc")
+    return out
 
 
 class MLPEncoder(nn.Module):

@@ -55,9 +55,13 @@ def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
 
 @contextmanager
 def _quiet_jit() -> Iterator[None]:
-    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it."""
+    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it.
+
+    torch < 2.14 says it with a DeprecationWarning, 2.14 with a FutureWarning.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         yield
 
 
