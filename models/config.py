@@ -121,6 +121,13 @@ class TrainConfig(_Frozen):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0)
     progress: bool = True
+    likelihood_threads: int = Field(
+        1,
+        ge=1,
+        description="CPU threads the coordinate decoder's fused likelihood spreads its chunks over; 1 runs them in "
+        "turn on torch's own intra-op threads. More is fastest with torch at one intra-op thread, a process-wide "
+        "setting fit leaves alone (atomstream train sets both)",
+    )
 
 
 class DataConfig(_Frozen):

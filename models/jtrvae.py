@@ -94,9 +94,10 @@ class DecodedImage(dist.TorchDistribution):
         onehot: Tensor | None,
         likelihood: str,
         gaussian_scale: float,
+        threads: int = 1,
     ) -> None:
         self.decoder, self.coords, self.z, self.onehot = decoder, coords, z, onehot
-        self.likelihood, self.gaussian_scale = likelihood, gaussian_scale
+        self.likelihood, self.gaussian_scale, self.threads = likelihood, gaussian_scale, threads
         lead = torch.broadcast_shapes(z.shape[:-1], () if onehot is None else onehot.shape[:-1], coords.shape[:-2])
         super().__init__(lead, coords.shape[-2:-1], validate_args=False)
 
@@ -111,6 +112,7 @@ class DecodedImage(dist.TorchDistribution):
             value,
             likelihood=self.likelihood,
             gaussian_scale=self.gaussian_scale,
+            threads=self.threads,
         )
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
@@ -150,11 +152,14 @@ class JTrVAE(nn.Module):
     """Encoder, decoder and the Pyro ``model``/``guide`` that tie them into the VAE variant ``cfg`` describes.
 
     The constructor only builds networks (no seeding, no param store); ``models.train.fit`` owns the global state.
+    ``likelihood_threads`` is how many CPU threads the coordinate decoder's fused likelihood spreads its chunks over
+    (``models.fused_likelihood``); it is a setting of the machine, not of the model, so it is not saved with it.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, likelihood_threads: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        self.likelihood_threads = likelihood_threads
         self.encoder = build_encoder(cfg)
         self.decoder = build_decoder(cfg)
         self.register_buffer("grid", pixel_grid(*cfg.patch, dtype=torch.get_default_dtype()), persistent=False)
@@ -193,7 +198,9 @@ class JTrVAE(nn.Module):
                     prior = dist.Normal(x.new_zeros(b, 2), cfg.translation_prior_scale).to_event(1)
                     shift = pyro.sample("shift", prior)
             coords = rotate_shift_grid(self.grid.to(x.dtype), unit, shift)
-            pixels = DecodedImage(self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale)
+            pixels = DecodedImage(
+                self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale, self.likelihood_threads
+            )
             pyro.sample("x", pixels, obs=x.reshape(b, -1))  # batch (K, B) under enumeration: one decoder call
 
     def guide(self, x: Tensor, beta: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:

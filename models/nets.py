@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, coord_mlp_log_likelihood, pixel_log_likelihood
 
 __all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "DenseDecoder", "MLPEncoder", "posterior_means"]
 
@@ -195,12 +195,22 @@ class CoordDecoder(nn.Module):
         return self.out(h).squeeze(-1)
 
     def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> Tensor:
         """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, by the fused cache-sized kernel.
 
         Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
-        materialising the ``(..., B, P, H)`` activations; see ``models.fused_likelihood``.
+        materialising the ``(..., B, P, H)`` activations; ``threads`` and ``chunk_rows`` say how the work is cut and
+        spread (``models.fused_likelihood.coord_mlp_log_likelihood``).
         """
         return coord_mlp_log_likelihood(
             coords,
@@ -213,6 +223,8 @@ class CoordDecoder(nn.Module):
             out_bias=self.out.bias,
             likelihood=likelihood,
             gaussian_scale=gaussian_scale,
+            threads=threads,
+            chunk_rows=chunk_rows,
         )
 
 
@@ -252,9 +264,20 @@ class DenseDecoder(nn.Module):
         return self.out(h)
 
     def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
     ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here."""
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here.
+
+        ``threads`` is accepted for the coordinate decoder's interface and unused: one autograd pass has no chunks.
+        """
         return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
 
@@ -310,7 +333,15 @@ class BroadcastDecoder(nn.Module):
         return out.reshape(*lead, ph * pw)
 
     def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
     ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd."""
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd (``threads`` is unused)."""
         return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)

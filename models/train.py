@@ -156,6 +156,7 @@ def fit(
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
+    model.likelihood_threads = tc.likelihood_threads
 
     optim = Adam({"lr": tc.lr})
     if opt_state is not None:

@@ -53,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--beta2-start", type=float, default=None, help="β2 on z at the start of annealing (default 8)")
     opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    opt.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads: torch runs one intra-op thread and the decoder's likelihood spreads its chunks over N "
+        "(default: every CPU this process may use)",
+    )
     opt.add_argument("--val-fraction", type=float, default=0.1, help="share of the data held out for validation")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -186,6 +193,7 @@ def _train(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 seed=args.seed,
                 device=args.device,
+                likelihood_threads=_threads(args.threads),
                 val_fraction=args.val_fraction,
                 progress=not args.no_progress,
                 **({} if args.beta2_start is None else {"annealing": Annealing(beta2_start=args.beta2_start)}),
@@ -200,6 +208,7 @@ def _train(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from models.train import FitError, fit
 
+    _one_intra_op_thread()
     try:
         result = fit(cfg, patches.images, args.out, resume=args.resume)
     except (FitError, CheckpointError) as exc:
@@ -214,6 +223,22 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.model.n_classes > 1:
         _name_and_report_classes(result.model, patches, cfg.model, args.out)
     return 0
+
+
+def _threads(asked: int | None) -> int:
+    import os
+
+    if asked is not None:
+        return asked
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _one_intra_op_thread() -> None:
+    """Process-wide, so here and not in ``models``: chunks side by side, each op single-threaded, is fastest
+    (the intra-op barrier after every small op is what slows training on a busy machine)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path) -> None:
