@@ -228,7 +228,26 @@ class CoordDecoder(nn.Module):
         )
 
 
-class DenseDecoder(nn.Module):
+class _AutogradLikelihood(nn.Module):
+    """``log_likelihood`` of a decoder whose logits are small enough to materialise: plain autograd."""
+
+    def log_likelihood(
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
+        decoder's interface and unused (one autograd pass has no chunks to spread)."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
+
+
+class DenseDecoder(_AutogradLikelihood):
     """A plain MLP from ``(z, y)`` to every pixel at once: the decoder of a VAE that infers no transform.
 
     It ignores the coordinates (only their count is used), so it cannot draw a rotation or a shift, and is valid only
@@ -263,25 +282,8 @@ class DenseDecoder(nn.Module):
             h = torch.tanh(layer(h))
         return self.out(h)
 
-    def log_likelihood(
-        self,
-        coords: Tensor,
-        z: Tensor,
-        y: Tensor | None,
-        x: Tensor,
-        *,
-        likelihood: str,
-        gaussian_scale: float,
-        threads: int = 1,
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here.
 
-        ``threads`` is accepted for the coordinate decoder's interface and unused: one autograd pass has no chunks.
-        """
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
-
-
-class BroadcastDecoder(nn.Module):
+class BroadcastDecoder(_AutogradLikelihood):
     """The supplement's spatial-broadcast decoder: 3×3 convolutions over the transformed-coordinate image.
 
     The latent (``z`` and one-hot ``y``) enters every layer: the paper stacks the tiled latent as extra channels at
@@ -331,17 +333,3 @@ class BroadcastDecoder(nn.Module):
             h = torch.tanh(h + b[..., None, None])
         out = self.out(h.reshape(-1, *h.shape[-3:]))
         return out.reshape(*lead, ph * pw)
-
-    def log_likelihood(
-        self,
-        coords: Tensor,
-        z: Tensor,
-        y: Tensor | None,
-        x: Tensor,
-        *,
-        likelihood: str,
-        gaussian_scale: float,
-        threads: int = 1,
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd (``threads`` is unused)."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
