@@ -67,6 +67,7 @@ def _match_defects(found: np.ndarray, truth: np.ndarray, radius: float) -> tuple
 def run_demo(opts: DemoOptions) -> DemoResult:
     import torch
 
+    from atomstream.cli.train import training_threads
     from exporters.export import export_model
     from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
     from models.data import scan_patches
@@ -123,6 +124,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
             lr=5e-3,
             seed=opts.seed,
             progress=opts.progress,
+            likelihood_threads=training_threads(),
             annealing=Annealing(beta2_start=8.0, beta2_end=1.0, beta3_start=2.0, beta3_end=1.0, ramp_fraction=0.3),
         ),
         data=data,

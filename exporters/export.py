@@ -109,7 +109,7 @@ def export_onnx(wrapper: InferenceWrapper, path: str | Path, *, opset: int = DEF
         onnx.checker.check_model(str(path))
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export at opset {opset} failed: {first}; try --opset {DEFAULT_OPSET}") from exc
+        raise ExportError(f"ONNX export at opset {opset} failed: {first}; try opset={DEFAULT_OPSET}") from exc
     return Path(path)
 
 
@@ -142,7 +142,7 @@ def export_model(
     (it is recorded in the manifest). Raises ``exporters.verify.ParityError`` when a backend disagrees.
     """
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use --opset {DEFAULT_OPSET}")
+        raise ExportError(f"opset={opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use opset={DEFAULT_OPSET}")
     if model.cfg != run.model:
         raise ExportError("the model was built from a different ModelConfig than run.model; export the run's own model")
     bad = [c for c in defect_classes if not 0 <= c < run.model.n_classes]

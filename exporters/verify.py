@@ -207,7 +207,7 @@ def parity_patches(
         except DataError as exc:
             notes.append(f"cannot re-read the run's data source: {exc}")
     else:
-        notes.append("the run records no data source and no --parity-data was given")
+        notes.append("the run records no data source and no parity_data was given")
     gen = torch.Generator().manual_seed(seed)
     if real is not None and tuple(real.shape[-2:]) != patch:
         raise DataError(f"parity patches are {tuple(real.shape[-2:])} but the model takes {patch}")
@@ -223,7 +223,7 @@ def parity_patches(
     random_desc = f"{n_random} uniform random [0, 1] patches (seed {seed})"
     if real is None:
         desc = f"{random_desc} — FALLBACK, no real data"
-        notes.append(f"parity is checked on {random_desc} only; pass --parity-data to check on real patches")
+        notes.append(f"parity is checked on {random_desc} only; give parity_data (real patches) to check on them")
     else:
         desc = f"{n_real} real patches ({desc}) + {random_desc} to reach {MIN_PARITY_PATCHES}"
         notes.append(f"only {n_real} real patches; topped up with {random_desc}")

@@ -304,7 +304,7 @@ def load(
     if file_name not in manifest.files:
         raise ArtifactError(
             f"{root / 'manifest.json'}: field 'files' lists no {file_name}; choose another backend or re-export"
-            + (" with --fp16" if fp16 else "")
+            + (" with the fp16 variant" if fp16 else "")
         )
     path = root / file_name
     cuda = _cuda_for(backend, device)

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag
 
 __all__ = ["register"]
+
+_ENCODE = "models.evaluate:encode_images"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,20 +27,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated factors to match to z (default: all but those γ and s absorb, i.e. angle, shift)",
     )
-    ev.add_argument("--batch-size", type=int, default=512)
-    ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    config_flag(ev, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
+    config_flag(ev, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.set_defaults(func=_evaluate)
 
     pl = subparsers.add_parser("plot", help="latent traversals, manifolds, conditioned generation, maps")
     pl.add_argument("run", type=Path, help="run directory written by `atomstream train`")
-    pl.add_argument("--data", type=Path, default=None, help="data for the confusion matrix and real-space maps")
+    pl.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data for the confusion matrix and real-space maps (default: none, no such figures)",
+    )
     pl.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
-    pl.add_argument("--steps", type=int, default=9, help="columns of a traversal (default 9)")
-    pl.add_argument("--grid", type=int, default=8, help="side of a per-class manifold grid (default 8)")
-    pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default 0)")
-    pl.add_argument("--batch-size", type=int, default=512)
-    pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pl.add_argument("--steps", type=int, default=9, help="columns of a traversal (default: %(default)s)")
+    pl.add_argument("--grid", type=int, default=8, help="side of a per-class manifold grid (default: %(default)s)")
+    pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default: %(default)s)")
+    config_flag(pl, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
+    config_flag(pl, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
     pl.set_defaults(func=_plot)
 
 
@@ -56,18 +64,18 @@ def _default_factors(factors: dict[str, Any], model_cfg: Any) -> tuple[str, ...]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from atomstream.cli.train import open_run, read_patches
-    from models.evaluate import encode_images, evaluate_encodings
+    from atomstream.cli._flags import from_config
+    from atomstream.cli.train import ENCODE_FLAGS, encode_with_flags, open_run, read_patches
+    from models.evaluate import evaluate_encodings
 
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size {args.batch_size} must be at least 1")
-    model, cfg = open_run(args.run, args.device)
+    given = from_config(args, ENCODE_FLAGS)
+    model, cfg = open_run(args.run, given.get("device"))
     patches = read_patches(args.data, data_config=cfg.data)
     if args.factors is not None:
         names = tuple(n.strip() for n in args.factors.split(",") if n.strip())
     else:
         names = _default_factors(patches.factors, cfg.model)
-    enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+    enc = encode_with_flags(model, patches.images, given)
     try:
         result = evaluate_encodings(enc, labels=patches.labels, factors=patches.factors, factor_names=names)
     except ValueError as exc:
@@ -91,13 +99,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from atomstream.cli.train import open_run, read_patches
+    from atomstream.cli._flags import from_config
+    from atomstream.cli.train import ENCODE_FLAGS, encode_with_flags, open_run, read_patches
     from models import plots
-    from models.evaluate import encode_images, evaluate_encodings
+    from models.evaluate import evaluate_encodings
 
     if args.steps < 2 or args.grid < 2:
         raise CommandError(f"--steps {args.steps} and --grid {args.grid} must be at least 2")
-    model, cfg = open_run(args.run, args.device)
+    given = from_config(args, ENCODE_FLAGS)
+    model, cfg = open_run(args.run, given.get("device"))
     m = cfg.model
     out = args.out
     written = [
@@ -110,7 +120,7 @@ def _plot(args: argparse.Namespace) -> int:
         written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
     if args.data is not None:
         patches = read_patches(args.data, data_config=cfg.data)
-        enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+        enc = encode_with_flags(model, patches.images, given)
         if patches.labels is not None and "class_prob" in enc:
             result = evaluate_encodings(enc, labels=patches.labels)
             written.append(

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag, from_config, in_flags
 
 __all__ = ["register"]
+
+_FLAGS = {"opset": "opset"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,15 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=Path, help="run directory written by `atomstream train`")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--triton", type=Path, default=None, help="also write a Triton model-repository entry here")
+    p.add_argument(
+        "--triton", type=Path, default=None, help="also write a Triton model-repository entry here (default: none)"
+    )
     p.add_argument("--fp16", action="store_true", help="also write encoder.fp16.onnx (for GPUs)")
     p.add_argument(
         "--parity-data",
         type=Path,
         default=None,
-        help="patches to check parity on: .npz with 'patches' (preprocessed) or data cut like the run's own",
+        help="patches to check parity on: .npz with 'patches' (preprocessed) or data cut like the run's own "
+        "(default: the run's own data source)",
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default 17)")
+    config_flag(p, "--opset", type=int, where="exporters.export:export_model", field="opset", help="ONNX opset, 17..20")
     p.add_argument(
         "--defect-class",
         action="append",
@@ -67,8 +73,6 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.run_dir.is_dir():
         raise CommandError(f"run directory {str(args.run_dir)!r} does not exist; train one with atomstream train")
-    if not 17 <= args.opset <= 20:
-        raise CommandError(f"--opset {args.opset} is not supported; use 17 to 20 (17 is the default)")
     if args.parity_data is not None and not args.parity_data.is_file():
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
     try:
@@ -81,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise CommandError(f"--parity-data: {exc}") from None
     for note in notes:
-        print(f"atomstream export: warning: {note}", file=sys.stderr)
+        print(f"atomstream export: warning: {note.replace('parity_data', '--parity-data')}", file=sys.stderr)
     print(f"parity data: {described}")
     try:
         manifest = export_model(
@@ -90,12 +94,12 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             parity_patches=patches,
             parity_data=described,
-            opset=args.opset,
             fp16=args.fp16,
             defect_classes=defects,
+            **from_config(args, {"opset": "opset"}),
         )
     except (ParityError, ExportError) as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(in_flags(str(exc), _FLAGS)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {str(args.out)!r}: {exc}") from None
     for r in manifest.parity.backends:
@@ -106,7 +110,8 @@ def _export(args: argparse.Namespace) -> int:
             f"on {manifest.parity.n_patches} patches"
         )
     print(
-        f"wrote {args.out}: {', '.join(sorted(manifest.files))}, manifest.json ({manifest.variant}, opset {args.opset})"
+        f"wrote {args.out}: {', '.join(sorted(manifest.files))}, manifest.json "
+        f"({manifest.variant}, opset {manifest.onnx_opset})"
     )
     if args.triton is not None:
         try:

@@ -13,14 +13,24 @@ __all__ = ["register"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("replay", help="send a scan file over ZeroMQ PUSH (wire protocol v1)")
     parser.add_argument("path", type=Path, help="scan file: .npy .npz .tif .h5 (.dm3/.dm4/.emd/.ser with [formats])")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="default tcp://127.0.0.1:5555")
+    parser.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5555", help="PULL endpoint to connect (or bind) (default: %(default)s)"
+    )
     parser.add_argument("--bind", action="store_true", help="bind the PUSH socket instead of connecting")
     parser.add_argument("--fps", type=float, default=None, help="frames per second (default: as fast as possible)")
-    parser.add_argument("--loop", type=int, default=1, help="send the scan this many times (default 1)")
+    parser.add_argument("--loop", type=int, default=1, help="send the scan this many times (default: %(default)s)")
     parser.add_argument("--scan-id", default=None, help="scan id (default: the file's stem)")
-    parser.add_argument("--dataset", default=None, help="array/dataset inside .npz/.h5 (or signal in rsciio files)")
-    parser.add_argument("--hwm", type=int, default=100, help="frames queued before a send blocks (default 100)")
-    parser.add_argument("--send-timeout-ms", type=int, default=10_000, help="give up when no peer takes a frame")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="array/dataset inside .npz/.h5 (or signal in rsciio files) (default: the only one)",
+    )
+    parser.add_argument(
+        "--hwm", type=int, default=100, help="frames queued before a send blocks (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--send-timeout-ms", type=int, default=10_000, help="give up when no peer takes a frame (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_replay)
 

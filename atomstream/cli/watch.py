@@ -27,17 +27,31 @@ __all__ = ["WatchTable", "register"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("watch", help="live table of the published maps (frames/s, latency, classes)")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="PUB (or proxy XPUB) endpoint")
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument("--frames", type=int, default=None, help="stop after this many maps")
-    parser.add_argument("--png-dir", type=Path, default=None, help="save class/defect overlays here as PNG")
+    parser.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5556", help="PUB (or proxy XPUB) endpoint (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)"
+    )
+    parser.add_argument("--frames", type=int, default=None, help="stop after this many maps (default: no limit)")
+    parser.add_argument(
+        "--png-dir", type=Path, default=None, help="save class/defect overlays here as PNG (default: none)"
+    )
     parser.add_argument("--png-every", type=int, default=1, help="save every Nth frame's maps (default 1)")
-    parser.add_argument("--frame-file", type=Path, default=None, help="scan file to draw under the maps")
+    parser.add_argument(
+        "--frame-file", type=Path, default=None, help="scan file to draw under the maps (default: none)"
+    )
     parser.add_argument("--window", type=float, default=5.0, help="seconds of history for rates (default 5)")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between table refreshes")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between table refreshes (default: %(default)s)"
+    )
     parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
-    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's *.key_secret (CURVE)")
-    parser.add_argument("--curve-server-key", type=Path, default=None, help="the service's public key (CURVE)")
+    parser.add_argument(
+        "--curve-secret", type=Path, default=None, help="this client's *.key_secret (CURVE) (default: none, plain TCP)"
+    )
+    parser.add_argument(
+        "--curve-server-key", type=Path, default=None, help="the service's public key (CURVE) (default: none)"
+    )
     parser.set_defaults(func=_watch)
 
 
