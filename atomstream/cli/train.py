@@ -206,7 +206,14 @@ _MODEL_FLAGS = {
     "gaussian_scale": "gaussian_scale",
 }
 _TRAIN_FLAGS = {n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction")}
-_ALL_FLAGS = {**_DATA_FLAGS, **_MODEL_FLAGS, **_TRAIN_FLAGS, "beta2_start": "beta2_start", "name": "name"}
+_ALL_FLAGS = {
+    **_DATA_FLAGS,
+    **_MODEL_FLAGS,
+    **_TRAIN_FLAGS,
+    "beta2_start": "beta2_start",
+    "name": "name",
+    "threads": "likelihood_threads",
+}
 
 
 def _run_config(args: argparse.Namespace, data: Any) -> Any:
