@@ -79,26 +79,34 @@ class WatchTable:
         while self.maps and self.maps[0][0] < now - self.window_s:
             self.maps.popleft()
 
-    def lines(self, stats: Any) -> list[str]:
-        now = time.monotonic()
-        span = min(self.window_s, max(now - self.t0, 1e-9))
-        fps = len(self.maps) / span
+    def window(self) -> tuple[float, list[float], list[float], np.ndarray | None, float]:
+        """Over the last ``window_s``: frames/s, service and end-to-end latencies (ms), class fractions, defects/frame.
+
+        ``atomstream view`` shows the same figures in the browser, so both read them from here.
+        """
+        span = min(self.window_s, max(time.monotonic() - self.t0, 1e-9))
         service = [m[1] for m in self.maps]
         e2e = [m[2] for m in self.maps if m[2] is not None]
+        counts = [m[3] for m in self.maps if m[3] is not None]
+        fractions = None
+        if counts:
+            total = np.sum(counts, axis=0)
+            fractions = total / max(int(total.sum()), 1)
+        recent = list(self.defects_by_frame.values())[-max(len(self.maps), 1) :]
+        return len(self.maps) / span, service, e2e, fractions, float(np.mean(recent)) if recent else 0.0
+
+    def lines(self, stats: Any) -> list[str]:
+        fps, service, e2e, fractions, defects_per_frame = self.window()
         out = [
             f"maps {self.n_maps:>8d}   frames/s {fps:8.1f}   (last {self.window_s:g} s)",
             "latency ms        p50      p90      p99      max",
             f"  service    {_pct(service, 50)} {_pct(service, 90)} {_pct(service, 99)} {_pct(service, 100)}",
             f"  end to end {_pct(e2e, 50)} {_pct(e2e, 90)} {_pct(e2e, 99)} {_pct(e2e, 100)}",
         ]
-        counts = [m[3] for m in self.maps if m[3] is not None]
-        if counts:
-            total = np.sum(counts, axis=0)
-            fractions = total / max(int(total.sum()), 1)
+        if fractions is not None:
             names = self.class_names or [str(i) for i in range(len(fractions))]
             out.append("classes    " + "  ".join(f"{n}={f:.1%}" for n, f in zip(names, fractions, strict=False)))
-        recent = list(self.defects_by_frame.values())[-max(len(self.maps), 1) :]
-        out.append(f"defects/frame {np.mean(recent) if recent else 0.0:6.2f}")
+        out.append(f"defects/frame {defects_per_frame:6.2f}")
         errors = ", ".join(f"{r}={n}" for r, n in sorted(self.errors.items())) or "none"
         out.append(f"errors     {errors}")
         out.append(
