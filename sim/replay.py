@@ -4,7 +4,7 @@ One pass over the frames is one scan: ``scan_start``, ``frame``…, ``scan_end``
 ``loop=N`` the pass repeats N times, each pass its own scan (``scan_id`` ``"<base>"`` for a single pass, else
 ``"<base>.<k>"``), while ``frame_id`` keeps increasing across passes — the service's per-scan summaries stay
 meaningful and subscribers that order by ``frame_id`` never see it go backwards. Each frame's ``meta`` carries
-``loop`` and ``index`` (its position in the file).
+``loop`` and ``index`` (its position in the file), and the scan's ``pixel_size``/``pixel_unit`` when it has one.
 
 Pacing: ``fps`` schedules frame k at ``t0 + k/fps`` (no drift accumulates); ``fps=None`` or ``0`` sends as fast as
 the peer takes them. Back-pressure is ZeroMQ's: at ``hwm`` queued frames a send blocks, and a send blocked for
@@ -70,6 +70,16 @@ def wire_dtype(dtype: np.dtype) -> np.dtype:
     if name in _COERCE:
         return np.dtype(_COERCE[name])
     raise ReplayError(f"frames of dtype {name} cannot be sent; convert them to one of {', '.join(SUPPORTED_DTYPES)}")
+
+
+def _calibration(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The scan's pixel size (``pixel_size`` and ``unit``/``pixel_unit``, as ``read_scan`` finds them) for each
+    frame's meta, where the service takes it from into the maps and defects."""
+    size = meta.get("pixel_size")
+    if size is None:
+        return {}
+    unit = meta.get("pixel_unit", meta.get("unit"))
+    return {"pixel_size": float(size), **({"pixel_unit": str(unit)} if unit else {})}
 
 
 class _Interrupt:
@@ -204,6 +214,7 @@ class Replayer:
         if n == 0:
             raise ReplayError("no frames to send")
         meta = dict(meta or {})
+        calibration = _calibration(meta)
         sent = nbytes = scans = 0
         bar = tqdm(total=n * self.loop, unit="frame", disable=not self.progress, leave=False)
         t0 = time.perf_counter()
@@ -234,7 +245,7 @@ class Replayer:
                             dtype=arr.dtype.name,
                             shape=list(arr.shape),
                             t_acq_ns=time.time_ns(),
-                            meta={"loop": k, "index": i},
+                            meta={"loop": k, "index": i, **calibration},
                         )
                         self._send(encode(msg, arr), f"frame {fid}")
                         self._next_frame_id += 1

@@ -4,12 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +14,7 @@ import numpy as np
 import pytest
 from artifact_factory import make_artifact
 from browser import CHROMIUM, dump_dom, screenshot
+from cli_process import read_line, running
 from zmq_helpers import TIMEOUT_S, service_config
 
 from atomstream.view.snapshot import decode_snapshot, encode_snapshot
@@ -26,7 +22,6 @@ from sim.lattice import LatticeConfig, synth_frame
 from sim.replay import replay
 from streamer.service import Service
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("substrate", "film", "edge")
 N_FRAMES = 6
 
@@ -64,17 +59,6 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-    if not ready:
-        raise TimeoutError(f"atomstream view printed nothing within {timeout_s} s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"atomstream view exited {proc.wait()}: {proc.stderr.read() if proc.stderr else ''}")
-    return line
-
-
 def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=TIMEOUT_S + 10) as r:
         data = json.loads(r.read())
@@ -87,31 +71,10 @@ def live_view(artifact: Path, scan: Path) -> Iterator[tuple[str, Service]]:
     """A service, and ``atomstream view`` subscribed to it (connected: it has seen a heartbeat)."""
     with Service(service_config(artifact=artifact)) as svc:
         svc.wait_ready(TIMEOUT_S)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cli = [sys.executable, "-c", "import sys; from atomstream.cli import main; sys.exit(main())"]
-        cmd = [*cli, "view", "--port", "0", "--endpoint", svc.publish_endpoint]
-        proc = subprocess.Popen(
-            [*cmd, "--frame-file", str(scan)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            url = re.search(r"http://\S+", _read_line(proc, 60.0)).group(0)  # type: ignore[union-attr]
+        with running("view", "--port", "0", "--endpoint", svc.publish_endpoint, "--frame-file", str(scan)) as proc:
+            url = re.search(r"http://\S+", read_line(proc, 60.0)).group(0)  # type: ignore[union-attr]
             assert _get_json(f"{url}state?connected=1&timeout={TIMEOUT_S}")["connected"]
             yield url, svc
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
 
 
 def test_the_view_serves_the_replayed_maps(live_view: tuple[str, Service], scan: Path) -> None:
