@@ -169,9 +169,11 @@ def _render(lines: list[str], stream: TextIO, *, tty: bool, previous: int) -> in
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from atomstream.cli._endpoints import checked_endpoint
     from streamer.client import Subscriber
     from streamer.security import ClientCurve
 
+    args.endpoint = checked_endpoint(args.endpoint, "--endpoint")
     if args.frames is not None and args.frames < 1:
         raise CommandError(f"--frames must be >= 1, got {args.frames}")
     if args.duration is not None and args.duration <= 0:
