@@ -12,8 +12,8 @@ message by its ``arrays`` list. No Python-object serialisation: any producer in 
 ``encode(msg, *arrays)`` and ``decode(frames)`` are exact inverses and touch no socket, so the whole format is
 tested without ZeroMQ. ``encode`` sends contiguous little-endian arrays without copying (their memory is the
 frame); ``decode`` returns ``np.frombuffer`` views on the received bytes. ``decode`` is the service's first line of
-defence: any bad input raises ``ProtocolError`` with one of the reason codes of docs/architecture.md and a message naming the
-field and value, and nothing is allocated from a declared size before that size has been checked.
+defence: any bad input raises ``ProtocolError`` with one of the reason codes (docs/architecture.md) and a message
+naming the field and value, and nothing is allocated from a declared size before that size has been checked.
 """
 
 from __future__ import annotations
