@@ -79,12 +79,14 @@ def live_view(artifact: Path, scan: Path) -> Iterator[tuple[str, Service]]:
 
 def test_the_view_serves_the_replayed_maps(live_view: tuple[str, Service], scan: Path) -> None:
     url, svc = live_view
-    replay(np.load(scan), svc.ingest_endpoint, scan_id="viewed", progress=False)
+    meta = {"pixel_size": 0.0195, "unit": "nm"}
+    replay(np.load(scan), svc.ingest_endpoint, scan_id="viewed", meta=meta, progress=False)
     state = _get_json(f"{url}state?min_maps={N_FRAMES}&timeout={TIMEOUT_S}")
     assert state["n_maps"] == N_FRAMES and state["error"] is None
     with urllib.request.urlopen(f"{url}snapshot", timeout=TIMEOUT_S) as r:
         header, arrays = decode_snapshot(r.read())
     assert header["frame"]["frame_id"] == N_FRAMES - 1 and header["frame"]["class_names"] == list(CLASS_NAMES)
+    assert (header["frame"]["pixel_size"], header["frame"]["pixel_unit"]) == (0.0195, "nm")
     assert {"class", "defect_score", "z0", "z1", "angle", "frame"} <= set(arrays)
     gh, gw = header["frame"]["grid"]
     assert arrays["class"].shape == arrays["z1"].shape == (gh, gw)
@@ -97,7 +99,9 @@ def test_the_view_serves_the_replayed_maps(live_view: tuple[str, Service], scan:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium; .ci/run does)")
 def test_a_headless_browser_draws_the_live_maps(live_view: tuple[str, Service], scan: Path, tmp_path: Path) -> None:
     url, svc = live_view
-    replay(np.load(scan), svc.ingest_endpoint, scan_id="viewed", progress=False)
+    replay(
+        np.load(scan), svc.ingest_endpoint, scan_id="viewed", meta={"pixel_size": 0.0195, "unit": "nm"}, progress=False
+    )
     assert _get_json(f"{url}state?min_maps={N_FRAMES}&timeout={TIMEOUT_S}")["n_maps"] == N_FRAMES
 
     dom = dump_dom(url)
@@ -105,6 +109,7 @@ def test_a_headless_browser_draws_the_live_maps(live_view: tuple[str, Service], 
     assert drawn is not None and int(drawn.group(1)) >= 1, dom[:2000]
     assert f'data-frame-id="{N_FRAMES - 1}"' in dom
     assert f"<title>atomstream view · {N_FRAMES} maps</title>" in dom
+    assert f"frame {N_FRAMES - 1} · pixel 0.0195 nm" in dom
     for name in CLASS_NAMES:  # the legend names every class
         assert re.search(rf"</span>{name} \d+\.\d%</li>", dom), name
 

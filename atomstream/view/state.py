@@ -190,6 +190,8 @@ class ViewState:
             "model": {"name": msg.model.name, "version": msg.model.version, "sha256": msg.model.sha256[:12]},
             "service_ms": (msg.t_pub_ns - msg.t_recv_ns) / 1e6,
             "age_s": max(0.0, (time.time_ns() - msg.t_pub_ns) / 1e9),
+            "pixel_size": msg.pixel_size,  # from the frame's meta; the page draws a scale bar with it
+            "pixel_unit": msg.pixel_unit,
             "underlay": None,
         }
         if self._frames is not None and len(self._frames):

@@ -101,6 +101,7 @@ function drawMap(canvas, snap, name, colourOf, opts = {}) {
     }
   }
   ctx.globalAlpha = 1.0;
+  if (opts.scaleBar && frame.pixel_size) scaleBar(ctx, frame, box.w * s, s, X(box.left), Y(box.top + box.h));
   if (opts.defects) {
     ctx.strokeStyle = "#00e5ff"; ctx.lineWidth = 2;
     for (const d of header.defects) {
@@ -108,6 +109,17 @@ function drawMap(canvas, snap, name, colourOf, opts = {}) {
       ctx.beginPath(); ctx.arc(X(d.x), Y(d.y), r, 0, 2 * Math.PI); ctx.stroke();
     }
   }
+}
+
+// A scale bar in the frame's calibrated unit: the longest 1, 2 or 5 × 10^k that fits in a fifth of the map.
+function scaleBar(ctx, frame, widthPx, pxPerPixel, left, bottom) {
+  const target = (0.2 * widthPx) / pxPerPixel * frame.pixel_size, k = Math.pow(10, Math.floor(Math.log10(target)));
+  const length = [5, 2, 1].map((m) => m * k).find((v) => v <= target) || k;
+  const w = (length / frame.pixel_size) * pxPerPixel, x = left + 10, y = bottom - 14;
+  ctx.fillStyle = "#000a"; ctx.fillRect(x - 4, y - 16, w + 8, 24);
+  ctx.fillStyle = "#fff"; ctx.fillRect(x, y, w, 4);
+  ctx.font = "11px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "bottom";
+  ctx.fillText(`${+length.toPrecision(3)} ${frame.pixel_unit || ""}`.trim(), x + w / 2, y - 1);
 }
 
 function drawBar(canvas, scale, lo, hi) {
@@ -156,6 +168,13 @@ function drawHistory(canvas, header) {
   ctx.fillText(`frame ${ids[0]}`, L + 30, T + ph + 4); ctx.fillText(`frame ${ids[n - 1]}`, L + pw - 30, T + ph + 4);
 }
 
+function shares(cls, k) {  // class shares in the drawn frame (the rates above are over a time window)
+  if (!cls) return null;
+  const counts = new Array(k).fill(0);
+  for (const c of cls.data) counts[c] += 1;
+  return counts.map((n) => n / Math.max(cls.data.length, 1));
+}
+
 function range(arr) {  // symmetric around 0 for latents, at the 99th percentile of |z| so one outlier does not wash out
   const a = Array.from(arr.data, Math.abs).filter(Number.isFinite).sort((p, q) => p - q);
   const m = a.length ? a[Math.floor(0.99 * (a.length - 1))] : 1;
@@ -184,9 +203,10 @@ function render(snap) {
   if (!frame) return;
   document.getElementById("model").textContent =
     `model ${frame.model.name} ${frame.model.version} (${frame.model.sha256})`;
-  document.getElementById("frame-id").textContent = `scan ${frame.scan_id} · frame ${frame.frame_id}`;
+  const pixel = frame.pixel_size ? ` · pixel ${+frame.pixel_size.toPrecision(3)} ${frame.pixel_unit || ""}` : "";
+  document.getElementById("frame-id").textContent = `scan ${frame.scan_id} · frame ${frame.frame_id}${pixel}`;
   document.getElementById("cap-class").textContent = arrays.frame ? "frame with classes" : "classes";
-  drawMap(document.getElementById("map-class"), snap, "class", (v) => classColour(v), { underlay: true });
+  drawMap(document.getElementById("map-class"), snap, "class", (v) => classColour(v), { underlay: true, scaleBar: true });
   drawMap(document.getElementById("map-defect"), snap, "defect_score", (v) => SCALES.defect.colour(v),
     { defects: true });
   drawBar(document.getElementById("bar-defect"), SCALES.defect, 0, 1);
@@ -197,7 +217,7 @@ function render(snap) {
     drawMap(document.getElementById(`map-${z}`), snap, z, (v) => SCALES.z.colour((v + m) / (2 * m)));
     drawBar(document.getElementById(`bar-${z}`), SCALES.z, -m, m);
   }
-  legend(document.getElementById("legend-class"), frame.class_names, stats.fractions);
+  legend(document.getElementById("legend-class"), frame.class_names, shares(arrays.class, frame.class_names.length));
   legend(document.getElementById("legend-history"), frame.class_names, null);
   drawHistory(document.getElementById("history"), header);
   drawn += 1;
