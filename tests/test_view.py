@@ -81,8 +81,8 @@ def test_the_view_serves_the_replayed_maps(live_view: tuple[str, Service], scan:
     url, svc = live_view
     meta = {"pixel_size": 0.0195, "unit": "nm"}
     replay(np.load(scan), svc.ingest_endpoint, scan_id="viewed", meta=meta, progress=False)
-    state = _get_json(f"{url}state?min_maps={N_FRAMES}&timeout={TIMEOUT_S}")
-    assert state["n_maps"] == N_FRAMES and state["error"] is None
+    state = _get_json(f"{url}state?min_frames={N_FRAMES}&timeout={TIMEOUT_S}")
+    assert state["n_maps"] == state["n_frames"] == N_FRAMES and state["error"] is None
     with urllib.request.urlopen(f"{url}snapshot", timeout=TIMEOUT_S) as r:
         header, arrays = decode_snapshot(r.read())
     assert header["frame"]["frame_id"] == N_FRAMES - 1 and header["frame"]["class_names"] == list(CLASS_NAMES)
@@ -102,7 +102,7 @@ def test_a_headless_browser_draws_the_live_maps(live_view: tuple[str, Service], 
     replay(
         np.load(scan), svc.ingest_endpoint, scan_id="viewed", meta={"pixel_size": 0.0195, "unit": "nm"}, progress=False
     )
-    assert _get_json(f"{url}state?min_maps={N_FRAMES}&timeout={TIMEOUT_S}")["n_maps"] == N_FRAMES
+    assert _get_json(f"{url}state?min_frames={N_FRAMES}&timeout={TIMEOUT_S}")["n_frames"] == N_FRAMES
 
     dom = dump_dom(url)
     drawn = re.search(r'data-frames-drawn="(\d+)"', dom)

@@ -53,9 +53,9 @@ def _manifest(artifact: Path | None) -> dict | None:
 
 def _record(args: argparse.Namespace) -> int:
     from atomstream.cli._endpoints import checked_endpoint
+    from atomstream.cli._subscribing import subscriber_curve
     from atomstream.recorder import Recorder, RecorderError
     from streamer.client import Subscriber
-    from streamer.security import ClientCurve
 
     endpoint = checked_endpoint(args.endpoint, "--endpoint")
     for flag, value in (("--frames", args.frames), ("--scans", args.scans)):
@@ -63,11 +63,7 @@ def _record(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag} must be >= 1, got {value}")
     if args.duration is not None and args.duration <= 0:
         raise CommandError(f"--duration must be positive, got {args.duration}")
-    if (args.curve_secret is None) != (args.curve_server_key is None):
-        raise CommandError("CURVE needs both --curve-secret (this client's key) and --curve-server-key")
-    curve = None
-    if args.curve_secret is not None:
-        curve = ClientCurve(client_secret_file=args.curve_secret, server_public_file=args.curve_server_key)
+    curve = subscriber_curve(args)
     manifest = _manifest(args.artifact)
     try:
         recorder = Recorder(args.output, endpoint=endpoint, overwrite=args.force, manifest=manifest)

@@ -61,27 +61,16 @@ def _view(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"the view needs {exc.name}: pip install 'atomstream[view]'") from None
     from atomstream.cli._endpoints import checked_endpoint
+    from atomstream.cli._subscribing import subscriber_curve, underlay_frames
     from atomstream.view.state import ViewFeed, ViewState
-    from streamer.security import ClientCurve
 
     endpoint = checked_endpoint(args.endpoint, "--endpoint")
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port must be 0..65535, got {args.port}")
     if args.max_fps <= 0 or args.window <= 0 or args.history < 1:
         raise CommandError("--max-fps and --window must be positive and --history at least 1")
-    if (args.curve_secret is None) != (args.curve_server_key is None):
-        raise CommandError("CURVE needs both --curve-secret (this client's key) and --curve-server-key")
-    curve = None
-    if args.curve_secret is not None:
-        curve = ClientCurve(client_secret_file=args.curve_secret, server_public_file=args.curve_server_key)
-    frames = None
-    if args.frame_file is not None:
-        from sim.formats import ScanFormatError, read_scan
-
-        try:
-            frames = read_scan(args.frame_file).frames
-        except ScanFormatError as exc:
-            raise CommandError(str(exc)) from None
+    curve = subscriber_curve(args)
+    frames = underlay_frames(args.frame_file)
 
     state = ViewState(endpoint=endpoint, window_s=args.window, history=args.history, frames=frames)
     sock = _listen(args.host, args.port)

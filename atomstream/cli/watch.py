@@ -172,8 +172,8 @@ def _render(lines: list[str], stream: TextIO, *, tty: bool, previous: int) -> in
 
 def _watch(args: argparse.Namespace) -> int:
     from atomstream.cli._endpoints import checked_endpoint
+    from atomstream.cli._subscribing import subscriber_curve, underlay_frames
     from streamer.client import Subscriber
-    from streamer.security import ClientCurve
 
     args.endpoint = checked_endpoint(args.endpoint, "--endpoint")
     if args.frames is not None and args.frames < 1:
@@ -182,19 +182,8 @@ def _watch(args: argparse.Namespace) -> int:
         raise CommandError(f"--duration must be positive, got {args.duration}")
     if args.png_every < 1:
         raise CommandError(f"--png-every must be >= 1, got {args.png_every}")
-    if (args.curve_secret is None) != (args.curve_server_key is None):
-        raise CommandError("CURVE needs both --curve-secret (this client's key) and --curve-server-key")
-    curve = None
-    if args.curve_secret is not None:
-        curve = ClientCurve(client_secret_file=args.curve_secret, server_public_file=args.curve_server_key)
-    frames = None
-    if args.frame_file is not None:
-        from sim.formats import ScanFormatError, read_scan
-
-        try:
-            frames = read_scan(args.frame_file).frames
-        except ScanFormatError as exc:
-            raise CommandError(str(exc)) from None
+    curve = subscriber_curve(args)
+    frames = underlay_frames(args.frame_file)
     if args.png_dir is not None:
         try:
             import matplotlib  # noqa: F401 — checked here so a missing one is a one-line error, not a traceback

@@ -7,8 +7,8 @@ Routes:
   on load, so a reader (or a headless browser) sees the maps without waiting for the next update;
 * ``/ws`` — a websocket that pushes a new snapshot whenever the state changes, at most ``max_fps`` times a second
   (a fast service publishes hundreds of frames a second; a browser needs a few);
-* ``/state`` — counts as JSON; ``?min_maps=N&connected=1&timeout=S`` waits until they are reached (a readiness
-  handshake for scripts and tests).
+* ``/state`` — counts as JSON; ``?min_frames=N&connected=1&timeout=S`` waits until N frames are complete (maps and
+  defects) and a heartbeat arrived (a readiness handshake for scripts and tests).
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ def create_app(state: ViewState, *, max_fps: float = 5.0) -> Starlette:
     async def state_json(request: Request) -> Response:
         q = request.query_params
         try:
-            min_maps = int(q.get("min_maps", "0"))
+            min_frames = int(q.get("min_frames", "0"))
             timeout = min(float(q.get("timeout", "0")), _MAX_WAIT_S)
         except ValueError:
-            return JSONResponse({"detail": "min_maps must be an integer and timeout a number"}, status_code=400)
+            return JSONResponse({"detail": "min_frames must be an integer and timeout a number"}, status_code=400)
         connected = q.get("connected", "0") not in ("0", "false", "")
         summary = await anyio.to_thread.run_sync(
-            lambda: state.wait_for(min_maps=min_maps, connected=connected, timeout=timeout)
+            lambda: state.wait_for(min_frames=min_frames, connected=connected, timeout=timeout)
         )
         return JSONResponse(summary)
 

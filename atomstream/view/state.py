@@ -62,6 +62,7 @@ class ViewState:
         self._latest: tuple[Any, list[Any]] | None = None
         self._history: collections.deque[tuple[int, list[float]]] = collections.deque(maxlen=history)
         self._stats: Any = None
+        self.n_frames = 0  # frames complete (maps and their defects): what the page can draw
         self.connected = False
         self.error: str | None = None
         self.version = 0
@@ -95,6 +96,7 @@ class ViewState:
             elif received.topic == "defects" and self._pending is not None and self._matches_pending(msg):
                 self._latest = (self._pending, list(msg.defects))
                 self._pending = None
+                self.n_frames += 1
             self.version += 1
             self._cond.notify_all()
 
@@ -114,6 +116,7 @@ class ViewState:
             "connected": self.connected,
             "error": self.error,
             "n_maps": self._table.n_maps,
+            "n_frames": self.n_frames,
             "errors": dict(self._table.errors),
             "gaps": 0 if stats is None else stats.n_gaps,
             "missing": 0 if stats is None else int(sum(stats.missing.values())),
@@ -121,13 +124,12 @@ class ViewState:
             "version": self.version,
         }
 
-    def wait_for(self, *, min_maps: int = 0, connected: bool = False, timeout: float = 0.0) -> dict[str, Any]:
-        """The summary once ``min_maps`` maps have arrived (and a heartbeat, if asked), or at ``timeout``."""
+    def wait_for(self, *, min_frames: int = 0, connected: bool = False, timeout: float = 0.0) -> dict[str, Any]:
+        """The summary once ``min_frames`` frames are complete — maps *and* defects, so the latest one can be drawn —
+        (and a heartbeat has arrived, if asked), or at ``timeout``."""
         with self._cond:
             self._cond.wait_for(
-                lambda: (
-                    self.error is not None or (self._table.n_maps >= min_maps and (self.connected or not connected))
-                ),
+                lambda: self.error is not None or (self.n_frames >= min_frames and (self.connected or not connected)),
                 timeout=max(0.0, timeout),
             )
             return self._summary()
