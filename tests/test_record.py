@@ -97,3 +97,36 @@ def test_a_frame_with_a_nonsense_pixel_size_is_refused_by_name() -> None:
         Frame(scan_id="s", frame_id=0, dtype="float32", shape=[4, 4], meta={"pixel_size": -1})
     ok = Frame(scan_id="s", frame_id=0, dtype="float32", shape=[4, 4], meta={"pixel_size": 0.02, "pixel_unit": "nm"})
     assert (ok.pixel_size, ok.pixel_unit) == (0.02, "nm")
+
+
+def test_atom_centred_maps_are_stored_flat_with_offsets(tmp_path: Path) -> None:
+    """Points layout: a different number of patches per frame, rows of frame k at offsets[k]:offsets[k+1]."""
+    from atomstream.recorder import Recorder
+    from sim.replay import Replayer
+    from streamer.client import Subscriber
+
+    artifact = make_artifact(tmp_path / "points-artifact", layout="points", seed=2, class_names=CLASS_NAMES)
+    frames = _frames()[:3]
+    pipeline = Pipeline(load(artifact, backend="onnx", device="cpu"))
+    out = tmp_path / "points.h5"
+    with (
+        Service(service_config(artifact=artifact)) as svc,
+        Subscriber(svc.publish_endpoint, ("maps", "defects", "error", "scan_summary")) as sub,
+        Recorder(out, endpoint=svc.publish_endpoint) as recorder,
+    ):
+        svc.wait_ready(TIMEOUT_S)
+        sub.wait_connected(TIMEOUT_S)
+        with Replayer(svc.ingest_endpoint, scan_id="atoms", progress=False) as producer:
+            producer.send_scan(frames)
+        while recorder.summaries < 1:
+            recorder.add(sub.recv(TIMEOUT_S))
+    with h5py.File(out, "r") as f:
+        scan = f["scans/atoms"]
+        offsets = scan["offsets"][:]
+        assert len(offsets) == len(frames) + 1 and offsets[0] == 0 and offsets[-1] == scan["class"].shape[0]
+        for k, frame in enumerate(frames):
+            ref = pipeline.process(frame)
+            rows = slice(offsets[k], offsets[k + 1])
+            np.testing.assert_array_equal(scan["class"][rows], ref.arrays["class"])
+            np.testing.assert_allclose(scan["centers"][rows], ref.arrays["centers"], atol=1e-5)
+        assert scan.attrs["layout"] == "points" and np.isnan(scan.attrs["pixel_size"])
