@@ -125,7 +125,7 @@ def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, caps
 
     assert main(["plot", str(run), "--data", str(stack), "--out", str(tmp_path / "fig"), "--steps", "3"]) == 0
     written = {Path(line).name for line in capsys.readouterr().out.split()}
-    assert written == {"traversal_z0.png", "traversal_z1.png", "manifolds.png", "conditioned.png", "confusion.png"}
+    assert written == {"traversals.png", "manifolds.png", "conditioned.png", "confusion.png"}
     assert all((tmp_path / "fig" / name).stat().st_size > 0 for name in written)
 
 
@@ -183,7 +183,7 @@ def test_scan_grid_run_encodes_positions_and_maps(
     capsys.readouterr()
     assert main(["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig"), "--frame", "1"]) == 0
     written = {Path(line).name for line in capsys.readouterr().out.split()}
-    assert written == {"traversal_z0.png", "conditioned.png", "maps_frame1.png"}
+    assert written == {"traversals.png", "conditioned.png", "maps_frame1.png"}
     assert "--frame 5" in _error_line(
         capsys, ["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig"), "--frame", "5"]
     )

@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default: %(default)s)")
     config_flag(pl, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
     config_flag(pl, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl.set_defaults(func=_plot)
 
 
@@ -99,10 +100,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from atomstream.cli._flags import from_config
-    from atomstream.cli.train import ENCODE_FLAGS, encode_with_flags, open_run, read_patches
+    from atomstream.cli.train import ENCODE_FLAGS, open_run
     from models import plots
-    from models.evaluate import evaluate_encodings
 
     if args.steps < 2 or args.grid < 2:
         raise CommandError(f"--steps {args.steps} and --grid {args.grid} must be at least 2")
@@ -110,37 +112,62 @@ def _plot(args: argparse.Namespace) -> int:
     model, cfg = open_run(args.run, given.get("device"))
     m = cfg.model
     out = args.out
-    written = [
-        plots.plot_traversals(model, m, out / f"traversal_z{d}.png", dim=d, n_steps=args.steps)
-        for d in range(m.latent_dim)
+    # what to draw, decided up front so the bar knows its length; each entry draws and writes one PNG
+    tasks: list[tuple[str, Any]] = [
+        ("traversals", lambda: plots.plot_traversals(model, m, out / "traversals.png", n_steps=args.steps))
     ]
     if m.latent_dim >= 2:
-        written.append(plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid))
+        tasks.append(("manifolds", lambda: plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid)))
     if m.decoder != "dense":  # a dense decoder has no coordinates to rotate
-        written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
+        tasks.append(("conditioned", lambda: plots.plot_conditioned(model, m, out / "conditioned.png")))
     if args.data is not None:
-        patches = read_patches(args.data, data_config=cfg.data)
-        enc = encode_with_flags(model, patches.images, given)
-        if patches.labels is not None and "class_prob" in enc:
-            result = evaluate_encodings(enc, labels=patches.labels)
-            written.append(
-                plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names)
+        tasks += _data_figures(args, model, cfg, given)
+    written = []
+    with tqdm(tasks, unit="figure", disable=args.no_progress, leave=False) as bar:
+        for name, draw in bar:
+            bar.set_description(name)
+            written.append(draw())
+    for path in written:
+        print(path)
+    return 0
+
+
+def _data_figures(args: argparse.Namespace, model: Any, cfg: Any, given: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The figures that need ``--data``: a confusion matrix (with labels) and real-space maps (a scan)."""
+    from atomstream.cli.train import encode_with_flags, read_patches
+    from models import plots
+    from models.evaluate import evaluate_encodings
+
+    tasks: list[tuple[str, Any]] = []
+    m, out = cfg.model, args.out
+    patches = read_patches(args.data, data_config=cfg.data)
+    enc = encode_with_flags(model, patches.images, given)
+    if patches.labels is not None and "class_prob" in enc:
+        result = evaluate_encodings(enc, labels=patches.labels)
+        tasks.append(
+            (
+                "confusion",
+                lambda: plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names),
             )
-        if patches.frame_shape is not None:
-            sel = patches.positions[:, 0] == args.frame
-            if not sel.any():
-                n_frames = int(patches.positions[:, 0].max()) + 1
-                raise CommandError(f"--frame {args.frame}: the scan has frames 0..{n_frames - 1}")
-            written.append(
-                plots.plot_real_space_maps(
+        )
+    if patches.frame_shape is not None:
+        sel = patches.positions[:, 0] == args.frame
+        if not sel.any():
+            n_frames = int(patches.positions[:, 0].max()) + 1
+            raise CommandError(f"--frame {args.frame}: the scan has frames 0..{n_frames - 1}")
+        tasks.append(
+            (
+                "maps",
+                lambda: plots.plot_real_space_maps(
                     patches.centres[sel],
                     out / f"maps_frame{args.frame}.png",
                     frame_shape=patches.frame_shape,
                     class_prob=enc["class_prob"][sel] if "class_prob" in enc else None,
                     z=enc["z"][sel],
+                    angle=enc["angle"][sel] if "angle" in enc else None,
                     grid=patches.grid,
-                )
+                    class_names=m.names_of_classes() if m.n_classes > 0 else None,
+                ),
             )
-    for path in written:
-        print(path)
-    return 0
+        )
+    return tasks

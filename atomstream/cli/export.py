@@ -27,7 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "backends match the Pyro guide's posterior means (max |Δ| <= 1e-4, identical class argmax) on >= 1024 patches.",
     )
     p.add_argument("run_dir", type=Path, help="run directory written by `atomstream train`")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new or empty)")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite a non-empty --out (a running service may be serving it)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--triton", type=Path, default=None, help="also write a Triton model-repository entry here (default: none)"
     )
@@ -64,6 +68,19 @@ def _defect_classes(given: list[str], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(dict.fromkeys(out))
 
 
+def _check_target(out: Path, *, force: bool) -> None:
+    """Refuse to write into a folder that holds anything, unless forced: a live service may be serving it."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a file, not a directory; pick a folder for the artifact")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+        raise CommandError(
+            f"--out {str(out)!r} is not empty ({shown}); a service may be serving it: "
+            "pass --force to overwrite it, or export to a new folder and reload the service there"
+        )
+
+
 def _export(args: argparse.Namespace) -> int:
     from exporters.export import ExportError, export_model
     from exporters.triton import TritonError, write_triton_model
@@ -71,22 +88,31 @@ def _export(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError, load_run
     from models.data import DataError
 
+    _check_target(args.out, force=args.force)
     if not args.run_dir.is_dir():
         raise CommandError(f"run directory {str(args.run_dir)!r} does not exist; train one with atomstream train")
     if args.parity_data is not None and not args.parity_data.is_file():
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
+    from tqdm import tqdm
+
+    bar = tqdm(total=3 + (args.triton is not None), unit="step", disable=args.no_progress, leave=False)
+    bar.set_description("loading the run")
     try:
         model, run = load_run(args.run_dir, device="cpu")
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
         raise CommandError(f"cannot load run {str(args.run_dir)!r}: {str(exc).splitlines()[0]}") from None
     defects = _defect_classes(args.defect_class, run.model.names_of_classes())
+    bar.update(1)
+    bar.set_description("cutting parity patches")
     try:
         patches, described, notes = parity_patches(run, parity_data=args.parity_data)
     except DataError as exc:
         raise CommandError(f"--parity-data: {exc}") from None
     for note in notes:
         print(f"atomstream export: warning: {note.replace('parity_data', '--parity-data')}", file=sys.stderr)
-    print(f"parity data: {described}")
+    bar.write(f"parity data: {described}")
+    bar.update(1)
+    bar.set_description("exporting ONNX + TorchScript, checking parity")
     try:
         manifest = export_model(
             model,
@@ -102,6 +128,7 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(in_flags(str(exc), _FLAGS)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {str(args.out)!r}: {exc}") from None
+    bar.update(1)
     for r in manifest.parity.backends:
         worst = max(r.max_abs_diff, key=lambda k: r.max_abs_diff[k])
         agree = "" if r.argmax_agreement is None else f", class argmax agreement {r.argmax_agreement:.4f}"
@@ -114,9 +141,12 @@ def _export(args: argparse.Namespace) -> int:
         f"({manifest.variant}, opset {manifest.onnx_opset})"
     )
     if args.triton is not None:
+        bar.set_description("writing the Triton model")
         try:
             entry = write_triton_model(args.triton, args.out, manifest)
         except (TritonError, OSError) as exc:
             raise CommandError(f"--triton {str(args.triton)!r}: {exc}") from None
+        bar.update(1)
         print(f"wrote Triton model {entry}")
+    bar.close()
     return 0
