@@ -19,8 +19,8 @@ naming the field and value, and nothing is allocated from a declared size before
 from __future__ import annotations
 
 import json
-import math
 import operator
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, Union
 
@@ -28,8 +28,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 __all__ = [
+    "MAX_CONTROL_BYTES",
     "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_INT_DIGITS",
+    "MAX_JSON_DEPTH",
     "PROTOCOL_VERSION",
     "PUBLISH_TOPICS",
     "REASONS",
@@ -63,7 +66,16 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 64 * 1024
-MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+#: Default frame limit: a 4096 x 4096 float32 frame, so a few queued frames still fit in memory (``max_frame_bytes``).
+MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+#: Default limit of one control request (``max_control_bytes``): commands are a few hundred bytes.
+MAX_CONTROL_BYTES: Final = 64 * 1024
+#: Nesting a header may have: protocol headers nest 3 deep; deeper input would only cost recursion (and crash it).
+MAX_JSON_DEPTH: Final = 32
+#: Digits an integer may have: int64 needs 19; refusing longer ones before converting them keeps every later
+#: product and message cheap (Python refuses to print integers of over 4,300 digits, and that error killed the loop).
+MAX_INT_DIGITS: Final = 40
+_MAX_DETAIL_CHARS: Final = 1000
 SUPPORTED_DTYPES: Final = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 PUBLISH_TOPICS: Final = ("maps", "defects", "error", "status", "scan_summary")
 
@@ -88,6 +100,8 @@ class ProtocolError(ValueError):
     """
 
     def __init__(self, reason: Reason, detail: str, *, scan_id: str | None = None, frame_id: int | None = None):
+        if len(detail) > _MAX_DETAIL_CHARS:  # a reply must stay small whatever the header held
+            detail = detail[: _MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(f"{reason}: {detail}")
         self.reason: Reason = reason
         self.detail = detail
@@ -238,6 +252,17 @@ class Error(_Msg):
     detail: str = Field(description="what was wrong, naming the field and value")
 
 
+class ScanSummary(_Msg):
+    kind: Literal["scan_summary"] = "scan_summary"
+    scan_id: str
+    seq: int = Field(0, ge=0)
+    n_frames: int | None = None
+    frames_received: int
+    frames_published: int
+    frames_rejected: int
+    frames_dropped: int
+
+
 class Status(_Msg):
     kind: Literal["status"] = "status"
     seq: int = Field(0, ge=0)
@@ -250,17 +275,11 @@ class Status(_Msg):
     model: ModelRef | None
     backend: str
     device: str
-
-
-class ScanSummary(_Msg):
-    kind: Literal["scan_summary"] = "scan_summary"
-    scan_id: str
-    seq: int = Field(0, ge=0)
-    n_frames: int | None = None
-    frames_received: int
-    frames_published: int
-    frames_rejected: int
-    frames_dropped: int
+    scan_summary: ScanSummary | None = Field(
+        None,
+        description="the last scan_summary published, repeated on every heartbeat until the next scan starts: a "
+        "subscriber that lost the message itself still learns the totals",
+    )
 
 
 Message = Annotated[
@@ -281,13 +300,13 @@ class StatusCommand(BaseModel):
 class ReloadCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     cmd: Literal["reload"] = "reload"
-    artifact: str
+    artifact: str = Field(max_length=4096, description="artifact directory, under one of the service's artifact_roots")
 
 
 class SetCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     cmd: Literal["set"] = "set"
-    defect_classes: list[str | int] | None = None
+    defect_classes: list[str | int] | None = Field(default=None, max_length=1024)
     defect_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
@@ -379,29 +398,78 @@ def _check_unicode(obj: Any) -> None:
         raise ProtocolError("bad_header", "header holds a string that is not valid Unicode (lone surrogate)") from None
 
 
-def _parse_header(raw: Any) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_OPENS, _CLOSES = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of JSON text nest, counted without parsing it (brackets outside strings).
+
+    Linear time in numpy, so a 64 KiB header of ``[`` costs microseconds and no recursion; on text that is not JSON
+    the count is an overestimate at worst, which only refuses it sooner.
+    """
+    codes = np.frombuffer(_JSON_STRING.sub(b"", raw), np.uint8)
+    steps = np.isin(codes, _OPENS).astype(np.int32) - np.isin(codes, _CLOSES).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+class _StrictJSONError(ValueError):
+    """Raised from inside ``json.loads`` for input this protocol refuses before converting it."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _StrictJSONError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _no_constant(text: str) -> float:
+    raise _StrictJSONError(f"{text} (not JSON: numbers must be finite)")
+
+
+def load_json(raw: Any, *, what: str, max_bytes: int) -> Any:
+    """The JSON value of ``raw`` with every limit checked *before* the parser runs: size, nesting depth, then
+    integer length during parsing. Any failure is ``ProtocolError("bad_header")`` naming ``what`` was wrong."""
     buf = _as_buffer(raw)
-    if buf.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("bad_header", f"header is {buf.nbytes} bytes; the limit is {MAX_HEADER_BYTES}")
+    if buf.nbytes > max_bytes:
+        raise ProtocolError("bad_header", f"{what} is {buf.nbytes} bytes; the limit is {max_bytes}")
+    data = bytes(buf)
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError("bad_header", f"{what} nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:
-        obj = json.loads(bytes(buf).decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
-        raise ProtocolError("bad_header", f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ProtocolError("bad_header", f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise ProtocolError("bad_header", f"header is not JSON ({exc.msg} at position {exc.pos})") from None
-    except RecursionError:
-        raise ProtocolError("bad_header", "header nests too deeply to be a protocol header") from None
+        raise ProtocolError("bad_header", f"{what} is not JSON ({exc.msg} at position {exc.pos})") from None
+    except _StrictJSONError as exc:
+        raise ProtocolError("bad_header", f"{what} holds {exc}") from None
+    except (ValueError, RecursionError) as exc:  # belt and braces: the limits above should make these unreachable
+        raise ProtocolError("bad_header", f"{what} cannot be read ({type(exc).__name__})") from None
     _check_unicode(obj)
+    return obj
+
+
+def _parse_header(raw: Any) -> dict[str, Any]:
+    obj = load_json(raw, what="header", max_bytes=MAX_HEADER_BYTES)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_header", f"header must be a JSON object, got {type(obj).__name__}")
     ids = _best_effort_ids(obj)
     if obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            "bad_header", f"field 'v'={obj.get('v')!r}: only protocol version {PROTOCOL_VERSION} is spoken", **ids
+            "bad_header", f"field 'v'={_short(obj.get('v'))}: only protocol version {PROTOCOL_VERSION} is spoken", **ids
         )
     if obj.get("kind") not in _KINDS:
-        raise ProtocolError("bad_header", f"field 'kind'={obj.get('kind')!r} is not one of {', '.join(_KINDS)}", **ids)
+        raise ProtocolError(
+            "bad_header", f"field 'kind'={_short(obj.get('kind'))} is not one of {', '.join(_KINDS)}", **ids
+        )
     return obj
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any], ids: dict[str, Any]) -> Any:
@@ -411,17 +479,28 @@ def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any], ids: dict[str, Any
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:] or first["loc"])
         value = first.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
-        raise ProtocolError("bad_header", f"field {where!r}={shown[:80]}: {first['msg']}", **ids) from None
+        shown = _short(value) if not isinstance(value, dict) else "{...}"
+        raise ProtocolError("bad_header", f"field {_short(where)}={shown}: {first['msg']}", **ids) from None
 
 
 def _check_shape(shape: list[int], field: str, ids: dict[str, Any], *, is_frame: bool) -> None:
     """Frames are 2-D with positive sizes; map arrays may be empty (a frame where no atom was found)."""
     if is_frame and len(shape) != 2:
-        raise ProtocolError("bad_header", f"field {field!r}={shape} must have 2 dimensions (H, W)", **ids)
+        raise ProtocolError("bad_header", f"field {field!r}={_short(shape)} must have 2 dimensions (H, W)", **ids)
     smallest = 1 if is_frame else 0
     if any(n < smallest for n in shape):
-        raise ProtocolError("bad_header", f"field {field!r}={shape} must have sizes >= {smallest}", **ids)
+        raise ProtocolError("bad_header", f"field {field!r}={_short(shape)} must have sizes >= {smallest}", **ids)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """``prod(shape) * itemsize``, or ``None`` as soon as the running product passes ``limit`` (sizes are >= 0):
+    a declared size is never multiplied out further than the limit, however many digits its factors have."""
+    total = itemsize
+    for n in shape:
+        total *= n
+        if total > limit:
+            return None
+    return total
 
 
 def decode(
@@ -433,38 +512,51 @@ def decode(
     """``(message, arrays)`` from ``[header, *buffers]``; raises ``ProtocolError`` on anything malformed.
 
     Checks run cheapest first and sizes are checked as numbers before any buffer is looked at, so a hostile header
-    declaring a terabyte frame costs nothing. Arrays are read-only views on the received buffers.
+    declaring a terabyte frame costs nothing. Arrays are read-only views on the received buffers. Total: whatever
+    the bytes are, the only exception that leaves is ``ProtocolError`` (an unforeseen one becomes ``bad_header``),
+    because the caller is a loop serving everyone else.
     """
+    try:
+        return _decode(frames, max_frame_bytes=max_frame_bytes, check_finite=check_finite)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("bad_header", f"message cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(frames: Sequence[Any], *, max_frame_bytes: int, check_finite: bool) -> tuple[Any, list[np.ndarray]]:
     if len(frames) == 0:
         raise ProtocolError("bad_header", "empty message: expected [header, *buffers]")
     obj = _parse_header(frames[0])
     ids = _best_effort_ids(obj)
     msg = _validate(_MESSAGE, obj, ids)
     specs = _array_specs(msg)
+    sizes: list[int] = []
     for name, dtype, shape in specs:
         is_frame = isinstance(msg, Frame)
         item = _wire_dtype(dtype, "dtype" if is_frame else f"arrays[{name}].dtype", ids).itemsize
         _check_shape(shape, "shape" if is_frame else f"arrays[{name}].shape", ids, is_frame=is_frame)
-        if math.prod(shape) * item > max_frame_bytes:
+        nbytes = _nbytes(shape, item, max_frame_bytes)
+        if nbytes is None:
             raise ProtocolError(
                 "frame_too_large",
-                f"array {name!r} declares {dtype}{shape} = {math.prod(shape) * item} bytes; "
-                f"the limit is {max_frame_bytes} (raise max_frame_bytes in the config if this is intended)",
+                f"array {_short(name)} declares {dtype}{_short(shape)}, more than {max_frame_bytes} bytes "
+                "(raise max_frame_bytes in the config if this is intended)",
                 **ids,
             )
+        sizes.append(nbytes)
     buffers = frames[1:]
     if len(buffers) != len(specs):
         raise ProtocolError(
             "bad_payload", f"{msg.kind} header declares {len(specs)} buffer(s) but {len(buffers)} followed", **ids
         )
     arrays: list[np.ndarray] = []
-    for (name, dtype, shape), raw in zip(specs, buffers, strict=True):
+    for (name, dtype, shape), expected, raw in zip(specs, sizes, buffers, strict=True):
         buf = _as_buffer(raw)
-        expected = math.prod(shape) * np.dtype(dtype).itemsize
         if buf.nbytes != expected:
             raise ProtocolError(
                 "shape_mismatch",
-                f"array {name!r}: payload has {buf.nbytes} bytes but {dtype}{shape} needs {expected}",
+                f"array {_short(name)}: payload has {buf.nbytes} bytes but {dtype}{_short(shape)} needs {expected}",
                 **ids,
             )
         array = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
@@ -525,15 +617,15 @@ def encode_control(msg: BaseModel) -> bytes:
     return msg.model_dump_json().encode()
 
 
-def decode_control(raw: bytes) -> StatusCommand | ReloadCommand | SetCommand:
-    """A control request; bad JSON or an unknown command raises ``ProtocolError("bad_header", ...)``."""
+def decode_control(raw: Any, *, max_bytes: int = MAX_CONTROL_BYTES) -> StatusCommand | ReloadCommand | SetCommand:
+    """A control request; anything else (too large, too deep, not JSON, an unknown command, an unforeseen failure)
+    raises ``ProtocolError("bad_header", ...)`` — never another exception, so the control loop always answers."""
     try:
-        obj = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad_header", f"control request is not UTF-8 JSON ({exc})") from None
-    except RecursionError:
-        raise ProtocolError("bad_header", "control request nests too deeply") from None
-    _check_unicode(obj)
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
-    return _validate(_CONTROL, obj, {})
+        obj = load_json(raw, what="control request", max_bytes=max_bytes)
+        if not isinstance(obj, dict):
+            raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
+        return _validate(_CONTROL, obj, {})  # type: ignore[no-any-return]
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("bad_header", f"control request cannot be decoded ({type(exc).__name__})") from exc
