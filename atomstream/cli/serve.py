@@ -78,6 +78,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     field("--defect-classes", "comma-separated class names or indices (none: the manifest's)", type=_defect_classes)
     field("--defect-threshold", "defect score threshold in [0, 1]", type=float)
     field("--status-interval-s", "seconds between heartbeats", type=float)
+    field(
+        "--insecure",
+        "allow binding beyond loopback without CURVE (anyone who can connect may inject frames and reload)",
+        action="store_true",
+    )
+    config_flag(  # repeatable: one directory per flag
+        parser,
+        "--artifact-root",
+        dest="artifact_roots",
+        action="append",
+        type=Path,
+        where=_SERVICE,
+        field="artifact_roots",
+        help="a directory reload may load artifacts from, repeatable (null: the directory holding --artifact)",
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default: %(default)s)"
     )
