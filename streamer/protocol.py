@@ -390,8 +390,17 @@ def _as_buffer(frame: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _check_unicode(obj: Any) -> None:
-    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no reply could echo back: refuse them here."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: Any, raw: bytes) -> None:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no reply could echo back: refuse them here.
+
+    Valid UTF-8 cannot encode a surrogate, so only a ``\\uD8..``-``\\uDF..`` escape in ``raw`` can make one; the
+    (costly) re-encoding runs only then.
+    """
+    if raw.find(b"\\") < 0 or _SURROGATE_ESCAPE.search(raw) is None:
+        return
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -416,8 +425,8 @@ def json_depth(raw: bytes) -> int:
 
 def _deeper_than(raw: bytes, limit: int) -> int | None:
     """``json_depth(raw)`` if it exceeds ``limit``, else ``None``; free for the usual header, which opens fewer
-    brackets in all than the limit (two ``bytes.count`` calls)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    brackets in all than the limit (one ``bytes.translate``)."""
+    if len(raw.translate(None, _NOT_BRACKETS)) <= limit:  # brackets inside strings counted too: an upper bound
         return None
     depth = json_depth(raw)
     return depth if depth > limit else None
@@ -457,7 +466,7 @@ def load_json(raw: Any, *, what: str, max_bytes: int) -> Any:
         raise ProtocolError("bad_header", f"{what} holds {exc}") from None
     except (ValueError, RecursionError) as exc:  # belt and braces: the limits above should make these unreachable
         raise ProtocolError("bad_header", f"{what} cannot be read ({type(exc).__name__})") from None
-    _check_unicode(obj)
+    _check_unicode(obj, data)
     return obj
 
 
