@@ -154,15 +154,16 @@ def ledger_flood(ep: dict[str, Any], stop: Any) -> int:
     push = ctx.socket(zmq.PUSH)
     push.connect(ep["ingest"])
     sent = 0
-    for k in range(10_000):
+    long_id = bytes(encode(ScanStart(scan_id="000000" + "x" * 60_000))[0])  # made once: the attacker's CPU is not
+    for k in range(10_000):  # what is measured (it shares the machine with the victim)
         if stop.is_set():
             break
-        push.send_multipart(encode(ScanStart(scan_id=f"{k:06d}" + "x" * 60_000)))
+        push.send(long_id.replace(b'"000000', f'"{k:06d}'.encode(), 1))
         sent += 1
     for k in range(10_001):
         if stop.is_set():
             break
-        push.send_multipart(encode(ScanStart(scan_id=f"tiny-{k}")))
+        push.send(b'{"v": 1, "kind": "scan_start", "scan_id": "tiny-%d"}' % k)
         sent += 1
     stop.wait()
     ctx.destroy(linger=0)

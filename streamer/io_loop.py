@@ -256,6 +256,12 @@ class IOLoop:
                 self.poller.register(self.pull, zmq.POLLIN)
             else:
                 self.poller.unregister(self.pull)
+                if self.ingest_open:
+                    self.events.log(
+                        logging.INFO, "overload:block", "overloaded: ingest paused (%s); producers are pushed back",
+                        "a publish_reliable subscriber is behind" if self.publisher.holding else
+                        f"{len(self.frames)} frames, {self.frames.nbytes} bytes queued",
+                    )  # fmt: skip
             self.reading = on
 
     # ---------------------------------------------------------------- results and errors
