@@ -68,6 +68,7 @@ __all__ = ["IOLoop", "WakePipe"]
 log = logging.getLogger("atomstream.service")
 
 _INGEST_BURST = 64  # ingest messages read per poller wake-up before the outbox and control get a turn
+_MAX_FAILED_TURNS = 100  # turns failing in a row: the loop itself is broken, and the service fails (no hot spin)
 _DRAIN_QUIET_S = 0.1  # at shutdown, ingest counts as drained once nothing more arrived for this long
 
 
@@ -142,12 +143,17 @@ class IOLoop:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> None:
+        failed_turns = 0
         while True:
             try:
                 if self._turn():
                     return
+                failed_turns = 0
             except Exception:  # the last line of defence: whatever escaped one turn must not end the service
                 self._internal_error("the I/O loop")
+                failed_turns += 1
+                if failed_turns >= _MAX_FAILED_TURNS:  # not one bad message but a broken loop: fail loudly
+                    raise
 
     def _internal_error(self, where: str) -> None:
         """Count and log (rate-limited, with the traceback) an exception the loop survived."""
@@ -271,7 +277,13 @@ class IOLoop:
                 result = self.outbox.get_nowait()
             except queue.Empty:
                 return
-            self._on_result(result)
+            try:
+                self._on_result(result)
+            except Exception:
+                self._internal_error("publishing a result")
+                frame = result.frame
+                with contextlib.suppress(Exception):  # best effort: the frame is still accounted for
+                    self._error(frame.scan_id, frame.frame_id, "internal", "the service failed to publish its maps")
 
     def _on_result(self, result: FrameResult) -> None:
         frame = result.frame
