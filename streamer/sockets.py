@@ -21,13 +21,13 @@ import zmq
 from streamer.config import ServiceConfig
 from streamer.protocol import MAX_HEADER_BYTES
 
-__all__ = ["SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
+__all__ = ["SUBSCRIPTION_BYTES", "SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
 
 #: ``ServiceConfig`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
 NAMES = ("ingest", "publish", "control", "publish_reliable")
 #: The CURVE role (ZAP domain) of each socket: who may connect to it.
 ROLE_OF = {"ingest": "ingest", "publish": "publish", "control": "control", "publish_reliable": "publish"}
-_SUBSCRIPTION_BYTES = 4096  # a subscription frame is a topic prefix: the longest topic is 12 bytes
+SUBSCRIPTION_BYTES = 4096  # a subscription frame is a topic prefix: the longest topic is 12 bytes
 
 
 class SocketError(RuntimeError):
@@ -100,7 +100,7 @@ def open_sockets(cfg: ServiceConfig) -> SocketSet:
             s.setsockopt(zmq.LINGER, 0)
         for s in (sockets.pub, sockets.reliable):
             if s is not None:
-                s.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIPTION_BYTES)
+                s.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
         for s in (sockets.pub, sockets.reliable):
             if s is not None:
                 s.setsockopt(zmq.LINGER, cfg.linger_ms)
