@@ -1,9 +1,10 @@
 """Attacks of issue 13 against a real ``atomstream serve`` on its defaults, while a 20 fps victim producer runs.
 
-One service (default limits; loopback ports picked free; ``--publish-reliable`` on, so its attack can be replayed) and
-one victim: a producer sending a 256×256 float32 frame every 50 ms with its acquisition time, and a subscriber taking
-the victim's maps. Latency is acquisition → maps received. First a quiet phase, then one phase per attack, each
-``--phase-s`` long, the attacker in a process of its own (so its work does not steal the victim's interpreter):
+One service, started as ``soak.py`` starts it (default limits; loopback ports picked free; heartbeats at 5 Hz) with
+``--publish-reliable`` on, so that attack can be replayed too; and one victim: a producer sending a 256×256 float32
+frame every 50 ms with its acquisition time, and a subscriber taking the victim's maps. Latency is acquisition → maps
+received. First a quiet phase, then one phase per attack, each ``--phase-s`` long, the attacker in a process of its
+own (so its work does not steal the victim's interpreter):
 
 * ``killer messages`` — >4,300-digit integers, a shape of two 3,000-digit integers, ``meta`` 984 deep, on ingest and
   control, as fast as they go (each once ended the service);
@@ -26,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import select
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import zmq
+from soak import _make_artifact, start_service
 
 from streamer.client import Subscriber
 from streamer.protocol import ScanStart, encode, frame_message
 
-ROOT = Path(__file__).resolve().parents[1]
 VICTIM_FPS = 20.0
 VICTIM_SHAPE = (256, 256)
 _RECOVERY_S = 60.0  # after a phase, how long to wait for the victim's frames to come back promptly
@@ -270,29 +269,12 @@ def _status(ep: dict[str, Any]) -> bool:
         ctx.destroy(linger=0)
 
 
-def _start_service(artifact: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    argv = [
-        sys.executable, "-c", "import sys; from atomstream.cli import main; sys.exit(main())", "serve",
-        "--artifact", str(artifact), "--device", "cpu", "--ingest", "tcp://127.0.0.1:0",
-        "--publish", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0", "--metrics-port", "none",
-        "--publish-reliable", "tcp://127.0.0.1:0", "--log-level", "WARNING",
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        proc.kill()
-        raise RuntimeError("atomstream serve did not become ready within 120 s")
-    return proc, json.loads(line)
-
-
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run(artifact: Path, attack_dir: Path, phase_s: float, attacks: list[str]) -> list[dict[str, Any]]:
-    proc, ep = _start_service(artifact)
+    proc, ep = start_service(artifact, "--publish-reliable", "tcp://127.0.0.1:0")
     ep = {**ep, "artifact": str(artifact), "attack_dir": str(attack_dir)}
     victim = Victim(ep)
     ctx = mp.get_context("spawn")
@@ -363,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.artifact is None:
-            from soak import _make_artifact
-
             artifact = _make_artifact(root / "artifact")
         else:
             import shutil

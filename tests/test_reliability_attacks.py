@@ -24,8 +24,17 @@ import zmq
 from artifact_factory import make_artifact
 from pydantic import ValidationError
 from slow_encoder import SlowEncoder
-from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, collect, control, metric_value, push_frame, service_config, subscribe
+from zmq_helpers import (
+    Sockets,
+    collect,
+    control,
+    handshake_succeeds,
+    metric_value,
+    push_frame,
+    service_config,
+    slow_subscriber,
+    subscribe,
+)
 
 from atomstream.cli import main
 from streamer.client import Controller, Subscriber
@@ -34,7 +43,7 @@ from streamer.encoder import Encoder, load
 from streamer.frame_queue import FrameQueue, QueuedFrame
 from streamer.manifest import ArtifactError, sha256_file
 from streamer.protocol import ScanEnd, ScanStart, encode
-from streamer.security import ClientCurve, CurveConfig, generate_keys, secure_client_socket
+from streamer.security import ClientCurve, CurveConfig, generate_keys
 from streamer.service import Service, ServiceError
 
 T = 20.0
@@ -242,11 +251,7 @@ def test_a_reliable_subscriber_that_never_reads_cannot_freeze_ingest(encoder: En
     cfg = _config(publish_reliable="tcp://127.0.0.1:0", send_hwm=1, reliable_timeout_s=0.2)
     with Service(cfg, encoder=encoder) as svc:
         svc.wait_ready(T)
-        stuck = zs.socket(zmq.SUB)
-        stuck.setsockopt(zmq.RCVHWM, 1)
-        stuck.setsockopt(zmq.RCVBUF, 4096)
-        stuck.setsockopt(zmq.SUBSCRIBE, b"")
-        stuck.connect(svc.publish_reliable_endpoint or "")
+        stuck = slow_subscriber(zs, svc.publish_reliable_endpoint or "")
         assert stuck.poll(T * 1000)  # connected (a heartbeat arrived); it never reads again
         push = zs.socket(zmq.PUSH)
         push.connect(svc.ingest_endpoint)
@@ -330,22 +335,9 @@ def test_the_model_identity_covers_the_manifest_and_failed_parity_is_refused(
 
 
 def _handshake_ok(zs: Sockets, kind: int, endpoint: str, curve: ClientCurve) -> bool:
-    """Whether the server completes a CURVE handshake with this key on this socket (its monitor says)."""
     sock = zs.socket(kind)
-    secure_client_socket(sock, client_secret_file=curve.client_secret_file, server_public_file=curve.server_public_file)
-    monitor = sock.get_monitor_socket()
-    try:
-        sock.connect(endpoint)
-        failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                  zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
-        while True:
-            assert monitor.poll(T * 1000), "no handshake outcome"
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or event in failed:
-                return bool(event == zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
+    curve.apply(sock)
+    return handshake_succeeds(sock, endpoint, timeout_s=T)
 
 
 def test_each_role_has_its_own_allow_list(encoder: Encoder, zs: Sockets, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import zmq
 from artifact_factory import make_artifact
 from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, collect, control, service_config, subscribe
+from zmq_helpers import Sockets, collect, control, service_config, slow_subscriber, subscribe
 
 from streamer.config import ServiceConfig
 from streamer.encoder import Encoder, load
@@ -101,11 +101,7 @@ def test_a_reliable_subscriber_gets_every_map_even_when_slow(encoder: Encoder, z
     cfg = _config(send_hwm=5, publish_reliable="tcp://127.0.0.1:0")
     with Service(cfg, encoder=encoder) as svc:
         svc.wait_ready(TIMEOUT_S)
-        controller = zs.socket(zmq.SUB)
-        controller.setsockopt(zmq.RCVHWM, 1)
-        controller.setsockopt(zmq.RCVBUF, 4096)
-        controller.setsockopt(zmq.SUBSCRIBE, b"")
-        controller.connect(svc.publish_reliable_endpoint or "")
+        controller = slow_subscriber(zs, svc.publish_reliable_endpoint or "")
         while decode_published(controller.recv_multipart())[0].kind != "status":  # connected
             pass
         push = zs.socket(zmq.PUSH)
