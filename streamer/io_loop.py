@@ -69,7 +69,7 @@ log = logging.getLogger("atomstream.service")
 
 _INGEST_BURST = 64  # ingest messages read per poller wake-up before the outbox and control get a turn
 _MAX_FAILED_TURNS = 100  # turns failing in a row: the loop itself is broken, and the service fails (no hot spin)
-_DRAIN_QUIET_S = 0.1  # at shutdown, ingest counts as drained once nothing more arrived for this long
+_DRAIN_QUIET_S = 0.05  # at shutdown, ingest counts as drained once nothing more arrived for this long
 
 
 class WakePipe:
