@@ -19,6 +19,7 @@ naming the field and value, and nothing is allocated from a declared size before
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from collections.abc import Sequence
