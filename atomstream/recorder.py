@@ -168,7 +168,13 @@ class Recorder:
     """Writes published messages (``streamer.client.Received``) into one HDF5 file; a context manager."""
 
     def __init__(
-        self, path: str | Path, *, endpoint: str = "", overwrite: bool = False, manifest: dict[str, Any] | None = None
+        self,
+        path: str | Path,
+        *,
+        endpoint: str = "",
+        overwrite: bool = False,
+        manifest: dict[str, Any] | None = None,
+        manifest_sha256: str | None = None,
     ) -> None:
         try:
             import h5py
@@ -178,6 +184,7 @@ class Recorder:
         if self.path.exists() and not overwrite:
             raise RecorderError(f"{self.path} exists; pass --force (overwrite=True) to replace it, or pick a new name")
         self._manifest = manifest
+        self._manifest_sha256 = manifest_sha256  # the model identity maps carry (sha256 of manifest.json)
         self._h5 = h5py.File(self.path, "w")
         self._h5.attrs.update(
             {
@@ -223,7 +230,7 @@ class Recorder:
             )
             if self._manifest is not None:
                 shas = {f.get("sha256") for f in self._manifest.get("files", {}).values() if isinstance(f, dict)}
-                if key[2] in shas:
+                if key[2] == self._manifest_sha256 or key[2] in shas:  # identity now; a file hash from older services
                     g.attrs["manifest"] = json.dumps(self._manifest)
                 else:
                     self.unmatched_manifest = True

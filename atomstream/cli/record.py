@@ -8,6 +8,7 @@ one line goes to stdout, ``recording from ENDPOINT into PATH``, so a script know
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -65,17 +66,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_record)
 
 
-def _manifest(artifact: Path | None) -> dict | None:
+def _manifest(artifact: Path | None) -> tuple[dict | None, str | None]:
+    """The manifest of ``--artifact`` and its sha256 as stored (the model identity the service publishes)."""
     if artifact is None:
-        return None
+        return None, None
     path = artifact / "manifest.json" if artifact.is_dir() else artifact
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise CommandError(f"--artifact {artifact}: cannot read its manifest.json ({exc})") from None
     if not isinstance(data, dict):
         raise CommandError(f"--artifact {artifact}: manifest.json is not a JSON object")
-    return data
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -91,9 +94,11 @@ def _record(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise CommandError(f"--duration must be positive, got {args.duration}")
     curve = subscriber_curve(args)
-    manifest = _manifest(args.artifact)
+    manifest, identity = _manifest(args.artifact)
     try:
-        recorder = Recorder(args.output, endpoint=endpoint, overwrite=args.force, manifest=manifest)
+        recorder = Recorder(
+            args.output, endpoint=endpoint, overwrite=args.force, manifest=manifest, manifest_sha256=identity
+        )
     except RecorderError as exc:
         raise CommandError(str(exc)) from None
     interrupted = False
