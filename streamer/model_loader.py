@@ -82,7 +82,7 @@ class ModelLoader:
         self.on_done = on_done  # a reload finished: wake the I/O thread
         self.defect_classes: list[str | int] | None = cfg.defect_classes
         self.roots: list[Path] = list(cfg.artifact_roots or ([cfg.artifact.parent] if cfg.artifact else []))
-        self._running: threading.Thread | None = None
+        self._last: ReloadJob | None = None  # still not done when the next reload comes: it was abandoned
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -128,11 +128,10 @@ class ModelLoader:
         ``ReloadRefusedError`` (nothing started) for a path outside the roots, or while an abandoned reload still runs.
         """
         path = under_roots(artifact, self.roots)
-        if self._running is not None and self._running.is_alive():
+        if self._last is not None and not self._last.done.is_set():
             raise ReloadRefusedError("a previous reload is still running (it timed out); try again once it has ended")
-        job = ReloadJob(str(path), deadline=time.monotonic() + self.cfg.reload_timeout_s)
-        self._running = threading.Thread(target=self._reload, args=(job,), name="atomstream-reload", daemon=True)
-        self._running.start()
+        job = self._last = ReloadJob(str(path), deadline=time.monotonic() + self.cfg.reload_timeout_s)
+        threading.Thread(target=self._reload, args=(job,), name="atomstream-reload", daemon=True).start()
         return job
 
     def _reload(self, job: ReloadJob) -> None:
