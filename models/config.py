@@ -39,6 +39,12 @@ class ModelConfig(_Frozen):
         "plain MLP from (z, y) to all pixels, the paper's j-VAE baseline, only for models with no rotation or "
         "translation",
     )
+    class_head: Literal["invariant", "pixels"] = Field(
+        "invariant",
+        description="what q(y|x) reads: invariant = features the model's rotation/translation leave unchanged "
+        "(models.nets.InvariantFeatures), so the class cannot follow angle, shift or lattice registration; pixels = "
+        "the paper's shared encoder trunk",
+    )
     encoder_hidden: tuple[int, ...] = (256, 256)
     decoder_hidden: tuple[int, ...] = (256, 256, 256)
     conv_channels: tuple[int, ...] = (32, 64, 128)
@@ -112,6 +118,23 @@ class Annealing(_Frozen):
 
 class TrainConfig(_Frozen):
     epochs: int = Field(100, ge=1)
+    class_init: Literal["invariant_gmm", "random"] = Field(
+        "invariant_gmm",
+        description="where the class head starts: invariant_gmm fits it to a Gaussian mixture of the patches in "
+        "features invariant to the model's rotation/translation (models.warm_start), which keeps the class latent "
+        "from collapsing or sorting by nuisance; random is the plain VAE start",
+    )
+    class_anchor: float = Field(
+        20.0,
+        ge=0,
+        description="weight (nats per image) of the cross-entropy between q(y|x) and the initial clusters at the "
+        "start of training; it falls linearly to class_anchor_end over the annealing ramp",
+    )
+    class_anchor_end: float = Field(
+        0.0,
+        ge=0,
+        description="weight of that cross-entropy after the annealing ramp (0: the ELBO alone trains from then on)",
+    )
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0

@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CLASS",
         help="a class (name or index) the service flags as defect by default; repeatable",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="export even a run whose class latent collapsed (see diagnosis.json); the manifest still says so",
+    )
     p.set_defaults(func=_export)
 
 
@@ -62,7 +67,7 @@ def _export(args: argparse.Namespace) -> int:
     from exporters.export import ExportError, export_model
     from exporters.triton import TritonError, write_triton_model
     from exporters.verify import ParityError, parity_patches
-    from models.checkpoint import CheckpointError, load_run
+    from models.checkpoint import CheckpointError, load_diagnosis, load_run
     from models.data import DataError
 
     if not args.run_dir.is_dir():
@@ -75,6 +80,15 @@ def _export(args: argparse.Namespace) -> int:
         model, run = load_run(args.run_dir, device="cpu")
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
         raise CommandError(f"cannot load run {str(args.run_dir)!r}: {str(exc).splitlines()[0]}") from None
+    health = load_diagnosis(args.run_dir)
+    if health is not None and health.get("collapsed"):
+        if not args.force:
+            raise CommandError(
+                f"run {str(args.run_dir)!r} has a collapsed class latent ({health.get('reason')}): its class map "
+                "would mean nothing. Retrain (more --budget, another --seed, fewer --classes) or pass --force"
+            )
+        reason = health.get("reason")
+        print(f"atomstream export: warning: exporting a collapsed model (--force): {reason}", file=sys.stderr)
     defects = _defect_classes(args.defect_class, run.model.names_of_classes())
     try:
         patches, described, notes = parity_patches(run, parity_data=args.parity_data)
@@ -93,6 +107,7 @@ def _export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fp16=args.fp16,
             defect_classes=defects,
+            class_health=health,
         )
     except (ParityError, ExportError) as exc:
         raise CommandError(str(exc)) from None

@@ -15,7 +15,10 @@ from typing import Any
 
 from atomstream.cli import CommandError
 
-__all__ = ["open_run", "read_patches", "register"]
+__all__ = ["DEFAULT_BUDGET_S", "open_run", "read_patches", "register"]
+
+#: Default training time when no --epochs is given: a few minutes on a 2-core CPU for a few thousand patches.
+DEFAULT_BUDGET_S = 300.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,10 +50,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="σ of the Gaussian likelihood (default 0.2; smaller σ risks class collapse)",
     )
     opt = tr.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=100)
+    opt.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="number of epochs (default: as many as fit in --budget, from a timed warm-up)",
+    )
+    opt.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"training time budget in seconds when --epochs is not given (default {DEFAULT_BUDGET_S:g})",
+    )
     opt.add_argument("--batch-size", type=int, default=128)
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument(
+        "--class-init",
+        choices=("invariant_gmm", "random"),
+        default=None,
+        help="where the class head starts (default invariant_gmm: a Gaussian mixture of the patches in features "
+        "invariant to the model's rotation and shift, which keeps the classes from collapsing; see docs/training.md)",
+    )
     opt.add_argument("--beta2-start", type=float, default=None, help="β2 on z at the start of annealing (default 8)")
     opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     opt.add_argument("--val-fraction", type=float, default=0.1, help="share of the data held out for validation")
@@ -135,8 +156,10 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--classes {args.classes}: must be >= 0 (0 drops the class latent)")
     if args.latent < 1:
         raise CommandError(f"--latent {args.latent}: the continuous latent needs at least 1 dimension")
-    if args.epochs < 1 or args.batch_size < 1:
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1:
         raise CommandError(f"--epochs {args.epochs} and --batch-size {args.batch_size} must be at least 1")
+    if args.budget <= 0:
+        raise CommandError(f"--budget {args.budget}: the time budget must be a positive number of seconds")
     if args.lr <= 0:
         raise CommandError(f"--lr {args.lr}: the learning rate must be positive")
     if args.hidden < 1:
@@ -181,11 +204,12 @@ def _train(args: argparse.Namespace) -> int:
                 **({} if args.gaussian_scale is None else {"gaussian_scale": args.gaussian_scale}),
             ),
             train=TrainConfig(
-                epochs=args.epochs,
+                **({} if args.epochs is None else {"epochs": args.epochs}),
                 batch_size=args.batch_size,
                 lr=args.lr,
                 seed=args.seed,
                 device=args.device,
+                **({} if args.class_init is None else {"class_init": args.class_init}),
                 val_fraction=args.val_fraction,
                 progress=not args.no_progress,
                 **({} if args.beta2_start is None else {"annealing": Annealing(beta2_start=args.beta2_start)}),
@@ -200,6 +224,12 @@ def _train(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from models.train import FitError, fit
 
+    if args.epochs is None and not args.resume:
+        from models.budget import plan_epochs
+
+        plan = plan_epochs(cfg, patches.images, args.budget)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
+        print(f"training plan: {plan.describe()}; set --epochs or --budget to change it", flush=True)
     try:
         result = fit(cfg, patches.images, args.out, resume=args.resume)
     except (FitError, CheckpointError) as exc:
@@ -212,11 +242,11 @@ def _train(args: argparse.Namespace) -> int:
     if last:
         print("final " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if cfg.model.n_classes > 1:
-        _name_and_report_classes(result.model, patches, cfg.model, args.out)
+        _name_and_report_classes(result.model, patches, cfg.model, args.out, result.diagnosis)
     return 0
 
 
-def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path) -> None:
+def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path, diagnosis: Any) -> None:
     """Name the classes after the labels they match, if the data has named labels; print how the patches spread
     over the classes, and say so plainly when they all went to one.
 
@@ -224,7 +254,7 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
     unsupervised model is not label k of the data, hence the matching (on the training patches) before naming.
     """
     from models.checkpoint import rename_classes
-    from models.evaluate import class_usage, collapse_warning, encode_images, matched_class_names
+    from models.evaluate import ClassDiagnosis, class_usage, collapse_warning, encode_images, matched_class_names
 
     prob = encode_images(model, patches.images)["class_prob"]
     names = model_cfg.names_of_classes()
@@ -234,9 +264,16 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
         print("classes named after the labels they match on the training patches: " + ", ".join(names))
     usage = class_usage(prob)
     print("class usage: " + ", ".join(f"{n} {u:.0%}" for n, u in zip(names, usage, strict=True)))
-    warning = collapse_warning(usage, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
+    if diagnosis is None:
+        return
+    diag = ClassDiagnosis.from_dict(diagnosis)
+    print("class diagnosis: " + diag.summary())
+    warning = collapse_warning(diag, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
     if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(
+            f"warning: {warning}. `atomstream export` refuses this run unless --force.",
+            file=sys.stderr,
+        )
 
 
 def _last_losses(history: Any) -> dict[str, float]:
