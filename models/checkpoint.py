@@ -80,13 +80,15 @@ def _history_csv(history: list[dict]) -> str:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    """Training and validation loss per epoch, as a PNG (Agg backend: works without a display)."""
-    import matplotlib
+    """Training and validation loss per epoch, as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``matplotlib.figure.Figure`` (it renders PNG itself, with no display), never through pyplot:
+    calling ``fit`` from a notebook must not switch the user's backend or leave a figure open in their session.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.subplots()
     epochs = [r["epoch"] for r in history]
     ax.plot(epochs, [r["loss"] for r in history], label="train")
     val = [(r["epoch"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
@@ -98,7 +100,6 @@ def plot_history(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     _atomic_write_bytes(path, buf.getvalue())
 
 

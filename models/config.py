@@ -7,13 +7,21 @@ were cut and transformed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streamer.manifest import Tiling
 from streamer.preprocess import Preprocessing
 
 __all__ = ["Annealing", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"]
+
+#: Patch side of a model and of the data it is cut from, unless told: two lattice constants of a typical 16 px
+#: lattice (a stack's patch is its image size whatever this says). The grid stride default is a quarter of it.
+_PATCH = (32, 32)
+#: Tiling and the atom finder: defaults and bounds are the manifest's, so training starts from what serving records.
+_TILING = Tiling.model_fields
+_Width = Annotated[int, Field(ge=1)]  # a layer's width or a convolution's channels
 
 
 class _Frozen(BaseModel):
@@ -27,7 +35,7 @@ class ModelConfig(_Frozen):
     invariances on and off, so the six variants of the paper are six settings of this one object.
     """
 
-    patch: tuple[int, int] = (48, 48)
+    patch: tuple[int, int] = _PATCH
     n_classes: int = Field(4, ge=0, le=64)
     latent_dim: int = Field(2, ge=1, le=64)
     rotation: bool = True
@@ -45,9 +53,9 @@ class ModelConfig(_Frozen):
         "(models.nets.InvariantFeatures), so the class cannot follow angle, shift or lattice registration; pixels = "
         "the paper's shared encoder trunk",
     )
-    encoder_hidden: tuple[int, ...] = (256, 256)
-    decoder_hidden: tuple[int, ...] = (256, 256, 256)
-    conv_channels: tuple[int, ...] = (32, 64, 128)
+    encoder_hidden: tuple[_Width, ...] = (256, 256)
+    decoder_hidden: tuple[_Width, ...] = (256, 256, 256)
+    conv_channels: tuple[_Width, ...] = (32, 64, 128)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     gaussian_scale: float = Field(
         0.2,
@@ -144,6 +152,13 @@ class TrainConfig(_Frozen):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0)
     progress: bool = True
+    likelihood_threads: int = Field(
+        1,
+        ge=1,
+        description="CPU threads the coordinate decoder's fused likelihood spreads its chunks over; 1 runs them in "
+        "turn on torch's own intra-op threads. More is fastest with torch at one intra-op thread, a process-wide "
+        "setting fit leaves alone (atomstream train sets both)",
+    )
 
 
 class DataConfig(_Frozen):
@@ -155,13 +170,13 @@ class DataConfig(_Frozen):
 
     source: str = ""
     kind: Literal["stack", "grid", "atoms"] = "stack"
-    patch: tuple[int, int] = (48, 48)
-    stride: tuple[int, int] = (8, 8)
-    origin: tuple[int, int] = (0, 0)
+    patch: tuple[int, int] = _PATCH
+    stride: tuple[int, int] = _TILING["stride"]
+    origin: tuple[int, int] = _TILING["origin"]
     preprocessing: Preprocessing = Preprocessing()
-    atom_sigma: float = Field(1.5, ge=0)
-    atom_min_distance: int = Field(5, ge=1)
-    atom_threshold: float = Field(0.2, ge=0, le=1)
+    atom_sigma: float = _TILING["atom_sigma"]
+    atom_min_distance: int = _TILING["atom_min_distance"]
+    atom_threshold: float = _TILING["atom_threshold"]
 
 
 class RunConfig(_Frozen):

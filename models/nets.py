@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, coord_mlp_log_likelihood, pixel_log_likelihood
 
 __all__ = [
     "BroadcastDecoder",
@@ -40,6 +40,7 @@ __all__ = [
     "InvariantClassHead",
     "InvariantFeatures",
     "MLPEncoder",
+    "posterior_means",
 ]
 
 _MIN_SCALE = 1e-4
@@ -177,6 +178,38 @@ class InvariantClassHead(nn.Module):
         return self.net(self.features(x))
 
 
+def posterior_means(
+    heads: dict[str, Tensor], *, n_classes: int, rotation: bool, translation: bool, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The guide's posterior means from an encoder's heads, under the exported output names.
+
+    ``class_logits`` and ``class_prob = softmax(class_logits)`` (when ``n_classes > 0``), ``z_loc`` (the mean of z)
+    and ``z_scale``, ``angle`` (with rotation: the mean direction ``atan2(c_y, c_x)`` of the projected normal's
+    concentration, radians in (-π, π]) and ``shift`` (with translation: the loc of q(s|x), ``(s_x, s_y)``).
+
+    ``JTrVAE.encode`` and the export wrapper both call this one function, so what is served cannot drift from what
+    the model reports. ``dtype`` converts each head first: the fp16 export does its softmax and ``atan2`` in float32,
+    where the ill-conditioned angle of a weak concentration is safest. Pure tensor code, so it traces and exports.
+    """
+
+    def head(name: str) -> Tensor:
+        return heads[name] if dtype is None else heads[name].to(dtype)
+
+    out: dict[str, Tensor] = {}
+    if n_classes > 0:
+        logits = head("class_logits")
+        out["class_logits"] = logits
+        out["class_prob"] = torch.softmax(logits, dim=-1)
+    out["z_loc"] = head("z_loc")
+    out["z_scale"] = head("z_scale")
+    if rotation:
+        c = head("angle_loc")
+        out["angle"] = torch.atan2(c[:, 1], c[:, 0])
+    if translation:
+        out["shift"] = head("shift_loc")
+    return out
+
+
 class MLPEncoder(nn.Module):
     """The paper's inference network: the flattened image through tanh layers (2×256 by default), then the heads."""
 
@@ -290,12 +323,22 @@ class CoordDecoder(nn.Module):
         return self.out(h).squeeze(-1)
 
     def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> Tensor:
         """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, by the fused cache-sized kernel.
 
         Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
-        materialising the ``(..., B, P, H)`` activations; see ``models.fused_likelihood``.
+        materialising the ``(..., B, P, H)`` activations; ``threads`` and ``chunk_rows`` say how the work is cut and
+        spread (``models.fused_likelihood.coord_mlp_log_likelihood``).
         """
         return coord_mlp_log_likelihood(
             coords,
@@ -308,10 +351,31 @@ class CoordDecoder(nn.Module):
             out_bias=self.out.bias,
             likelihood=likelihood,
             gaussian_scale=gaussian_scale,
+            threads=threads,
+            chunk_rows=chunk_rows,
         )
 
 
-class DenseDecoder(nn.Module):
+class _AutogradLikelihood(nn.Module):
+    """``log_likelihood`` of a decoder whose logits are small enough to materialise: plain autograd."""
+
+    def log_likelihood(
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
+        decoder's interface and unused (one autograd pass has no chunks to spread)."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
+
+
+class DenseDecoder(_AutogradLikelihood):
     """A plain MLP from ``(z, y)`` to every pixel at once: the decoder of a VAE that infers no transform.
 
     It ignores the coordinates (only their count is used), so it cannot draw a rotation or a shift, and is valid only
@@ -346,14 +410,8 @@ class DenseDecoder(nn.Module):
             h = torch.tanh(layer(h))
         return self.out(h)
 
-    def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
-
-class BroadcastDecoder(nn.Module):
+class BroadcastDecoder(_AutogradLikelihood):
     """The supplement's spatial-broadcast decoder: 3×3 convolutions over the transformed-coordinate image.
 
     The latent (``z`` and one-hot ``y``) enters every layer: the paper stacks the tiled latent as extra channels at
@@ -403,9 +461,3 @@ class BroadcastDecoder(nn.Module):
             h = torch.tanh(h + b[..., None, None])
         out = self.out(h.reshape(-1, *h.shape[-3:]))
         return out.reshape(*lead, ph * pw)
-
-    def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)

@@ -160,6 +160,7 @@ def fit(
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
+    model.likelihood_threads = tc.likelihood_threads
 
     anchor = None
     head = getattr(model.encoder, "class_head", None)

@@ -55,9 +55,13 @@ def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
 
 @contextmanager
 def _quiet_jit() -> Iterator[None]:
-    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it."""
+    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it.
+
+    torch < 2.14 says it with a DeprecationWarning, 2.14 with a FutureWarning.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         yield
 
 
@@ -300,7 +304,7 @@ def load(
     if file_name not in manifest.files:
         raise ArtifactError(
             f"{root / 'manifest.json'}: field 'files' lists no {file_name}; choose another backend or re-export"
-            + (" with --fp16" if fp16 else "")
+            + (" with the fp16 variant" if fp16 else "")
         )
     path = root / file_name
     cuda = _cuda_for(backend, device)

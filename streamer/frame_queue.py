@@ -30,6 +30,8 @@ class QueuedFrame:
     t_acq_ns: int | None
     t_recv_ns: int
     t_recv: float  # perf_counter at receipt, for the end-to-end histogram
+    pixel_size: float | None = None  # the frame's meta.pixel_size/pixel_unit, carried into its maps and defects
+    pixel_unit: str | None = None
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,18 @@ class IOLoop:
             t_acq_ns=frame.t_acq_ns,
             t_recv_ns=frame.t_recv_ns,
             t_pub_ns=time.time_ns(),
+            pixel_size=frame.pixel_size,
+            pixel_unit=frame.pixel_unit,
         )
         self.publisher.send(encode_published(header, *maps.buffers()))
-        self.publisher.publish(maps.defects_message(scan_id=frame.scan_id, frame_id=frame.frame_id, seq=0))
+        defects = maps.defects_message(
+            scan_id=frame.scan_id,
+            frame_id=frame.frame_id,
+            seq=0,
+            pixel_size=frame.pixel_size,
+            pixel_unit=frame.pixel_unit,
+        )
+        self.publisher.publish(defects)
         done = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="publish").observe(done - t0)
         self.metrics.end_to_end_seconds.observe(done - frame.t_recv)
@@ -263,7 +272,9 @@ class IOLoop:
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t_recv)
         if isinstance(msg, Frame):
             self.ledger.received(msg.scan_id)
-            frame = QueuedFrame(msg.scan_id, msg.frame_id, arrays[0], msg.t_acq_ns, t_recv_ns, t_recv)
+            frame = QueuedFrame(
+                msg.scan_id, msg.frame_id, arrays[0], msg.t_acq_ns, t_recv_ns, t_recv, msg.pixel_size, msg.pixel_unit
+            )
             for old in self.frames.put(frame):
                 self._error(
                     old.scan_id,

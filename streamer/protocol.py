@@ -12,8 +12,8 @@ message by its ``arrays`` list. No Python-object serialisation: any producer in 
 ``encode(msg, *arrays)`` and ``decode(frames)`` are exact inverses and touch no socket, so the whole format is
 tested without ZeroMQ. ``encode`` sends contiguous little-endian arrays without copying (their memory is the
 frame); ``decode`` returns ``np.frombuffer`` views on the received bytes. ``decode`` is the service's first line of
-defence: any bad input raises ``ProtocolError`` with one of the reason codes of DESIGN.md and a message naming the
-field and value, and nothing is allocated from a declared size before that size has been checked.
+defence: any bad input raises ``ProtocolError`` with one of the reason codes (docs/architecture.md) and a message
+naming the field and value, and nothing is allocated from a declared size before that size has been checked.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -124,7 +124,33 @@ class Frame(_Msg):
     dtype: str = Field(description="element type of the buffer, one of the supported dtypes")
     shape: list[WireInt] = Field(description="[H, W], positive; the buffer holds H*W*itemsize bytes, C order")
     t_acq_ns: WireInt | None = Field(None, description="acquisition time (ns since the epoch), for latency figures")
-    meta: dict[str, Any] = Field(default_factory=dict, description="free-form (pixel size, stage position, …)")
+    meta: dict[str, Any] = Field(
+        default_factory=dict,
+        description="free-form (stage position, …); pixel_size (> 0) and pixel_unit (e.g. nm) calibrate the maps",
+    )
+
+    @field_validator("meta")
+    @classmethod
+    def _calibration(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """A pixel size the maps would carry must make sense; refusing it here makes it a ``bad_header`` error."""
+        size, unit = meta.get("pixel_size"), meta.get("pixel_unit")
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0
+        ):
+            raise ValueError(f"meta.pixel_size must be a finite number > 0 (frame pixel size), got {size!r}")
+        if unit is not None and (not isinstance(unit, str) or not unit.strip()):
+            raise ValueError(f"meta.pixel_unit must be a non-empty string such as 'nm', got {unit!r}")
+        return meta
+
+    @property
+    def pixel_size(self) -> float | None:
+        size = self.meta.get("pixel_size")
+        return None if size is None else float(size)
+
+    @property
+    def pixel_unit(self) -> str | None:
+        unit = self.meta.get("pixel_unit")
+        return None if unit is None else str(unit)
 
 
 class ScanEnd(_Msg):
@@ -179,6 +205,8 @@ class Maps(_Msg):
         description="one buffer follows per entry, in order: class (uint8), class_prob, z, angle, shift, "
         "defect_score, centers (points layout)"
     )
+    pixel_size: float | None = Field(None, gt=0, description="frame pixel size in pixel_unit (the frame's meta)")
+    pixel_unit: str | None = Field(None, description="unit of pixel_size, e.g. nm (the frame's meta)")
 
 
 class Defect(BaseModel):
@@ -197,6 +225,8 @@ class Defects(_Msg):
     frame_id: int = Field(ge=0)
     seq: int = Field(ge=0)
     defects: list[Defect]
+    pixel_size: float | None = Field(None, gt=0, description="frame pixel size in pixel_unit: y, x times this")
+    pixel_unit: str | None = Field(None, description="unit of pixel_size, e.g. nm")
 
 
 class Error(_Msg):

@@ -63,7 +63,7 @@ class Service:
 
     def __init__(self, cfg: ServiceConfig, *, encoder: EncoderLike | None = None) -> None:
         if encoder is None and cfg.artifact is None:
-            raise ServiceError("no model: set the artifact directory (--artifact DIR) or pass an encoder")
+            raise ServiceError("no model: set ServiceConfig.artifact (the artifact directory) or pass an encoder")
         self.cfg = cfg
         self.metrics = ServiceMetrics()
         self._encoder = encoder
