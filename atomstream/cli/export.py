@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, help="run directory written by `atomstream train`")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new or empty)")
     p.add_argument(
-        "--force", action="store_true", help="overwrite a non-empty --out (a running service may be serving it)"
+        "--force",
+        action="store_true",
+        help="overwrite a non-empty --out (a running service may be serving it), and export a run whose class "
+        "latent collapsed (diagnosis.json; the manifest records it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -50,11 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="CLASS",
         help="a class (name or index) the service flags as defect by default; repeatable",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="export even a run whose class latent collapsed (see diagnosis.json); the manifest still says so",
     )
     p.set_defaults(func=_export)
 
