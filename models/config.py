@@ -54,7 +54,11 @@ class ModelConfig(_Frozen):
         "the paper's shared encoder trunk",
     )
     encoder_hidden: tuple[_Width, ...] = (256, 256)
-    decoder_hidden: tuple[_Width, ...] = (256, 256, 256)
+    decoder_hidden: tuple[_Width, ...] = Field(
+        (64, 64, 64),
+        description="coordinate-decoder widths; it runs once per pixel per enumerated class (K·B·H·W rows, ~95 % of "
+        "a step), so 3×64 is what a CPU budget buys: the paper's 3×256 is a GPU size (docs/training.md)",
+    )
     conv_channels: tuple[_Width, ...] = (32, 64, 128)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     gaussian_scale: float = Field(
@@ -139,12 +143,13 @@ class TrainConfig(_Frozen):
         "start of training; it falls linearly to class_anchor_end over the annealing ramp",
     )
     class_anchor_end: float = Field(
-        0.0,
+        2.0,
         ge=0,
-        description="weight of that cross-entropy after the annealing ramp (0: the ELBO alone trains from then on)",
+        description="weight of that cross-entropy after the annealing ramp; with 0 the ELBO alone moves the classes "
+        "off the clusters (glyph suits ±60°: held-out accuracy 0.51 against 0.997 at 2, docs/training.md)",
     )
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1, description="patches per step: small batches, more updates per CPU second")
+    lr: float = Field(2e-3, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
