@@ -76,6 +76,19 @@ def _pixel_baseline(images: np.ndarray, k: int, seed: int) -> np.ndarray:
     return GaussianMixture(k, n_init=4, reg_covar=1e-3, random_state=seed).fit(reduced).predict(reduced)
 
 
+def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """What the default recipe starts from, fitted on these images: the invariant features' PCA + GMM clusters."""
+    import torch
+
+    from models.nets import InvariantFeatures
+
+    x = torch.from_numpy(images)[:, None]
+    features = InvariantFeatures(images.shape[1:], rotation=True, translation=True)
+    features.calibrate(x)
+    with torch.no_grad():
+        return cluster_classes(features(x).numpy(), k, seed=seed).labels
+
+
 def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     train_x, train_y = _draw(family, args.n_train, size, rotation, 1000 + seed)
     test_x, test_y = _draw(family, args.n_test, size, rotation, 2000 + seed)
@@ -93,7 +106,7 @@ def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse
         model, cfg = load_run(run)
         diagnosis = load_diagnosis(run) or {}
     pred = encode_images(model, test_x)["class_prob"].argmax(axis=1)
-    init = cluster_classes(test_x, 4, rotation=True, translation=True, seed=seed).labels
+    init = _invariant_clusters(test_x, 4, seed)
     base = _pixel_baseline(test_x, 4, seed)
     return {
         "family": family,
