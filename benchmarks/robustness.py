@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "init_accuracy", "pca_gmm_accuracy")  # fmt: skip
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
     jobs: list[tuple[str, int, float, int]] = []
-    for family in args.families.split(","):
+    for family in [f for f in args.families.split(",") if f]:
         rotations = _ints(args.rotations) if family == "cards" else _ints(args.glyph_rotations)
         sizes, seeds = _ints(args.sizes), _ints(args.seeds)
         jobs += [(family, s, float(r), seed) for s in sizes for r in rotations for seed in seeds]

@@ -89,10 +89,13 @@ class InvariantFeatures(nn.Module):
       about the centre does not change;
     * both off: the pixels.
 
-    ``log1p`` compresses the spectrum's range; per-feature ``mean``/``scale`` buffers (set from the training patches
-    by ``calibrate``, saved with the weights) standardise them. Why the class head reads these and not the pixels:
-    an MLP on pixels must learn from examples that a rotated or shifted suit is the same suit, and on atom-centred
-    or grid patches the same freedom lets the class split by sublattice or registration; here it cannot.
+    ``½·log1p(|·|²)`` compresses the spectrum's range (the log of the magnitude for large values, with no square root
+    whose slope at 0 would turn float rounding into export-parity errors); per-feature ``mean``/``scale`` buffers
+    (set from the training patches by ``calibrate``, saved with the weights) standardise them.
+
+    Why the class head reads these and not the pixels: an MLP on pixels must learn from examples that a rotated or
+    shifted suit is the same suit, and on atom-centred or grid patches the same freedom lets the class split by
+    sublattice or registration; here it cannot.
     """
 
     def __init__(
@@ -143,14 +146,14 @@ class InvariantFeatures(nn.Module):
             b = self.sin_h @ f
             re = a @ self.cos_w.T - b @ self.sin_w.T  # ... then along columns (the sign of Im does not matter)
             im = a @ self.sin_w.T + b @ self.cos_w.T
-            f = torch.log1p(torch.sqrt(re * re + im * im + 1e-12))
+            f = 0.5 * torch.log1p(re * re + im * im)  # log of the magnitude, with no sqrt to amplify rounding near 0
         flat = f.reshape(f.shape[0], -1)
         if not self.rotation:
             return flat
         rings = (flat[:, self.ring_index] * self.ring_weight).sum(-1)  # (B, R·T)
         rings = rings.reshape(-1, self.n_radii, self.n_angles)
         c, s = rings @ self.harm_cos, rings @ self.harm_sin
-        return torch.log1p(torch.sqrt(c * c + s * s + 1e-12)).reshape(f.shape[0], -1)
+        return 0.5 * torch.log1p(c * c + s * s).reshape(f.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.raw(x) - self.mean) / self.scale
@@ -161,7 +164,10 @@ class InvariantFeatures(nn.Module):
         feats = torch.cat([self.raw(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
         std = feats.std(dim=0) if feats.shape[0] > 1 else torch.ones_like(feats[0])
         self.mean.copy_(feats.mean(dim=0))
-        self.scale.copy_(std + 1e-3 * std.max().clamp_min(1e-6))
+        # A floor at 5 % of the typical spread: a feature that barely varies (the zero frequency of a mean-free
+        # patch) carries only float rounding, which dividing by its own tiny spread would blow up into the logits —
+        # and into differences between the ONNX and eager encoders far above the export's 1e-4 parity tolerance.
+        self.scale.copy_(std.clamp_min(0.05 * float(std.mean().clamp_min(1e-6))))
 
 
 class InvariantClassHead(nn.Module):

@@ -98,7 +98,10 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
     from tqdm import tqdm
 
-    bar = tqdm(total=3 + (args.triton is not None), unit="step", disable=args.no_progress, leave=False)
+    # disable=None: the bar shows on a terminal only, so it never runs into the one-line error a script reads
+    bar = tqdm(
+        total=3 + (args.triton is not None), unit="step", disable=True if args.no_progress else None, leave=False
+    )
     bar.set_description("loading the run")
     try:
         model, run = load_run(args.run_dir, device="cpu")
