@@ -31,6 +31,7 @@ from streamer.manifest import (
     MANIFEST_NAME,
     MODEL_FILES,
     TS_METADATA,
+    ClassHealth,
     FileEntry,
     LatentLayout,
     Manifest,
@@ -135,11 +136,14 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     defect_classes: Sequence[int] = (),
+    class_health: dict | None = None,
 ) -> Manifest:
     """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
 
     ``parity_patches`` ``(N >= 1024, 1, ph, pw)`` are encoder-ready patches and ``parity_data`` says what they are
     (it is recorded in the manifest). Raises ``exporters.verify.ParityError`` when a backend disagrees.
+    ``class_health`` is the run's class diagnosis (``models.checkpoint.load_diagnosis``), copied into the manifest;
+    refusing a collapsed model is the caller's decision (``atomstream export`` refuses unless ``--force``).
     """
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset={opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use opset={DEFAULT_OPSET}")
@@ -186,6 +190,9 @@ def export_model(
         defect_classes=tuple(defect_classes),
         onnx_opset=opset,
         parity=parity,
+        class_health=None
+        if class_health is None
+        else ClassHealth.model_validate({k: v for k, v in class_health.items() if k in ClassHealth.model_fields}),
     )
     write_manifest(out, manifest)
     return manifest

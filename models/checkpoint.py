@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "TrainingState",
     "load_config",
+    "load_diagnosis",
     "load_run",
     "load_training_state",
     "plot_history",
@@ -110,8 +111,13 @@ def save_run(
     epoch: int,
     history: list[dict],
     optimizer_state: dict | None = None,
+    diagnosis: dict | None = None,
 ) -> None:
-    """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs."""
+    """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs.
+
+    ``diagnosis`` (the class-collapse diagnosis at the end of training) goes to ``diagnosis.json``, which
+    ``atomstream export`` reads to refuse a collapsed model and copies into the manifest.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -124,6 +130,14 @@ def save_run(
     if history:
         plot_history(history, out / "loss.png")
     _atomic_write_text(out / "state.json", json.dumps({"epoch": int(epoch)}) + "\n")
+    if diagnosis is not None:
+        _atomic_write_text(out / "diagnosis.json", json.dumps(diagnosis, indent=1) + "\n")
+
+
+def load_diagnosis(run_dir: str | Path) -> dict | None:
+    """The run's class diagnosis (``diagnosis.json``), or ``None`` for a run without classes or from before it."""
+    path = Path(run_dir) / "diagnosis.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_config(run_dir: str | Path) -> RunConfig:

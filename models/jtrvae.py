@@ -129,6 +129,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         "n_classes": cfg.n_classes,
         "rotation": cfg.rotation,
         "translation": cfg.translation,
+        "invariant_class": cfg.class_head == "invariant",
     }
     if cfg.encoder == "mlp":
         return MLPEncoder(cfg.patch, hidden=cfg.encoder_hidden, **common)

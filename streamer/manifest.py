@@ -31,6 +31,7 @@ __all__ = [
     "TS_METADATA",
     "ArtifactError",
     "BackendParity",
+    "ClassHealth",
     "FileEntry",
     "LatentLayout",
     "Manifest",
@@ -146,6 +147,21 @@ def expected_outputs(latent: LatentLayout) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+class ClassHealth(_Frozen):
+    """The class-collapse diagnosis of the trained model (``models.evaluate.diagnose_classes``), as exported.
+
+    Carried so that whoever serves the artifact can see whether its class map means anything: a collapsed model
+    is refused by ``atomstream export`` unless forced, and then this says so.
+    """
+
+    collapsed: bool
+    reason: str = ""
+    mutual_information: float = Field(ge=0)  # I(x; y) in nats on the training patches
+    information_ratio: float = Field(ge=0)  # I(x; y) / log K
+    mean_max_prob: float = Field(ge=0, le=1)
+    usage: tuple[float, ...]  # argmax share of each class on the training patches
+
+
 class Manifest(_Frozen):
     """``manifest.json`` of an artifact (see the module docstring)."""
 
@@ -165,6 +181,7 @@ class Manifest(_Frozen):
     defect_classes: tuple[int, ...] = ()  # class indices the service flags as defects by default
     onnx_opset: int = Field(ge=17)
     parity: Parity
+    class_health: ClassHealth | None = None  # None for models without classes or from before the diagnosis
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:

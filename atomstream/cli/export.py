@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, help="run directory written by `atomstream train`")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new or empty)")
     p.add_argument(
-        "--force", action="store_true", help="overwrite a non-empty --out (a running service may be serving it)"
+        "--force",
+        action="store_true",
+        help="overwrite a non-empty --out (a running service may be serving it), and export a run whose class "
+        "latent collapsed (diagnosis.json; the manifest records it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -85,7 +88,7 @@ def _export(args: argparse.Namespace) -> int:
     from exporters.export import ExportError, export_model
     from exporters.triton import TritonError, write_triton_model
     from exporters.verify import ParityError, parity_patches
-    from models.checkpoint import CheckpointError, load_run
+    from models.checkpoint import CheckpointError, load_diagnosis, load_run
     from models.data import DataError
 
     _check_target(args.out, force=args.force)
@@ -95,12 +98,24 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
     from tqdm import tqdm
 
-    bar = tqdm(total=3 + (args.triton is not None), unit="step", disable=args.no_progress, leave=False)
+    # disable=None: the bar shows on a terminal only, so it never runs into the one-line error a script reads
+    bar = tqdm(
+        total=3 + (args.triton is not None), unit="step", disable=True if args.no_progress else None, leave=False
+    )
     bar.set_description("loading the run")
     try:
         model, run = load_run(args.run_dir, device="cpu")
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
         raise CommandError(f"cannot load run {str(args.run_dir)!r}: {str(exc).splitlines()[0]}") from None
+    health = load_diagnosis(args.run_dir)
+    if health is not None and health.get("collapsed"):
+        if not args.force:
+            raise CommandError(
+                f"run {str(args.run_dir)!r} has a collapsed class latent ({health.get('reason')}): its class map "
+                "would mean nothing. Retrain (more --budget, another --seed, fewer --classes) or pass --force"
+            )
+        reason = health.get("reason")
+        print(f"atomstream export: warning: exporting a collapsed model (--force): {reason}", file=sys.stderr)
     defects = _defect_classes(args.defect_class, run.model.names_of_classes())
     bar.update(1)
     bar.set_description("cutting parity patches")
@@ -122,6 +137,7 @@ def _export(args: argparse.Namespace) -> int:
             parity_data=described,
             fp16=args.fp16,
             defect_classes=defects,
+            class_health=health,
             **from_config(args, {"opset": "opset"}),
         )
     except (ParityError, ExportError) as exc:

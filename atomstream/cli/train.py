@@ -16,7 +16,18 @@ from typing import Any
 from atomstream.cli import CommandError
 from atomstream.cli._flags import config_flag, from_config, in_flags
 
-__all__ = ["ENCODE_FLAGS", "encode_with_flags", "open_run", "read_patches", "register", "training_threads"]
+__all__ = [
+    "DEFAULT_BUDGET_S",
+    "ENCODE_FLAGS",
+    "encode_with_flags",
+    "open_run",
+    "read_patches",
+    "register",
+    "training_threads",
+]
+
+#: Training time when no --epochs is given: a few minutes on a 2-core CPU for a few thousand patches.
+DEFAULT_BUDGET_S = 300.0
 
 
 _MODEL, _TRAIN, _DATA = "models.config:ModelConfig", "models.config:TrainConfig", "models.config:DataConfig"
@@ -70,10 +81,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="σ of the Gaussian likelihood (smaller σ risks class collapse)",
     )
     opt = tr.add_argument_group("optimisation")
-    config_flag(opt, "--epochs", type=int, where=_TRAIN, field="epochs", help="passes over the training patches")
+    opt.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the training patches (default: as many as fit in --budget, from timed warm-up steps)",
+    )
+    opt.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="training time in seconds when --epochs is not given (default: %(default)g)",
+    )
     config_flag(opt, "--batch-size", type=int, where=_TRAIN, field="batch_size", help="patches per SVI step")
     config_flag(opt, "--lr", type=float, where=_TRAIN, field="lr", help="Adam learning rate")
     config_flag(opt, "--seed", type=int, where=_TRAIN, field="seed", help="seed of weights, split and batches")
+    config_flag(
+        opt,
+        "--class-init",
+        choices=("invariant_gmm", "random"),
+        where=_TRAIN,
+        field="class_init",
+        help="where the class head starts: a mixture of the patches in transform-invariant features, or random",
+    )
     config_flag(
         opt, "--beta2-start", type=float, where=_ANNEALING, field="beta2_start", help="β2 on z when annealing starts"
     )
@@ -185,6 +215,8 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--out {args.out} exists and is not a directory; choose a run directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
         raise CommandError(f"--out {args.out} is not empty; choose a new run directory or pass --resume")
+    if args.budget <= 0:
+        raise CommandError(f"--budget {args.budget}: the time budget must be a positive number of seconds")
 
 
 #: namespace attribute -> config field, for the flags that set one (and for naming flags in errors)
@@ -205,7 +237,7 @@ _MODEL_FLAGS = {
     "likelihood": "likelihood",
     "gaussian_scale": "gaussian_scale",
 }
-_TRAIN_FLAGS = {n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction")}
+_TRAIN_FLAGS = {n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction", "class_init")}
 _ALL_FLAGS = {
     **_DATA_FLAGS,
     **_MODEL_FLAGS,
@@ -252,6 +284,12 @@ def _train(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from models.train import FitError, fit
 
+    if args.epochs is None and not args.resume:
+        from models.budget import plan_epochs
+
+        plan = plan_epochs(cfg, patches.images, args.budget)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
+        print(f"training plan: {plan.describe()}; --epochs or --budget changes it", flush=True)
     try:
         result = fit(cfg, patches.images, args.out, resume=args.resume)
     except (FitError, CheckpointError) as exc:
@@ -264,7 +302,7 @@ def _train(args: argparse.Namespace) -> int:
     if last:
         print("final " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if cfg.model.n_classes > 1:
-        _name_and_report_classes(result.model, patches, cfg.model, args.out)
+        _name_and_report_classes(result.model, patches, cfg.model, args.out, result.diagnosis)
     return 0
 
 
@@ -286,7 +324,7 @@ def training_threads(asked: int | None = None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path) -> None:
+def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path, diagnosis: Any) -> None:
     """Name the classes after the labels they match, if the data has named labels; print how the patches spread
     over the classes, and say so plainly when they all went to one.
 
@@ -294,7 +332,7 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
     unsupervised model is not label k of the data, hence the matching (on the training patches) before naming.
     """
     from models.checkpoint import rename_classes
-    from models.evaluate import class_usage, collapse_warning, encode_images, matched_class_names
+    from models.evaluate import ClassDiagnosis, class_usage, collapse_warning, encode_images, matched_class_names
 
     prob = encode_images(model, patches.images)["class_prob"]
     names = model_cfg.names_of_classes()
@@ -304,9 +342,13 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
         print("classes named after the labels they match on the training patches: " + ", ".join(names))
     usage = class_usage(prob)
     print("class usage: " + ", ".join(f"{n} {u:.0%}" for n, u in zip(names, usage, strict=True)))
-    warning = collapse_warning(usage, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
+    if diagnosis is None:
+        return
+    diag = ClassDiagnosis.from_dict(diagnosis)
+    print("class diagnosis: " + diag.summary())
+    warning = collapse_warning(diag, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
     if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {warning}. `atomstream export` refuses this run unless --force.", file=sys.stderr)
 
 
 def _last_losses(history: Any) -> dict[str, float]:
