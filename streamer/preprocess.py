@@ -54,11 +54,28 @@ class Preprocessing(BaseModel):
         return self
 
 
+def _quantile_ranks_in_float64() -> bool:
+    """Whether this torch's ``quantile`` computes its ranks in float64 (torch >= 2.14) or in ``q``'s dtype (before).
+
+    Asked of torch itself, once, on a case where the two differ, so the frame path matches the installed version
+    bit for bit whichever it is (``pyproject`` admits torch >= 2.3).
+    """
+    x = (torch.arange(64, dtype=torch.float64) * 0.7548776662466927).frac().float().sort().values
+    q = torch.tensor([0.01, 0.99])  # on these 64 values the two ways round differently
+    ranks = q.to(torch.float64) * 63
+    below = ranks.floor()
+    as64 = torch.lerp(x[below.long()], x[ranks.ceil().long()], (ranks - below).to(torch.float32))
+    return bool(torch.equal(torch.quantile(x, q), as64))
+
+
+_RANKS_IN_FLOAT64 = _quantile_ranks_in_float64()
+
+
 def _ranks(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.quantile``'s linear interpolation of ``n`` sorted values: indices below and above each rank, and the
-    weight of the one above — the same arithmetic (torch >= 2.14: ranks in float64, the weight rounded to ``q``'s
-    dtype), so the same quantiles."""
-    ranks = q.to(torch.float64) * (n - 1)
+    weight of the one above — the same arithmetic as the installed torch (ranks in float64 from 2.14 on, in ``q``'s
+    dtype before), so the same quantiles."""
+    ranks = q.to(torch.float64) * (n - 1) if _RANKS_IN_FLOAT64 else q * (n - 1)
     below = ranks.floor()
     return below.to(torch.long), ranks.ceil().to(torch.long), (ranks - below).to(q.dtype)
 
