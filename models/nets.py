@@ -216,7 +216,36 @@ def posterior_means(
     return out
 
 
-class MLPEncoder(nn.Module):
+class _Encoder(nn.Module):
+    """A trunk (set by the subclass) and the posterior heads; the class logits come from an ``InvariantClassHead``
+    on the input instead of the trunk when ``invariant_class`` (``ModelConfig.class_head == "invariant"``)."""
+
+    def _attach_heads(
+        self,
+        patch: tuple[int, int],
+        width: int,
+        latent_dim: int,
+        n_classes: int,
+        rotation: bool,
+        translation: bool,
+        invariant_class: bool,
+    ) -> None:
+        branch = invariant_class and n_classes > 0
+        self.heads = _Heads(width, latent_dim, 0 if branch else n_classes, rotation, translation)
+        self.class_head = (
+            InvariantClassHead(patch, n_classes=n_classes, rotation=rotation, translation=translation)
+            if branch
+            else None
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.heads(self.trunk(x))
+        if self.class_head is not None:
+            out["class_logits"] = self.class_head(x)
+        return out
+
+
+class MLPEncoder(_Encoder):
     """The paper's inference network: the flattened image through tanh layers (2×256 by default), then the heads."""
 
     def __init__(
@@ -237,22 +266,10 @@ class MLPEncoder(nn.Module):
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
         self.trunk = nn.Sequential(*layers)
-        branch = invariant_class and n_classes > 0
-        self.heads = _Heads(width, latent_dim, 0 if branch else n_classes, rotation, translation)
-        self.class_head = (
-            InvariantClassHead(patch, n_classes=n_classes, rotation=rotation, translation=translation)
-            if branch
-            else None
-        )
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = self.heads(self.trunk(x))
-        if self.class_head is not None:
-            out["class_logits"] = self.class_head(x)
-        return out
+        self._attach_heads(patch, width, latent_dim, n_classes, rotation, translation, invariant_class)
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(_Encoder):
     """Strided 3×3 convolutions (each halves the patch), then one tanh layer and the heads.
 
     For larger patches, where a dense first layer on ``H·W`` inputs gets big and ignores locality.
@@ -278,19 +295,7 @@ class ConvEncoder(nn.Module):
             c_in, h, w = c, (h + 1) // 2, (w + 1) // 2
         layers += [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.Tanh()]
         self.trunk = nn.Sequential(*layers)
-        branch = invariant_class and n_classes > 0
-        self.heads = _Heads(hidden, latent_dim, 0 if branch else n_classes, rotation, translation)
-        self.class_head = (
-            InvariantClassHead(patch, n_classes=n_classes, rotation=rotation, translation=translation)
-            if branch
-            else None
-        )
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = self.heads(self.trunk(x))
-        if self.class_head is not None:
-            out["class_logits"] = self.class_head(x)
-        return out
+        self._attach_heads(patch, hidden, latent_dim, n_classes, rotation, translation, invariant_class)
 
 
 class CoordDecoder(nn.Module):
