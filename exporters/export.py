@@ -40,6 +40,7 @@ from streamer.manifest import (
     sha256_file,
     write_manifest,
 )
+from streamer.novelty import NoveltyStats
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -150,11 +151,14 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     defect_classes: Sequence[int] = (),
+    novelty: NoveltyStats | None = None,
 ) -> Manifest:
     """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
 
     ``parity_patches`` ``(N >= 1024, 1, ph, pw)`` are encoder-ready patches and ``parity_data`` says what they are
-    (it is recorded in the manifest). Raises ``exporters.verify.ParityError`` when a backend disagrees.
+    (it is recorded in the manifest). ``novelty`` is the defect score's training statistics and calibration
+    (``exporters.calibrate.calibrate_novelty``); without it the server calibrates on each frame.
+    Raises ``exporters.verify.ParityError`` when a backend disagrees.
     """
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use --opset {DEFAULT_OPSET}")
@@ -199,6 +203,7 @@ def export_model(
         latent=wrapper.latent,
         class_names=m.names_of_classes(),
         defect_classes=tuple(defect_classes),
+        novelty=novelty,
         onnx_opset=opset,
         parity=parity,
     )

@@ -189,6 +189,11 @@ class Defect(BaseModel):
     class_: int = Field(alias="class", description="majority class of the region")
     score: float = Field(description="largest defect score in the region")
     area: int = Field(description="patches in the region")
+    kind: Literal["class", "contrast", "density", "combined"] = Field(
+        "class",
+        description="what the score is: the defect classes' probability, or the calibrated novelty score "
+        "(streamer.novelty) of that kind; 0.5 is its calibrated threshold",
+    )
 
 
 class Defects(_Msg):
@@ -197,6 +202,7 @@ class Defects(_Msg):
     frame_id: int = Field(ge=0)
     seq: int = Field(ge=0)
     defects: list[Defect]
+    note: str | None = Field(None, description="why regions were withheld (over the frame share a defect may cover)")
 
 
 class Error(_Msg):

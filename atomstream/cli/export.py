@@ -58,6 +58,29 @@ def _defect_classes(given: list[str], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(dict.fromkeys(out))
 
 
+def _calibration(model: object, run: object) -> tuple[object, str]:
+    """The defect score's statistics from the run's own training scan, and a line saying what was done; ``None``
+    without a scan to re-cut (the server then calibrates on each frame)."""
+    from exporters.calibrate import calibrate_novelty, training_patches
+    from models.data import DataError
+
+    source = run.data.source  # type: ignore[attr-defined]
+    try:
+        patches = training_patches(source, run.data)  # type: ignore[attr-defined]
+    except DataError as exc:
+        return None, f"warning: cannot re-cut the training scan {source!r} ({exc}); the server calibrates per frame"
+    if patches is None:
+        return None, (
+            "warning: no training scan to calibrate the defect score on; the server will calibrate it on each frame "
+            "instead (weaker)"
+        )
+    stats = calibrate_novelty(model, patches)  # type: ignore[arg-type]
+    return stats, (
+        f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
+        f"(contrast threshold {stats.contrast_threshold:.3g}, density threshold {stats.density_threshold:.3g})"
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
     from exporters.export import ExportError, export_model
     from exporters.triton import TritonError, write_triton_model
@@ -83,6 +106,7 @@ def _export(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"atomstream export: warning: {note}", file=sys.stderr)
     print(f"parity data: {described}")
+    novelty, calibrated = _calibration(model, run)
     try:
         manifest = export_model(
             model,
@@ -93,11 +117,16 @@ def _export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fp16=args.fp16,
             defect_classes=defects,
+            novelty=novelty,
         )
     except (ParityError, ExportError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {str(args.out)!r}: {exc}") from None
+    if novelty is not None:
+        print(calibrated)
+    else:
+        print(f"atomstream export: {calibrated}", file=sys.stderr)
     for r in manifest.parity.backends:
         worst = max(r.max_abs_diff, key=lambda k: r.max_abs_diff[k])
         agree = "" if r.argmax_agreement is None else f", class argmax agreement {r.argmax_agreement:.4f}"

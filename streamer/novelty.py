@@ -1,0 +1,239 @@
+"""How unlike the usual a patch is, from the encoder's outputs alone — a defect score that does not need a defect class.
+
+A model's classes may come out as anything (film/substrate, a sublattice, one collapsed class), so the score must not
+depend on them. It reads a **feature vector** per patch from every output the exported encoder has — ``z_loc``,
+``log z_scale``, the class logits less their mean, ``(cos, sin)`` of the angle, the shift — and measures two things:
+
+* **contrast** — the patch against its neighbours one lattice period away (grid: the 8 cells ``step`` cells away;
+  atom-centred patches: the ``k`` nearest atoms): ``‖(f − median of the neighbours' f) / scale‖`` with ``scale`` the
+  training patches' robust spread (1.4826 · MAD) of each feature. A defect differs from its surroundings, whatever
+  class the model gave it; a slow change (the film/substrate interface, drift, a gradient in dose) does not.
+* **density** — the Mahalanobis distance of ``f`` from the training patches' mean and covariance: a patch the encoder
+  never saw anything like.
+
+Both are **calibrated** on the training patches: ``threshold`` is the larger of their ``quantile`` (default 0.999)
+and their median + ``TRAIN_K`` (6) robust standard deviations, so at most one training patch in a thousand scores
+above it and a clean frame of a few hundred patches does not reach it by chance. The published score is
+``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1), monotone in the raw score, and 0.5 exactly at the
+calibrated threshold (the service's default ``defect_threshold``). ``combined`` takes the larger of the two
+normalised scores. ``NoveltyStats`` carries all of it in the manifest (``Manifest.novelty``); the exporter computes it
+from the training patches (``exporters.calibrate``).
+Measured (benchmarks/real_data.py, docs/real-data.md): contrast finds the demo lattice's point defects (AUC ≈ 1.0)
+where density does not (≈ 0.77); density also moves with the lattice's registration on the patch grid, so a new
+sample of a clean lattice can exceed it — contrast is the default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "FRAME_K",
+    "TRAIN_K",
+    "NoveltyKind",
+    "NoveltyStats",
+    "contrast",
+    "density",
+    "encoder_features",
+    "fit_novelty",
+    "grid_neighbours",
+    "novelty_score",
+    "point_neighbours",
+]
+
+NoveltyKind = Literal["contrast", "density", "combined"]
+DEFAULT_QUANTILE = 0.999
+FRAME_K = 6.0
+TRAIN_K = 6.0
+_MAD_TO_SIGMA = 1.4826
+_FLOOR = 1e-6
+
+
+def encoder_features(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """``(N, F)`` float64 features from the encoder outputs by manifest name (those the model has)."""
+    z = _rows(outputs["z_loc"])
+    n = z.shape[0]
+    parts: list[np.ndarray] = [z]
+    if "z_scale" in outputs:
+        parts.append(np.log(np.clip(_rows(outputs["z_scale"]), 1e-12, None)))
+    if "class_logits" in outputs:
+        logits = _rows(outputs["class_logits"])
+        if logits.shape[1] > 1:
+            parts.append(logits - logits.mean(axis=1, keepdims=True))
+    if "angle" in outputs:
+        angle = np.asarray(outputs["angle"], np.float64).reshape(n)
+        parts.append(np.stack([np.cos(angle), np.sin(angle)], axis=1))
+    if "shift" in outputs:
+        parts.append(_rows(outputs["shift"]))
+    return np.concatenate(parts, axis=1)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``(N, ...)`` → ``(N, F)`` float64, also for N = 0."""
+    a = np.asarray(a, np.float64)
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
+
+
+def grid_neighbours(grid: tuple[int, int], step: int) -> np.ndarray:
+    """``(gh·gw, 8)`` row-major indices of the cells ``step`` cells away in the 8 directions; ``-1`` off the grid."""
+    gh, gw = grid
+    iy, ix = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    out = []
+    for dy in (-step, 0, step):
+        for dx in (-step, 0, step):
+            if dy == 0 and dx == 0:
+                continue
+            y, x = iy + dy, ix + dx
+            inside = (y >= 0) & (y < gh) & (x >= 0) & (x < gw)
+            out.append(np.where(inside, y * gw + x, -1).reshape(-1))
+    return np.stack(out, axis=1) if gh * gw else np.zeros((0, 8), np.int64)
+
+
+def point_neighbours(centres: np.ndarray, k: int) -> np.ndarray:
+    """``(N, k)`` indices of each point's ``k`` nearest other points (``-1`` where there are fewer)."""
+    pts = np.asarray(centres, np.float64).reshape(-1, 2)
+    n = pts.shape[0]
+    if n < 2 or k < 1:
+        return np.full((n, max(k, 0)), -1, np.int64)
+    _, idx = cKDTree(pts).query(pts, k=min(k + 1, n))
+    idx = np.asarray(idx, np.int64).reshape(n, -1)[:, 1:]
+    if idx.shape[1] < k:
+        idx = np.concatenate([idx, np.full((n, k - idx.shape[1]), -1, np.int64)], axis=1)
+    return idx
+
+
+def contrast(features: np.ndarray, neighbours: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(N,)`` distance of each patch's features from the median of its neighbours', in units of ``scale``.
+
+    A patch with no neighbour scores 0 (nothing to compare with).
+    """
+    f = np.asarray(features, np.float64)
+    if f.shape[0] == 0:
+        return np.zeros(0)
+    gathered = np.where((neighbours >= 0)[..., None], f[np.clip(neighbours, 0, None)], np.nan)
+    has = (neighbours >= 0).any(axis=1)
+    med = np.zeros_like(f)
+    if has.any():
+        med[has] = np.nanmedian(gathered[has], axis=1)
+    d = np.sqrt((((f - med) / np.maximum(scale, _FLOOR)) ** 2).sum(axis=1))
+    return np.where(has, d, 0.0)
+
+
+def density(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """``(N,)`` Mahalanobis distance of each patch's features from the training distribution."""
+    d = np.asarray(features, np.float64) - mean
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0))
+
+
+class NoveltyStats(BaseModel):
+    """What the defect score needs from training, and its calibration (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: NoveltyKind = "contrast"
+    n_features: int = Field(ge=1)
+    mean: tuple[float, ...]
+    precision: tuple[tuple[float, ...], ...]  # inverse covariance of the features, F×F
+    scale: tuple[float, ...]  # robust spread of each feature
+    neighbours: int = Field(6, ge=1, description="atom-centred patches: nearest atoms compared with")
+    grid_step: int = Field(1, ge=1, description="grid patches: neighbour distance in grid cells (one lattice period)")
+    quantile: float = Field(DEFAULT_QUANTILE, gt=0, lt=1)
+    contrast_threshold: float = Field(gt=0)
+    density_threshold: float = Field(gt=0)
+    n_patches: int = Field(ge=1, description="training patches the statistics come from")
+
+    @model_validator(mode="after")
+    def _check(self) -> NoveltyStats:
+        f = self.n_features
+        if len(self.mean) != f or len(self.scale) != f or len(self.precision) != f:
+            raise ValueError(f"mean, scale and precision must each have n_features={f} entries")
+        if any(len(row) != f for row in self.precision):
+            raise ValueError(f"precision must be {f}×{f}")
+        return self
+
+    def normalised(self, features: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        """``(N,)`` raw score over its threshold (1 = the calibrated threshold), of this ``kind``."""
+        if features.shape[1] != self.n_features:
+            raise ValueError(
+                f"the encoder gives {features.shape[1]} features but the manifest's novelty statistics have "
+                f"{self.n_features}; re-export the artifact"
+            )
+        c = contrast(features, neighbours, np.asarray(self.scale)) / self.contrast_threshold
+        if self.kind == "contrast":
+            return c
+        d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
+        return d if self.kind == "density" else np.maximum(c, d)
+
+
+def _threshold(values: np.ndarray, q: float) -> float:
+    """The larger of the ``q`` quantile and median + ``TRAIN_K`` robust standard deviations of the training scores.
+
+    The quantile alone is the largest training score when there are fewer than ``1 / (1 - q)`` patches, and a new
+    frame of a few hundred patches then exceeds it by chance; the robust bound keeps a clean frame quiet.
+    """
+    if values.size == 0:
+        return _FLOOR
+    med = float(np.median(values))
+    robust = med + TRAIN_K * _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
+    v = max(float(np.quantile(values, q)), robust)
+    return v if np.isfinite(v) and v > _FLOOR else _FLOOR
+
+
+def fit_novelty(
+    features: np.ndarray,
+    neighbours: np.ndarray,
+    *,
+    kind: NoveltyKind = "contrast",
+    quantile: float = DEFAULT_QUANTILE,
+    k_neighbours: int = 6,
+    grid_step: int = 1,
+) -> NoveltyStats:
+    """Statistics and thresholds from the training patches' ``features`` and their ``neighbours`` index."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"novelty statistics need at least 2 patches of features, got shape {f.shape}")
+    mean = f.mean(axis=0)
+    cov = np.atleast_2d(np.cov(f, rowvar=False))
+    cov += np.eye(cov.shape[0]) * (1e-6 + 1e-6 * float(np.trace(cov)) / cov.shape[0])
+    precision = np.linalg.pinv(cov)
+    scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
+    scale = np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
+    return NoveltyStats(
+        kind=kind,
+        n_features=f.shape[1],
+        mean=tuple(float(v) for v in mean),
+        precision=tuple(tuple(float(v) for v in row) for row in precision),
+        scale=tuple(float(v) for v in scale),
+        neighbours=k_neighbours,
+        grid_step=grid_step,
+        quantile=quantile,
+        contrast_threshold=_threshold(contrast(f, neighbours, scale), quantile),
+        density_threshold=_threshold(density(f, mean, precision), quantile),
+        n_patches=f.shape[0],
+    )
+
+
+def novelty_score(features: np.ndarray, neighbours: np.ndarray, stats: NoveltyStats | None) -> np.ndarray:
+    """``(N,)`` float32 published defect score in [0, 1): 0.5 at the calibrated threshold.
+
+    ``stats=None`` (an artifact exported without training statistics) falls back to contrast calibrated on the frame
+    itself: features scaled by the frame's own robust spread, threshold the frame's median + ``FRAME_K`` robust
+    standard deviations of that contrast. Weaker than a training calibration (a frame full of defects raises its
+    own bar) but never worse than chance, and a uniform frame flags almost nothing.
+    """
+    f = np.asarray(features, np.float64)
+    if stats is not None:
+        s = stats.normalised(f, neighbours)
+    elif f.shape[0] == 0:
+        s = np.zeros(0)
+    else:
+        scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
+        c = contrast(f, neighbours, np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR)))
+        med = float(np.median(c))
+        s = c / max(med + FRAME_K * _MAD_TO_SIGMA * float(np.median(np.abs(c - med))), _FLOOR)
+    return (s / (1.0 + s)).astype(np.float32)
