@@ -138,6 +138,7 @@ def _tiling(run: RunConfig) -> Tiling:
         atom_sigma=d.atom_sigma,
         atom_min_distance=d.atom_min_distance,
         atom_threshold=d.atom_threshold,
+        atom_sublattice=d.atom_sublattice,
     )
 
 

@@ -139,6 +139,9 @@ class DataConfig(_Frozen):
     atom_sigma: float = Field(1.5, ge=0)
     atom_min_distance: int = Field(5, ge=1)
     atom_threshold: float = Field(0.2, ge=0, le=1)
+    atom_sublattice: Literal["all", "brightest"] = Field(
+        "all", description="brightest: keep one sublattice so classes do not split by sublattice (streamer.atoms)"
+    )
 
 
 class RunConfig(_Frozen):

@@ -88,6 +88,7 @@ class Tiling(_Frozen):
     atom_sigma: float = Field(1.5, ge=0)
     atom_min_distance: int = Field(5, ge=1)
     atom_threshold: float = Field(0.2, ge=0, le=1)
+    atom_sublattice: Literal["all", "brightest"] = "all"
 
     @model_validator(mode="after")
     def _check(self) -> Tiling:

@@ -361,6 +361,7 @@ class Pipeline:
                     sigma=tiling.atom_sigma,
                     min_distance=tiling.atom_min_distance,
                     threshold=tiling.atom_threshold,
+                    sublattice=tiling.atom_sublattice,
                 )
                 tiles, kept = gather_points(prepare_frame(x, spec), found, self.patch)
                 centers = found[kept].to("cpu", torch.float32).numpy()

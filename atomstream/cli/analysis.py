@@ -90,6 +90,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _centres_figure(args: argparse.Namespace, patches: Any, out: Path) -> Path:
+    """The atom centres the run's finder picks on frame ``--frame``, drawn on that frame."""
+    import numpy as np
+
+    from models.centres_plot import plot_atom_centres
+    from models.data import load_frames
+
+    if args.data.suffix.lower() == ".npy":
+        frames = load_frames(args.data)
+    else:
+        from sim.formats import read_scan
+
+        frames = np.asarray(read_scan(args.data).frames).reshape(-1, *patches.frame_shape)
+    if not 0 <= args.frame < frames.shape[0]:
+        raise CommandError(f"--frame {args.frame}: the scan has frames 0..{frames.shape[0] - 1}")
+    sel = patches.positions[:, 0] == args.frame
+    return plot_atom_centres(
+        frames[args.frame], patches.centres[sel], out / f"atoms_frame{args.frame}.png", title=f"frame {args.frame}:"
+    )
+
+
 def _plot(args: argparse.Namespace) -> int:
     from atomstream.cli.train import open_run, read_patches
     from models import plots
@@ -116,6 +137,8 @@ def _plot(args: argparse.Namespace) -> int:
             written.append(
                 plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names)
             )
+        if patches.frame_shape is not None and cfg.data.kind == "atoms":
+            written.append(_centres_figure(args, patches, out))
         if patches.frame_shape is not None:
             sel = patches.positions[:, 0] == args.frame
             if not sel.any():

@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--atom-sigma", type=float, default=1.5, help="smoothing σ of the atom finder, px")
     data.add_argument("--atom-min-distance", type=int, default=5, help="smallest atom separation, px")
     data.add_argument("--atom-threshold", type=float, default=0.2, help="relative peak threshold in [0, 1]")
+    data.add_argument(
+        "--atom-sublattice",
+        choices=("brightest", "all"),
+        default="brightest",
+        help="brightest (default): centre patches on one sublattice, so classes do not split by sublattice",
+    )
     model = tr.add_argument_group("model")
     model.add_argument("--classes", type=int, default=4, help="K, number of classes (0: no class latent)")
     model.add_argument("--latent", type=int, default=2, help="dimension of the continuous latent z")
@@ -163,6 +169,7 @@ def _train(args: argparse.Namespace) -> int:
             "atom_sigma": args.atom_sigma,
             "atom_min_distance": args.atom_min_distance,
             "atom_threshold": args.atom_threshold,
+            "atom_sublattice": args.atom_sublattice,
         },
     )
     try:
