@@ -22,7 +22,7 @@ import torch
 from models.data import DataError, PatchSet, patches_from_config
 from models.jtrvae import JTrVAE
 from streamer.novelty import (
-    DEFAULT_QUANTILE,
+    TRAIN_K,
     NoveltyKind,
     NoveltyStats,
     contrast,
@@ -87,7 +87,7 @@ def _grid_step(patches: PatchSet, features: np.ndarray) -> int:
 
 
 def calibrate_novelty(
-    model: JTrVAE, patches: PatchSet, *, kind: NoveltyKind = DEFAULT_KIND, quantile: float = DEFAULT_QUANTILE
+    model: JTrVAE, patches: PatchSet, *, kind: NoveltyKind = DEFAULT_KIND, k: float = TRAIN_K
 ) -> NoveltyStats:
     """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept)."""
     if patches.data.kind == "stack":
@@ -96,7 +96,7 @@ def calibrate_novelty(
     step = _grid_step(patches, features) if patches.grid is not None else 1
     neighbours = patch_neighbours(patches, grid_step=step)
     return fit_novelty(
-        features, neighbours, kind=kind, quantile=quantile, k_neighbours=_POINT_NEIGHBOURS, grid_step=step
+        features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step
     )
 
 

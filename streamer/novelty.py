@@ -11,9 +11,11 @@ depend on them. It reads a **feature vector** per patch from every output the ex
 * **density** — the Mahalanobis distance of ``f`` from the training patches' mean and covariance: a patch the encoder
   never saw anything like.
 
-Both are **calibrated** on the training patches: ``threshold`` is the larger of their ``quantile`` (default 0.999)
-and their median + ``TRAIN_K`` (6) robust standard deviations, so at most one training patch in a thousand scores
-above it and a clean frame of a few hundred patches does not reach it by chance. The published score is
+Both are **calibrated** on the training patches: ``threshold`` is their median + ``k`` (default ``TRAIN_K`` = 6)
+robust standard deviations (1.4826 · MAD). Robust, because the training scan holds defects too: a quantile would put
+the threshold among them (a 99.9 % quantile of a scan with 3 % defect patches flags nothing), while the median and
+MAD do not move for a few per cent of outliers; 6 of them keeps a clean frame quiet (measured on the demo's clean
+scans). ``train_share_over`` records which share of the training patches the threshold flags. The published score is
 ``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1), monotone in the raw score, and 0.5 exactly at the
 calibrated threshold (the service's default ``defect_threshold``). ``combined`` takes the larger of the two
 normalised scores. ``NoveltyStats`` carries all of it in the manifest (``Manifest.novelty``); the exporter computes it
@@ -32,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.spatial import cKDTree
 
 __all__ = [
-    "DEFAULT_QUANTILE",
     "FRAME_K",
     "TRAIN_K",
     "NoveltyKind",
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 NoveltyKind = Literal["contrast", "density", "combined"]
-DEFAULT_QUANTILE = 0.999
 FRAME_K = 6.0
 TRAIN_K = 6.0
 _MAD_TO_SIGMA = 1.4826
@@ -142,10 +142,13 @@ class NoveltyStats(BaseModel):
     scale: tuple[float, ...]  # robust spread of each feature
     neighbours: int = Field(6, ge=1, description="atom-centred patches: nearest atoms compared with")
     grid_step: int = Field(1, ge=1, description="grid patches: neighbour distance in grid cells (one lattice period)")
-    quantile: float = Field(DEFAULT_QUANTILE, gt=0, lt=1)
+    k: float = Field(TRAIN_K, gt=0, description="threshold: median + k robust standard deviations of training scores")
     contrast_threshold: float = Field(gt=0)
     density_threshold: float = Field(gt=0)
     n_patches: int = Field(ge=1, description="training patches the statistics come from")
+    train_share_over: dict[str, float] = Field(
+        default_factory=dict, description="share of the training patches over the threshold, per kind"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NoveltyStats:
@@ -170,17 +173,12 @@ class NoveltyStats(BaseModel):
         return d if self.kind == "density" else np.maximum(c, d)
 
 
-def _threshold(values: np.ndarray, q: float) -> float:
-    """The larger of the ``q`` quantile and median + ``TRAIN_K`` robust standard deviations of the training scores.
-
-    The quantile alone is the largest training score when there are fewer than ``1 / (1 - q)`` patches, and a new
-    frame of a few hundred patches then exceeds it by chance; the robust bound keeps a clean frame quiet.
-    """
+def _threshold(values: np.ndarray, k: float) -> float:
+    """Median + ``k`` robust standard deviations of the training scores (see the module docstring)."""
     if values.size == 0:
         return _FLOOR
     med = float(np.median(values))
-    robust = med + TRAIN_K * _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
-    v = max(float(np.quantile(values, q)), robust)
+    v = med + k * _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
     return v if np.isfinite(v) and v > _FLOOR else _FLOOR
 
 
@@ -189,7 +187,7 @@ def fit_novelty(
     neighbours: np.ndarray,
     *,
     kind: NoveltyKind = "contrast",
-    quantile: float = DEFAULT_QUANTILE,
+    k: float = TRAIN_K,
     k_neighbours: int = 6,
     grid_step: int = 1,
 ) -> NoveltyStats:
@@ -203,6 +201,13 @@ def fit_novelty(
     precision = np.linalg.pinv(cov)
     scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
     scale = np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
+    c, d = contrast(f, neighbours, scale), density(f, mean, precision)
+    tc, td = _threshold(c, k), _threshold(d, k)
+    over = {
+        "contrast": float(np.mean(c >= tc)),
+        "density": float(np.mean(d >= td)),
+        "combined": float(np.mean((c >= tc) | (d >= td))),
+    }
     return NoveltyStats(
         kind=kind,
         n_features=f.shape[1],
@@ -211,10 +216,11 @@ def fit_novelty(
         scale=tuple(float(v) for v in scale),
         neighbours=k_neighbours,
         grid_step=grid_step,
-        quantile=quantile,
-        contrast_threshold=_threshold(contrast(f, neighbours, scale), quantile),
-        density_threshold=_threshold(density(f, mean, precision), quantile),
+        k=k,
+        contrast_threshold=tc,
+        density_threshold=td,
         n_patches=f.shape[0],
+        train_share_over=over,
     )
 
 

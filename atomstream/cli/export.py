@@ -77,7 +77,7 @@ def _calibration(model: object, run: object) -> tuple[object, str]:
     stats = calibrate_novelty(model, patches)  # type: ignore[arg-type]
     return stats, (
         f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
-        f"(contrast threshold {stats.contrast_threshold:.3g}, density threshold {stats.density_threshold:.3g})"
+        f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
     )
 
 
