@@ -91,9 +91,7 @@ class Case:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def recipe(
-    data: DataConfig, *, n_classes: int, rotation: bool, translation: bool, epochs: int, seed: int
-) -> RunConfig:
+def recipe(data: DataConfig, *, n_classes: int, rotation: bool, translation: bool, epochs: int, seed: int) -> RunConfig:
     """The CLI's default training recipe, networks narrowed to the demo's widths (see the module docstring)."""
     return RunConfig(
         model=ModelConfig(
@@ -235,6 +233,8 @@ def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
 def mos2_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
+    if quick:
+        frame = frame[100:400, 200:500]  # holds three of the dark dopant columns
     data = DataConfig(
         source=str(path), kind="atoms", patch=(24, 24), preprocessing=Preprocessing(),
         atom_sigma=1.5, atom_min_distance=4, atom_threshold=0.1, atom_sublattice="brightest",
@@ -267,18 +267,19 @@ def graphene_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
     marks = np.array(GRAPHENE_MARKS, np.float64)
+    stride = 12
     if quick:
-        frame, marks = frame[400:1000, 400:1000], marks - 400
-        marks = marks[(marks >= 0).all(1) & (marks < 600).all(1)]
+        frame, marks, stride = frame[500:980, 420:900], marks - np.array([500, 420]), 24
+        marks = marks[(marks >= 0).all(1) & (marks < 480).all(1)]
     split = frame.shape[1] // 2
     left, right = frame[:, :split], frame[:, split:]
     data = DataConfig(
-        source=str(path), kind="grid", patch=(48, 48), stride=(12, 12),
+        source=str(path), kind="grid", patch=(48, 48), stride=(stride, stride),
         preprocessing=Preprocessing(frame_norm="percentile", fft="logmag", window="hann", patch_norm="minmax"),
     )  # fmt: skip
     train, test = scan_patches(left[None], data), scan_patches(right[None], data)
     run = recipe(data, n_classes=3, rotation=True, translation=False, epochs=epochs, seed=0)
-    served = train_and_serve(run, train, [right], work, max_train=300 if quick else 2000)
+    served = train_and_serve(run, train, [right], work, max_train=150 if quick else 2000)
     right_marks = marks[marks[:, 1] >= split] - np.array([0, split])
     c = test.centres
     d = np.min(np.hypot(c[:, None, 0] - right_marks[None, :, 0], c[:, None, 1] - right_marks[None, :, 1]), axis=1)

@@ -95,9 +95,7 @@ def calibrate_novelty(
     features = encoder_features(encoder_outputs(model, patches.images))
     step = _grid_step(patches, features) if patches.grid is not None else 1
     neighbours = patch_neighbours(patches, grid_step=step)
-    return fit_novelty(
-        features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step
-    )
+    return fit_novelty(features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step)
 
 
 def training_patches(source: str, patches_data: object) -> PatchSet | None:

@@ -26,6 +26,7 @@ from scipy.stats import rankdata
 __all__ = [
     "Gmm",
     "balanced_accuracy",
+    "baseline_encodings",
     "centre_intensity",
     "cv_correlation",
     "kmeans_labels",
@@ -149,3 +150,20 @@ def match_detections(found: np.ndarray, truth: np.ndarray, radius: float) -> tup
         return 0, 0
     d = np.hypot(f[:, None, 0] - t[None, :, 0], f[:, None, 1] - t[None, :, 1])
     return int((d.min(axis=0) <= radius).sum()), int((d.min(axis=1) <= radius).sum())
+
+
+def baseline_encodings(images: np.ndarray, *, n_classes: int, latent_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The trivial method's stand-in for a model's encodings, so the same metrics score both: PCA of the flattened
+    patches, ``z`` = the first ``latent_dim`` components and ``class_prob`` = one-hot clusters of a GMM with
+    ``n_classes`` components fitted in ``max(latent_dim, 5)`` components (k-means when the GMM cannot be fitted)."""
+    k_pca = max(latent_dim, 5)
+    mean, comps = pca_fit(images, k_pca)
+    pcs = pca_project(images, mean, comps)
+    out: dict[str, np.ndarray] = {"z": pcs[:, :latent_dim].astype(np.float32)}
+    if n_classes > 0:
+        try:
+            labels = Gmm.fit(pcs, n_classes, seed=seed).predict(pcs)
+        except np.linalg.LinAlgError:
+            labels = kmeans_labels(pcs, n_classes, seed=seed)
+        out["class_prob"] = np.eye(n_classes, dtype=np.float32)[labels]
+    return out
