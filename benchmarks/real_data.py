@@ -72,6 +72,8 @@ from streamer.preprocess import Preprocessing  # noqa: E402
 __all__ = ["CASES", "Case", "main", "recipe"]
 
 SCORE_KINDS = ("contrast", "density", "combined")
+#: published thresholds the demo also reports (0.5 is the calibrated one): what a controller's ``set`` would trade
+THRESHOLD_SWEEP = (0.4, 0.45)
 #: (y, x) of the eye-marked defects in stm_graphene_Hdefects.npy (docs/real_data.py keeps the same list), ±20 px
 GRAPHENE_MARKS = (
     (575, 115), (545, 630), (925, 355), (1180, 665), (1385, 435), (680, 765), (665, 1395), (870, 1400),
@@ -117,6 +119,12 @@ class Served:
     pipeline: Pipeline
     maps: list[FrameMaps]
     outputs: list[dict[str, np.ndarray]]
+    prepared: list[Any]
+
+    def at_threshold(self, threshold: float) -> list[FrameMaps]:
+        """The streamed frames' maps with another published threshold (the control socket's ``set``)."""
+        pipeline = self.pipeline.with_defects(classes=None, threshold=threshold)
+        return [pipeline.assemble(p, o) for p, o in zip(self.prepared, self.outputs, strict=True)]
 
 
 def train_and_serve(
@@ -139,13 +147,12 @@ def train_and_serve(
         model, run, artifact, parity_patches=parity.contiguous(), parity_data="training patches", novelty=novelty
     )
     pipeline = Pipeline(load(artifact, backend="onnx", device="cpu", batch_sizes=(1, 512)), max_batch_patches=512)
-    maps, outputs = [], []
+    maps, outputs, prepared = [], [], []
     for frame in frames:
-        prepared = pipeline.prepare(frame)
-        out = pipeline.encode(prepared.patches)
-        maps.append(pipeline.assemble(prepared, out))
-        outputs.append(out)
-    return Served(model=model, pipeline=pipeline, maps=maps, outputs=outputs)
+        prepared.append(pipeline.prepare(frame))
+        outputs.append(pipeline.encode(prepared[-1].patches))
+        maps.append(pipeline.assemble(prepared[-1], outputs[-1]))
+    return Served(model=model, pipeline=pipeline, maps=maps, outputs=outputs, prepared=prepared)
 
 
 def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, np.ndarray]:
@@ -222,6 +229,13 @@ def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
     case.published = _published(served.maps[:3], held, radius=lattice.lattice_constant)
     case.other["clean frames publishing a defect"] = f"{sum(bool(m.defects) for m in served.maps[3:])} of 3"
     case.other["withheld (frame-sized) regions"] = sum(m.defects_note is not None for m in served.maps)
+    for threshold in THRESHOLD_SWEEP:
+        maps = served.at_threshold(threshold)
+        p = _published(maps[:3], held, radius=lattice.lattice_constant)
+        clean_hits = sum(bool(m.defects) for m in maps[3:])
+        case.other[f"at threshold {threshold}: recall / precision / clean frames publishing"] = (
+            f"{_fmt(p['recall'])} / {_fmt(p['precision'])} / {clean_hits} of 3"
+        )
     case.seconds = time.perf_counter() - t0
     case.figures = {"frame": frames[7], "maps": served.maps[2], "truth": held[2]}
     return case

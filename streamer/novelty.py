@@ -145,6 +145,11 @@ class NoveltyStats(BaseModel):
     k: float = Field(TRAIN_K, gt=0, description="threshold: median + k robust standard deviations of training scores")
     contrast_threshold: float = Field(gt=0)
     density_threshold: float = Field(gt=0)
+    # the training scores' median and robust sd behind each threshold (threshold = median + k·sd)
+    contrast_median: float = Field(0.0, ge=0)
+    contrast_sd: float = Field(0.0, ge=0)
+    density_median: float = Field(0.0, ge=0)
+    density_sd: float = Field(0.0, ge=0)
     n_patches: int = Field(ge=1, description="training patches the statistics come from")
     train_share_over: dict[str, float] = Field(
         default_factory=dict, description="share of the training patches over the threshold, per kind"
@@ -173,12 +178,16 @@ class NoveltyStats(BaseModel):
         return d if self.kind == "density" else np.maximum(c, d)
 
 
-def _threshold(values: np.ndarray, k: float) -> float:
-    """Median + ``k`` robust standard deviations of the training scores (see the module docstring)."""
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 · MAD) of the training scores."""
     if values.size == 0:
-        return _FLOOR
+        return 0.0, 0.0
     med = float(np.median(values))
-    v = med + k * _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
+    return med, _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
+
+
+def _threshold(median: float, sd: float, k: float) -> float:
+    v = median + k * sd
     return v if np.isfinite(v) and v > _FLOOR else _FLOOR
 
 
@@ -202,7 +211,8 @@ def fit_novelty(
     scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
     scale = np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
     c, d = contrast(f, neighbours, scale), density(f, mean, precision)
-    tc, td = _threshold(c, k), _threshold(d, k)
+    (cm, cs), (dm, ds) = _robust(c), _robust(d)
+    tc, td = _threshold(cm, cs, k), _threshold(dm, ds, k)
     over = {
         "contrast": float(np.mean(c >= tc)),
         "density": float(np.mean(d >= td)),
@@ -219,6 +229,10 @@ def fit_novelty(
         k=k,
         contrast_threshold=tc,
         density_threshold=td,
+        contrast_median=cm,
+        contrast_sd=cs,
+        density_median=dm,
+        density_sd=ds,
         n_patches=f.shape[0],
         train_share_over=over,
     )
