@@ -166,10 +166,11 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     if features.shape[0] != len(patches):
         raise RuntimeError(f"streamed {features.shape[0]} patches but cut {len(patches)} offline: the cuts differ")
     neighbours = patch_neighbours(patches, grid_step=stats.grid_step, k=stats.neighbours)
-    return {
+    scores = {
         f"model {kind}": novelty_score(features, neighbours, stats.model_copy(update={"kind": kind}))
         for kind in SCORE_KINDS
     }
+    return scores
 
 
 def baseline_scores(train: PatchSet, test: PatchSet, *, k_pca: int, step: int = 1) -> dict[str, np.ndarray]:

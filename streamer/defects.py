@@ -35,6 +35,7 @@ from scipy.spatial import cKDTree
 from streamer.protocol import Defect
 
 __all__ = [
+    "ALWAYS_PUBLISHED_AREA",
     "DEFAULT_MAX_SHARE",
     "LINK_FACTOR",
     "Connectivity",
@@ -52,6 +53,7 @@ __all__ = [
 Connectivity = Literal[4, 8]
 LINK_FACTOR = 1.5
 DEFAULT_MAX_SHARE = 0.05
+ALWAYS_PUBLISHED_AREA = 4
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,12 @@ def grid_centres(
 
 
 def publishable(regions: Regions, max_share: float) -> tuple[np.ndarray, str | None]:
-    """``(keep (n,) bool, note)``: regions over ``max_share`` of the frame's patches are withheld (a single patch never
-    is: on a tiny frame one patch may be over the share), and the note says how many and why (``None``: all kept)."""
+    """``(keep (n,) bool, note)``: regions over ``max_share`` of the frame's patches are withheld — never one of at
+    most ``ALWAYS_PUBLISHED_AREA`` patches (a point defect on a patch corner lights a 2×2 block, which on a small frame
+    is over the share) — and the note says how many and why (``None``: all kept)."""
     total = regions.labels.size
     areas = np.bincount(regions.labels[regions.labels >= 0].reshape(-1), minlength=regions.n)
-    keep = (areas <= max_share * total) | (areas <= 1)
+    keep = (areas <= max_share * total) | (areas <= ALWAYS_PUBLISHED_AREA)
     if keep.all():
         return keep, None
     big = areas[~keep]

@@ -6,8 +6,13 @@ depend on them. It reads a **feature vector** per patch from every output the ex
 
 * **contrast** — the patch against its neighbours one lattice period away (grid: the 8 cells ``step`` cells away;
   atom-centred patches: the ``k`` nearest atoms): ``‖(f − median of the neighbours' f) / scale‖`` with ``scale`` the
-  training patches' robust spread (1.4826 · MAD) of each feature. A defect differs from its surroundings, whatever
-  class the model gave it; a slow change (the film/substrate interface, drift, a gradient in dose) does not.
+  training patches' robust spread (1.4826 · MAD) of each feature. (Whitening the residual by its training
+  covariance instead was tried: with a few hundred training patches the estimated covariance flagged clean patches
+  of an untrained encoder that the per-feature scale left alone.)
+  A defect differs from its surroundings, whatever class the model gave it; a slow change (the film/substrate
+  interface, drift, a gradient in dose) does not. A patch at the frame's edge has fewer neighbours, so their median
+  is noisier (its variance ≈ π/2m of one patch's for m neighbours); its contrast is scaled down by
+  ``√((1 + π/2m) / (1 + π/2M))`` (M the full count) so edges are not flagged for being edges.
 * **density** — the Mahalanobis distance of ``f`` from the training patches' mean and covariance: a patch the encoder
   never saw anything like.
 
@@ -108,20 +113,27 @@ def point_neighbours(centres: np.ndarray, k: int) -> np.ndarray:
 
 
 def contrast(features: np.ndarray, neighbours: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``(N,)`` distance of each patch's features from the median of its neighbours', in units of ``scale``.
+    """``(N,)`` distance of each patch's features from the median of its neighbours', per feature in units of
+    ``scale``, corrected for the neighbour count (module docstring). No neighbour: 0."""
+    r, has = _residuals(features, neighbours)
+    d = np.sqrt(((r / np.maximum(scale, _FLOOR)) ** 2).sum(axis=1))
+    m = np.maximum((neighbours >= 0).sum(axis=1), 1)
+    full = max(int(neighbours.shape[1]) if neighbours.ndim == 2 else 1, 1)
+    d = d / np.sqrt((1 + np.pi / (2 * m)) / (1 + np.pi / (2 * full)))
+    return np.where(has, d, 0.0)
 
-    A patch with no neighbour scores 0 (nothing to compare with).
-    """
+
+def _residuals(features: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's features minus the median of its neighbours' (rows without a neighbour: 0), and which have one."""
     f = np.asarray(features, np.float64)
     if f.shape[0] == 0:
-        return np.zeros(0)
-    gathered = np.where((neighbours >= 0)[..., None], f[np.clip(neighbours, 0, None)], np.nan)
+        return f.copy(), np.zeros(0, bool)
     has = (neighbours >= 0).any(axis=1)
-    med = np.zeros_like(f)
+    med = f.copy()
     if has.any():
+        gathered = np.where((neighbours >= 0)[..., None], f[np.clip(neighbours, 0, None)], np.nan)
         med[has] = np.nanmedian(gathered[has], axis=1)
-    d = np.sqrt((((f - med) / np.maximum(scale, _FLOOR)) ** 2).sum(axis=1))
-    return np.where(has, d, 0.0)
+    return f - med, has
 
 
 def density(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -104,7 +104,8 @@ def test_a_region_over_the_frame_share_is_withheld_and_the_note_says_why() -> No
     keep, note = publishable(regions, 0.05)
     assert keep.tolist() == [False, True]
     assert note is not None and "60 patches" in note and "max_share 0.05" in note
-    assert publishable(Regions(labels=np.array([0, -1, -1, -1]), n=1), 0.05) == (np.array([True]), None)
+    corner = Regions(labels=np.array([0, 0, 0, 0] + [-1] * 12), n=1)  # a 2×2 block on a 4×4 grid: 25 %, yet kept
+    assert publishable(corner, 0.05) == (np.array([True]), None)
 
 
 def test_class_score_is_the_mass_on_the_defect_classes() -> None:
@@ -209,13 +210,19 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LatticeC
     return path, lattice
 
 
+def _later_looks(lattice: LatticeConfig, n: int, **update: object) -> tuple[np.ndarray, list]:
+    """Frames 4.. of the calibration scan's sample: the same material seen again, with fresh noise."""
+    frames, truths = synth_scan(lattice.model_copy(update=update), 4 + n, seed=3)
+    return frames[4:], truths[4:]
+
+
 def test_a_clean_frame_publishes_no_defect_and_a_foreign_one_no_frame_sized_region(
     calibrated: tuple[Path, LatticeConfig],
 ) -> None:
     path, lattice = calibrated
     pipeline = Pipeline(load(path, backend="onnx", device="cpu", batch_sizes=(1,)))
     assert pipeline.manifest.novelty is not None and pipeline.manifest.novelty.grid_step == 1
-    clean, _ = synth_scan(lattice, 3, seed=11)
+    clean, _ = _later_looks(lattice, 3)
     for frame in clean:
         maps = pipeline.process(frame)
         assert maps.defects == [] and maps.defects_note is None
@@ -229,13 +236,15 @@ def test_a_clean_frame_publishes_no_defect_and_a_foreign_one_no_frame_sized_regi
 def test_bright_and_missing_columns_are_published_near_where_they_are(calibrated: tuple[Path, LatticeConfig]) -> None:
     path, lattice = calibrated
     pipeline = Pipeline(load(path, backend="onnx", device="cpu", batch_sizes=(1,)))
-    frames, truths = synth_scan(
-        lattice.model_copy(update={"n_defects": 6, "defect_kinds": ("bright", "vacancy")}), 1, seed=12
-    )
+    frames, truths = _later_looks(lattice, 1, n_defects=6, defect_kinds=("bright", "vacancy"))
     maps = pipeline.process(frames[0])
     found = np.array([[d.y, d.x] for d in maps.defects]).reshape(-1, 2)
     truth = truths[0].defects
     assert len(found) >= 1 and all(d.kind == "contrast" for d in maps.defects)
     d = np.hypot(found[:, None, 0] - truth[None, :, 0], found[:, None, 1] - truth[None, :, 1])
-    assert (d.min(axis=0) <= 16).mean() >= 0.5  # most true defects have a published one within a lattice period
-    assert (d.min(axis=1) <= 16).mean() >= 0.5  # and most published ones are real
+    assert (d.min(axis=1) <= 16).all()  # every published defect is within a lattice period of a true one
+    score = maps.arrays["defect_score"]
+    cells = np.clip((truth // 16).astype(int), 0, np.array(score.shape) - 1)
+    on_defects = score[cells[:, 0], cells[:, 1]]
+    assert np.median(on_defects) >= 0.5  # most patches holding a defect are over the calibrated threshold
+    assert (score >= 0.5).mean() < 0.15  # and few others are
