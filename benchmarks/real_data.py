@@ -245,18 +245,28 @@ def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
 # ------------------------------------------------------------------------------------------------ MoS2
 
 
+def _atom_case(
+    frame: np.ndarray, path: Path, *, patch: int, min_distance: int, threshold: float, n_classes: int, epochs: int,
+    work: Path,
+) -> tuple[PatchSet, Served]:  # fmt: skip
+    """Atom-centred patches on one sublattice, trained on the whole frame and the frame streamed."""
+    data = DataConfig(
+        source=str(path), kind="atoms", patch=(patch, patch), preprocessing=Preprocessing(), atom_sigma=1.5,
+        atom_min_distance=min_distance, atom_threshold=threshold, atom_sublattice="brightest",
+    )  # fmt: skip
+    patches = scan_patches(frame[None], data)
+    run = recipe(data, n_classes=n_classes, rotation=True, translation=False, epochs=epochs, seed=0)
+    return patches, train_and_serve(run, patches, [frame], work)
+
+
 def mos2_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
     if quick:
         frame = frame[100:400, 200:500]  # holds three of the dark dopant columns
-    data = DataConfig(
-        source=str(path), kind="atoms", patch=(24, 24), preprocessing=Preprocessing(),
-        atom_sigma=1.5, atom_min_distance=4, atom_threshold=0.1, atom_sublattice="brightest",
-    )  # fmt: skip
-    patches = scan_patches(frame[None], data)
-    run = recipe(data, n_classes=3, rotation=True, translation=False, epochs=epochs, seed=0)
-    served = train_and_serve(run, patches, [frame], work)
+    patches, served = _atom_case(
+        frame, path, patch=24, min_distance=4, threshold=0.1, n_classes=3, epochs=epochs, work=work
+    )
     centres = patches.centres
     smooth = gaussian_smooth(torch.from_numpy(frame), 2.0).numpy()
     value = smooth[np.round(centres[:, 0]).astype(int), np.round(centres[:, 1]).astype(int)]
@@ -346,13 +356,9 @@ def pto_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     frame = np.load(path).astype(np.float32)
     if quick:
         frame = frame[:, :400]
-    data = DataConfig(
-        source=str(path), kind="atoms", patch=(32, 32), preprocessing=Preprocessing(),
-        atom_sigma=1.5, atom_min_distance=5, atom_threshold=0.2, atom_sublattice="brightest",
-    )  # fmt: skip
-    patches = scan_patches(frame[None], data)
-    run = recipe(data, n_classes=2, rotation=True, translation=False, epochs=epochs, seed=0)
-    served = train_and_serve(run, patches, [frame], work)
+    patches, served = _atom_case(
+        frame, path, patch=32, min_distance=5, threshold=0.2, n_classes=2, epochs=epochs, work=work
+    )
     centres = patches.centres
     substrate = _substrate(frame, centres)
     prob = served.maps[0].arrays["class_prob"]
