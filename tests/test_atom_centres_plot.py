@@ -1,7 +1,9 @@
-"""`atomstream plot` on an atom-centred run draws the centres its finder picks on the frame (one sublattice)."""
+"""`atomstream plot` on an atom-centred run draws the centres its finder picks on the frame (one sublattice), and
+`atomstream export` calibrates the defect score on the run's own scan."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +30,9 @@ def test_plot_draws_the_atom_centres_of_an_atom_centred_run(tmp_path: Path, caps
     assert str(figure) in capsys.readouterr().out
     image = imread(figure)
     assert image.shape[1] > 600 and image.shape[0] > 400  # the frame and its zoom, readable
+
+    artifact = tmp_path / "artifact"
+    assert main(["export", str(run), "--out", str(artifact), "--defect-score", "combined"]) == 0
+    assert "defect score: combined, calibrated on" in capsys.readouterr().out
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["novelty"]["kind"] == "combined" and manifest["tiling"]["atom_sublattice"] == "brightest"

@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CLASS",
         help="a class (name or index) the service flags as defect by default; repeatable",
     )
+    p.add_argument(
+        "--defect-score",
+        choices=("contrast", "density", "combined"),
+        default="contrast",
+        help="the class-free defect score the server publishes (docs/real-data.md compares them; default contrast)",
+    )
     p.set_defaults(func=_export)
 
 
@@ -58,7 +64,7 @@ def _defect_classes(given: list[str], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(dict.fromkeys(out))
 
 
-def _calibration(model: object, run: object) -> tuple[object, str]:
+def _calibration(model: object, run: object, kind: str) -> tuple[object, str]:
     """The defect score's statistics from the run's own training scan, and a line saying what was done; ``None``
     without a scan to re-cut (the server then calibrates on each frame)."""
     from exporters.calibrate import calibrate_novelty, training_patches
@@ -74,7 +80,7 @@ def _calibration(model: object, run: object) -> tuple[object, str]:
             "warning: no training scan to calibrate the defect score on; the server will calibrate it on each frame "
             "instead (weaker)"
         )
-    stats = calibrate_novelty(model, patches)  # type: ignore[arg-type]
+    stats = calibrate_novelty(model, patches, kind=kind)  # type: ignore[arg-type]
     return stats, (
         f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
         f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
@@ -106,7 +112,7 @@ def _export(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"atomstream export: warning: {note}", file=sys.stderr)
     print(f"parity data: {described}")
-    novelty, calibrated = _calibration(model, run)
+    novelty, calibrated = _calibration(model, run, args.defect_score)
     try:
         manifest = export_model(
             model,
