@@ -65,13 +65,15 @@ from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
 from streamer.atoms import find_atoms, gaussian_smooth  # noqa: E402
 from streamer.encoder import load  # noqa: E402
-from streamer.novelty import contrast, encoder_features, novelty_score  # noqa: E402
+from streamer.novelty import NoveltyKind, contrast, encoder_features, novelty_score  # noqa: E402
 from streamer.pipeline import FrameMaps, Pipeline  # noqa: E402
 from streamer.preprocess import Preprocessing  # noqa: E402
 
 __all__ = ["CASES", "Case", "main", "recipe"]
 
 SCORE_KINDS = ("contrast", "density", "combined")
+#: the kind the exported artifacts publish (``--defect-score``); a one-element list so ``main`` can set it
+PUBLISHED_KIND: list[NoveltyKind] = ["contrast"]
 #: published thresholds the demo also reports (0.5 is the calibrated one): what a controller's ``set`` would trade
 THRESHOLD_SWEEP = (0.4, 0.45)
 #: (y, x) of the eye-marked defects in stm_graphene_Hdefects.npy (docs/real_data.py keeps the same list), ±20 px
@@ -141,7 +143,7 @@ def train_and_serve(
     if parity.shape[0] < MIN_PARITY_PATCHES:
         noise = torch.rand((MIN_PARITY_PATCHES - parity.shape[0], *parity.shape[1:]), generator=torch.Generator())
         parity = torch.cat([parity, noise])
-    novelty = calibrate_novelty(model, train)
+    novelty = calibrate_novelty(model, train, kind=PUBLISHED_KIND[0])
     artifact = work / "artifact"
     export_model(
         model, run, artifact, parity_patches=parity.contiguous(), parity_data="training patches", novelty=novelty
@@ -437,9 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="training epochs per case (default 12; quick 2)")
     ap.add_argument("--cases", default="demo,mos2,graphene,pto", help="comma-separated subset")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument(
+        "--defect-score", choices=("contrast", "density", "combined"), default="contrast", help="the published kind"
+    )
     ap.add_argument("--figures", type=Path, default=None, help="write the maps figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    PUBLISHED_KIND[0] = args.defect_score
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
