@@ -3,7 +3,11 @@
 # Build:  docker build -t atomstream:serve .
 #         (CPU-only torch keeps the image small: pass your CPU wheel index with
 #          --build-arg PIP_EXTRA_INDEX_URL=<index>; without it pip takes the default torch build.)
-# Run:    docker run --rm -v "$PWD/artifact:/artifact:ro" -p 5555:5555 -p 5556:5556 -p 5557:5557 -p 9108:9108 atomstream:serve
+# Run:    docker run --rm -v "$PWD/artifact:/artifact:ro" -v "$PWD/keys:/keys:ro" \
+#           -p 5555:5555 -p 5556:5556 -p 5557:5557 -p 127.0.0.1:9108:9108 atomstream:serve
+#         By default the sockets listen on every interface of the container *with CurveZMQ on*
+#         (deploy/serve-curve.yaml: keys under /keys, one folder of public keys per role); without keys it refuses
+#         to start. For a loopback-only container pass your own flags (e.g. compose.yaml).
 
 ARG PYTHON_VERSION=3.11
 
@@ -24,16 +28,16 @@ FROM python:${PYTHON_VERSION}-slim
 ENV PATH=/opt/atomstream/bin:$PATH \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/atomstream /opt/atomstream
+COPY deploy/serve-curve.yaml /etc/atomstream/serve.yaml
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin atom \
- && mkdir /artifact && chown atom /artifact
+ && mkdir /artifact /artifacts /keys && chown atom /artifact /artifacts
 USER 10001
 WORKDIR /home/atom
-VOLUME ["/artifact"]
+VOLUME ["/artifact", "/keys"]
 # ingest (PULL), publish (PUB), control (REP), metrics (HTTP)
 EXPOSE 5555 5556 5557 9108
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=2)"]
-# Inside a container the sockets must listen on all interfaces; publish only the ports you mean to expose.
-ENTRYPOINT ["atomstream", "serve", "--artifact", "/artifact", \
-            "--ingest", "tcp://0.0.0.0:5555", "--publish", "tcp://0.0.0.0:5556", \
-            "--control", "tcp://0.0.0.0:5557", "--metrics-host", "0.0.0.0", "--metrics-port", "9108"]
+# Reachable from outside the container only with CURVE (the config above); publish only the ports you mean to expose.
+ENTRYPOINT ["atomstream", "serve"]
+CMD ["--config", "/etc/atomstream/serve.yaml"]

@@ -53,18 +53,25 @@ def render_model(model: type[BaseModel], *, env_prefix: str | None = None) -> st
     lines = [f"### `{model.__name__}`", ""]
     if doc:
         lines += [doc, ""]
-    head = "| field | type | default | description |"
-    rule = "|---|---|---|---|"
-    if env_prefix is not None:
-        head, rule = head[:-1] + " environment |", rule + "---|"
-    lines += [head, rule]
+    columns = ["field", "type", "default", "description"] + (["environment"] if env_prefix is not None else [])
+    lines += [_row(columns), _row(["---"] * len(columns))]
     for name, field in model.model_fields.items():
-        wire = field.alias or name
-        row = f"| `{wire}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |"
+        cells = [f"`{field.alias or name}`", _type_name(field.annotation), _cell(_default(field))]
+        cells.append(_cell(field.description or ""))
         if env_prefix is not None:
-            row += f" `{env_prefix}{name.upper()}` |"
-        lines.append(row)
+            cells.append(f"`{env_prefix}{name.upper()}`")
+        lines.append(_row(cells))
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A table cell: a ``|`` inside it would end the cell early and shift every column after it."""
+    return text.replace("\\|", "|").replace("|", "\\|").replace("\n", " ")
+
+
+def _row(cells: list[str]) -> str:
+    """One markdown table row: the header, the separator and every row share this, so their cell counts agree."""
+    return "| " + " | ".join(cells) + " |"
 
 
 def protocol_reference() -> str:

@@ -108,6 +108,7 @@ def run_config(args: argparse.Namespace, variant: str) -> RunConfig:
             device="cpu",
             val_fraction=0.0,
             progress=False,
+            likelihood_threads=torch.get_num_threads(),
             annealing=Annealing(beta2_start=args.beta2_start, beta3_start=args.beta3_start, ramp_fraction=args.ramp),
         ),
         data=DataConfig(source="sim.cards", kind="stack", patch=size, preprocessing=Preprocessing(frame_norm="none")),

@@ -312,12 +312,13 @@ def _offline_fps(artifact: Path, frames: list[np.ndarray], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _start_service(artifact: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def start_service(artifact: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """``atomstream serve`` on CPU with free loopback ports (``extra``: more flags) and its ready line."""
     argv = [
         sys.executable, "-c", "import sys; from atomstream.cli import main; sys.exit(main())", "serve",
         "--artifact", str(artifact), "--device", "cpu", "--ingest", "tcp://127.0.0.1:0",
         "--publish", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0", "--metrics-port", "0",
-        "--status-interval-s", "0.2", "--log-level", "WARNING",
+        "--status-interval-s", "0.2", "--log-level", "WARNING", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact or _make_artifact(Path(tmp) / "artifact")
         baseline = _offline_fps(artifact, make_frames(16, shape, args.seed), 300)
-        proc, ready = _start_service(artifact)
+        proc, ready = start_service(artifact)
         try:
             result = run_soak(
                 ingest=ready["ingest"],

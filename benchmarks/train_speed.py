@@ -56,7 +56,9 @@ def _fresh_store_step(step: Callable[[], float]) -> float:
 def ours_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
     cfg = ModelConfig(patch=tuple(x.shape[-2:]), n_classes=K, latent_dim=D, rotation=True, translation=True)
     pyro.clear_param_store()
-    model = JTrVAE(cfg)
+    # the decoder's likelihood chunks side by side on as many threads as torch has (what the library did itself
+    # before it stopped touching torch's thread count; pyroVED's side keeps torch's intra-op threads)
+    model = JTrVAE(cfg, likelihood_threads=torch.get_num_threads())
     svi = SVI(model.model, model.guide, Adam({"lr": lr}), loss=make_elbo(model))
     beta = (1.0, 1.0, 1.0)
     return lambda: _fresh_store_step(lambda: svi.step(x, beta))

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from exporters.quiet import quiet_export_warnings
 from exporters.verify import check_parity
 from exporters.wrapper import InferenceWrapper
 from models.config import ModelConfig, RunConfig
@@ -32,6 +31,7 @@ from streamer.manifest import (
     MANIFEST_NAME,
     MODEL_FILES,
     TS_METADATA,
+    ClassHealth,
     FileEntry,
     LatentLayout,
     Manifest,
@@ -51,7 +51,6 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "latent_layout",
-    "quiet_export_warnings",
 ]
 
 DEFAULT_OPSET = 17
@@ -61,19 +60,6 @@ _EXAMPLE_BATCH = 2
 
 class ExportError(Exception):
     """An export that cannot be made as asked (bad opset, bad defect classes, unwritable directory)."""
-
-
-@contextmanager
-def quiet_export_warnings() -> Iterator[None]:
-    """torch announces the deprecation of TorchScript and of the TorchScript-based ONNX exporter on every call.
-
-    Those notices are upstream's, not ours; parity, not the absence of warnings, is what proves an export right.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
 
 
 def latent_layout(cfg: ModelConfig) -> LatentLayout:
@@ -125,7 +111,7 @@ def export_onnx(wrapper: InferenceWrapper, path: str | Path, *, opset: int = DEF
         onnx.checker.check_model(str(path))
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export at opset {opset} failed: {first}; try --opset {DEFAULT_OPSET}") from exc
+        raise ExportError(f"ONNX export at opset {opset} failed: {first}; try opset={DEFAULT_OPSET}") from exc
     return Path(path)
 
 
@@ -153,6 +139,7 @@ def export_model(
     fp16: bool = False,
     defect_classes: Sequence[int] = (),
     novelty: NoveltyStats | None = None,
+    class_health: dict | None = None,
 ) -> Manifest:
     """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
 
@@ -160,9 +147,11 @@ def export_model(
     (it is recorded in the manifest). ``novelty`` is the defect score's training statistics and calibration
     (``exporters.calibrate.calibrate_novelty``); without it the server calibrates on each frame.
     Raises ``exporters.verify.ParityError`` when a backend disagrees.
+    ``class_health`` is the run's class diagnosis (``models.checkpoint.load_diagnosis``), copied into the manifest;
+    refusing a collapsed model is the caller's decision (``atomstream export`` refuses unless ``--force``).
     """
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use --opset {DEFAULT_OPSET}")
+        raise ExportError(f"opset={opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use opset={DEFAULT_OPSET}")
     if model.cfg != run.model:
         raise ExportError("the model was built from a different ModelConfig than run.model; export the run's own model")
     bad = [c for c in defect_classes if not 0 <= c < run.model.n_classes]
@@ -207,6 +196,9 @@ def export_model(
         novelty=novelty,
         onnx_opset=opset,
         parity=parity,
+        class_health=None
+        if class_health is None
+        else ClassHealth.model_validate({k: v for k, v in class_health.items() if k in ClassHealth.model_fields}),
     )
     write_manifest(out, manifest)
     return manifest

@@ -1,10 +1,10 @@
 """Parity: exported backends against the Pyro guide's posterior means, on real patches, before a manifest exists.
 
-The reference is ``JTrVAE.encode`` in eager PyTorch (``class_logits``, which ``encode`` does not return, against the
-eager encoder network). Each backend — ONNX Runtime on the CPU provider, TorchScript, optionally the fp16 ONNX — runs
-on the same patches in chunks of deliberately uneven sizes (1, 3, 252, then 256s), which also proves the batch axis
-is really dynamic. fp32 must agree to ``PARITY_TOLERANCE`` on every output and give the identical class argmax on
-every patch; the fp16 variant is held to ``FP16_TOLERANCE`` and at least ``FP16_MIN_ARGMAX_AGREEMENT``.
+The reference is the eager model: its encoder network and ``models.nets.posterior_means`` (what ``JTrVAE.encode``
+returns), in the model's own dtype. Each backend — ONNX Runtime on the CPU provider, TorchScript, optionally the fp16
+ONNX — runs on the same patches in chunks of deliberately uneven sizes (1, 3, 252, then 256s), which also proves the
+batch axis is really dynamic. fp32 must agree to ``PARITY_TOLERANCE`` on every output and give the identical class
+argmax on every patch; the fp16 variant is held to ``FP16_TOLERANCE`` and at least ``FP16_MIN_ARGMAX_AGREEMENT``.
 
 ``angle`` is compared on the circle. Its error is the network's rounding divided by the length of the concentration
 vector, so a model that is unsure of the angle (a short vector, typical before training) shows the largest Δ there.
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import ParityReference
 from models.config import RunConfig
 from models.data import DataError, patches_from_config
@@ -77,8 +78,6 @@ def run_onnx(path: str | Path, patches: Tensor, *, threads: int = 2) -> list[Ten
 
 def run_torchscript(path: str | Path, patches: Tensor) -> list[Tensor]:
     """Outputs of a TorchScript file on the CPU."""
-    from exporters.export import quiet_export_warnings
-
     with quiet_export_warnings():
         module = torch.jit.load(str(path), map_location="cpu")
     x = patches.detach().to("cpu", torch.float32).contiguous()
@@ -208,7 +207,7 @@ def parity_patches(
         except DataError as exc:
             notes.append(f"cannot re-read the run's data source: {exc}")
     else:
-        notes.append("the run records no data source and no --parity-data was given")
+        notes.append("the run records no data source and no parity_data was given")
     gen = torch.Generator().manual_seed(seed)
     if real is not None and tuple(real.shape[-2:]) != patch:
         raise DataError(f"parity patches are {tuple(real.shape[-2:])} but the model takes {patch}")
@@ -224,7 +223,7 @@ def parity_patches(
     random_desc = f"{n_random} uniform random [0, 1] patches (seed {seed})"
     if real is None:
         desc = f"{random_desc} — FALLBACK, no real data"
-        notes.append(f"parity is checked on {random_desc} only; pass --parity-data to check on real patches")
+        notes.append(f"parity is checked on {random_desc} only; give parity_data (real patches) to check on them")
     else:
         desc = f"{n_real} real patches ({desc}) + {random_desc} to reach {MIN_PARITY_PATCHES}"
         notes.append(f"only {n_real} real patches; topped up with {random_desc}")

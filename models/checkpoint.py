@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "TrainingState",
     "load_config",
+    "load_diagnosis",
     "load_run",
     "load_training_state",
     "plot_history",
@@ -79,13 +80,15 @@ def _history_csv(history: list[dict]) -> str:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    """Training and validation loss per epoch, as a PNG (Agg backend: works without a display)."""
-    import matplotlib
+    """Training and validation loss per epoch, as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``matplotlib.figure.Figure`` (it renders PNG itself, with no display), never through pyplot:
+    calling ``fit`` from a notebook must not switch the user's backend or leave a figure open in their session.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.subplots()
     epochs = [r["epoch"] for r in history]
     ax.plot(epochs, [r["loss"] for r in history], label="train")
     val = [(r["epoch"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
@@ -97,7 +100,6 @@ def plot_history(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     _atomic_write_bytes(path, buf.getvalue())
 
 
@@ -109,8 +111,13 @@ def save_run(
     epoch: int,
     history: list[dict],
     optimizer_state: dict | None = None,
+    diagnosis: dict | None = None,
 ) -> None:
-    """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs."""
+    """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs.
+
+    ``diagnosis`` (the class-collapse diagnosis at the end of training) goes to ``diagnosis.json``, which
+    ``atomstream export`` reads to refuse a collapsed model and copies into the manifest.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -123,6 +130,14 @@ def save_run(
     if history:
         plot_history(history, out / "loss.png")
     _atomic_write_text(out / "state.json", json.dumps({"epoch": int(epoch)}) + "\n")
+    if diagnosis is not None:
+        _atomic_write_text(out / "diagnosis.json", json.dumps(diagnosis, indent=1) + "\n")
+
+
+def load_diagnosis(run_dir: str | Path) -> dict | None:
+    """The run's class diagnosis (``diagnosis.json``), or ``None`` for a run without classes or from before it."""
+    path = Path(run_dir) / "diagnosis.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_config(run_dir: str | Path) -> RunConfig:

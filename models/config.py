@@ -7,13 +7,21 @@ were cut and transformed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streamer.manifest import Tiling
 from streamer.preprocess import Preprocessing
 
 __all__ = ["Annealing", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"]
+
+#: Patch side of a model and of the data it is cut from, unless told: two lattice constants of a typical 16 px
+#: lattice (a stack's patch is its image size whatever this says). The grid stride default is a quarter of it.
+_PATCH = (32, 32)
+#: Tiling and the atom finder: defaults and bounds are the manifest's, so training starts from what serving records.
+_TILING = Tiling.model_fields
+_Width = Annotated[int, Field(ge=1)]  # a layer's width or a convolution's channels
 
 
 class _Frozen(BaseModel):
@@ -27,7 +35,7 @@ class ModelConfig(_Frozen):
     invariances on and off, so the six variants of the paper are six settings of this one object.
     """
 
-    patch: tuple[int, int] = (48, 48)
+    patch: tuple[int, int] = _PATCH
     n_classes: int = Field(4, ge=0, le=64)
     latent_dim: int = Field(2, ge=1, le=64)
     rotation: bool = True
@@ -39,9 +47,19 @@ class ModelConfig(_Frozen):
         "plain MLP from (z, y) to all pixels, the paper's j-VAE baseline, only for models with no rotation or "
         "translation",
     )
-    encoder_hidden: tuple[int, ...] = (256, 256)
-    decoder_hidden: tuple[int, ...] = (256, 256, 256)
-    conv_channels: tuple[int, ...] = (32, 64, 128)
+    class_head: Literal["invariant", "pixels"] = Field(
+        "invariant",
+        description="what q(y|x) reads: invariant = features the model's rotation/translation leave unchanged "
+        "(models.nets.InvariantFeatures), so the class cannot follow angle, shift or lattice registration; pixels = "
+        "the paper's shared encoder trunk",
+    )
+    encoder_hidden: tuple[_Width, ...] = (256, 256)
+    decoder_hidden: tuple[_Width, ...] = Field(
+        (64, 64, 64),
+        description="coordinate-decoder widths; it runs once per pixel per enumerated class (K·B·H·W rows, ~95 % of "
+        "a step), so 3×64 is what a CPU budget buys: the paper's 3×256 is a GPU size (docs/training.md)",
+    )
+    conv_channels: tuple[_Width, ...] = (32, 64, 128)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     gaussian_scale: float = Field(
         0.2,
@@ -112,8 +130,26 @@ class Annealing(_Frozen):
 
 class TrainConfig(_Frozen):
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    class_init: Literal["invariant_gmm", "random"] = Field(
+        "invariant_gmm",
+        description="where the class head starts: invariant_gmm fits it to a Gaussian mixture of the patches in "
+        "features invariant to the model's rotation/translation (models.warm_start), which keeps the class latent "
+        "from collapsing or sorting by nuisance; random is the plain VAE start",
+    )
+    class_anchor: float = Field(
+        20.0,
+        ge=0,
+        description="weight (nats per image) of the cross-entropy between q(y|x) and the initial clusters at the "
+        "start of training; it falls linearly to class_anchor_end over the annealing ramp",
+    )
+    class_anchor_end: float = Field(
+        2.0,
+        ge=0,
+        description="weight of that cross-entropy after the annealing ramp; with 0 the ELBO alone moves the classes "
+        "off the clusters (glyph suits ±60°: held-out accuracy 0.51 against 0.997 at 2, docs/training.md)",
+    )
+    batch_size: int = Field(32, ge=1, description="patches per step: small batches, more updates per CPU second")
+    lr: float = Field(2e-3, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
@@ -121,6 +157,13 @@ class TrainConfig(_Frozen):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0)
     progress: bool = True
+    likelihood_threads: int = Field(
+        1,
+        ge=1,
+        description="CPU threads the coordinate decoder's fused likelihood spreads its chunks over; 1 runs them in "
+        "turn on torch's own intra-op threads. More is fastest with torch at one intra-op thread, a process-wide "
+        "setting fit leaves alone (atomstream train sets both)",
+    )
 
 
 class DataConfig(_Frozen):
@@ -132,15 +175,16 @@ class DataConfig(_Frozen):
 
     source: str = ""
     kind: Literal["stack", "grid", "atoms"] = "stack"
-    patch: tuple[int, int] = (48, 48)
-    stride: tuple[int, int] = (8, 8)
-    origin: tuple[int, int] = (0, 0)
+    patch: tuple[int, int] = _PATCH
+    stride: tuple[int, int] = _TILING["stride"]
+    origin: tuple[int, int] = _TILING["origin"]
     preprocessing: Preprocessing = Preprocessing()
-    atom_sigma: float = Field(1.5, ge=0)
-    atom_min_distance: int = Field(5, ge=1)
-    atom_threshold: float = Field(0.2, ge=0, le=1)
+    atom_sigma: float = _TILING["atom_sigma"]
+    atom_min_distance: int = _TILING["atom_min_distance"]
+    atom_threshold: float = _TILING["atom_threshold"]
     atom_sublattice: Literal["all", "brightest"] = Field(
-        "all", description="brightest: keep one sublattice so classes do not split by sublattice (streamer.atoms)"
+        _TILING["atom_sublattice"].default,
+        description="brightest: keep one sublattice so classes do not split by sublattice (streamer.atoms)",
     )
 
 

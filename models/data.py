@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,7 +217,7 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
     f, h, w = frames.shape
     ph, pw = data.patch
     if ph > h or pw > w:
-        raise DataError(f"patch {ph}×{pw} is larger than the {h}×{w} frame; use --patch at most {min(h, w)}")
+        raise DataError(f"patch={ph}×{pw} is larger than the {h}×{w} frame; use patch={min(h, w)} or less")
     chunks: list[torch.Tensor] = []
     positions: list[np.ndarray] = []
     exact: list[np.ndarray] = []
@@ -249,7 +250,7 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
     if images.shape[0] == 0:
         raise DataError(
             f"no atom-centred {ph}×{pw} patch fits in the scan (threshold {data.atom_threshold}, "
-            f"min distance {data.atom_min_distance}); lower --atom-threshold or use a smaller --patch"
+            f"min distance {data.atom_min_distance}); lower the threshold or use a smaller patch"
         )
     return PatchSet(
         images=images,
@@ -261,36 +262,14 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
     )
 
 
-def _data_config(
-    *,
-    source: str,
-    kind: str,
-    patch: tuple[int, int],
-    preprocessing: Preprocessing,
-    stride: tuple[int, int] = (8, 8),
-    origin: tuple[int, int] = (0, 0),
-    atom_sigma: float = 1.5,
-    atom_min_distance: int = 5,
-    atom_threshold: float = 0.2,
-    atom_sublattice: str = "all",
-) -> DataConfig:
+def _data_config(**fields: Any) -> DataConfig:
+    """A ``DataConfig`` of the fields given (None: the config's default); a bad value is a one-line ``DataError``."""
     try:
-        return DataConfig(
-            source=source,
-            kind=kind,
-            patch=patch,
-            stride=stride,
-            origin=origin,
-            preprocessing=preprocessing,
-            atom_sigma=atom_sigma,
-            atom_min_distance=atom_min_distance,
-            atom_threshold=atom_threshold,
-            atom_sublattice=atom_sublattice,
-        )
+        return DataConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(part) for part in err["loc"])
-        raise DataError(f"data option {where}={err.get('input')!r}: {err['msg']}") from None
+        raise DataError(f"{where}={err.get('input')!r}: {err['msg']}") from None
 
 
 def patches_from_config(path: str | Path, data: DataConfig, *, frames: np.ndarray | None = None) -> PatchSet:
@@ -318,18 +297,18 @@ def build_patches(
     origin: tuple[int, int] = (0, 0),
     fft: bool = False,
     atoms: bool = False,
-    atom_sigma: float = 1.5,
-    atom_min_distance: int = 5,
-    atom_threshold: float = 0.2,
-    atom_sublattice: str = "all",
+    atom_sigma: float | None = None,
+    atom_min_distance: int | None = None,
+    atom_threshold: float | None = None,
+    atom_sublattice: str | None = None,
 ) -> PatchSet:
     """Training patches from a file, and the ``DataConfig`` that records how (in ``PatchSet.data``).
 
     ``.npz`` is a stack (each image one patch; ``patch`` if given must equal the image size; no ``stride`` or
     ``atoms``). Anything else is a scan (``frames`` if the caller read it, else an ``.npy``): patches on a grid
-    (``patch``, ``stride``, default 32 and patch // 4) or, with ``atoms``, centred on the atoms
-    ``streamer.atoms.find_atoms`` finds. ``fft`` turns each patch into its centred log-magnitude spectrum, min-max
-    scaled.
+    (``patch``, ``stride``, default ``DataConfig.patch`` and patch // 4) or, with ``atoms``, centred on the atoms
+    ``streamer.atoms.find_atoms`` finds (``atom_*`` None: ``DataConfig``'s defaults). ``fft`` turns each patch into
+    its centred log-magnitude spectrum, min-max scaled.
     """
     p = Path(path)
     if frames is None:
@@ -340,14 +319,14 @@ def build_patches(
         raise DataError(f"stride={stride} must be at least 1 pixel")
     if frames is None and p.suffix.lower() == ".npz":
         if atoms:
-            raise DataError(f"--atoms needs a scan, but {str(p)!r} is an image stack (.npz); drop --atoms")
+            raise DataError(f"atom-centred patches need a scan, but {str(p)!r} is an image stack (.npz)")
         if stride is not None:
-            raise DataError(f"--stride applies to scans, but {str(p)!r} is an image stack (.npz); drop --stride")
+            raise DataError(f"stride={stride} applies to scans, but {str(p)!r} is an image stack (.npz); leave it out")
         images, labels, factors, names = load_stack(p)
         if patch is not None and (images.shape[1], images.shape[2]) != (patch, patch):
             raise DataError(
-                f"--patch {patch} does not match the {images.shape[1]}×{images.shape[2]} images of {str(p)!r}; "
-                "drop --patch for a stack"
+                f"patch={patch} does not match the {images.shape[1]}×{images.shape[2]} images of {str(p)!r}; "
+                "leave it out for a stack"
             )
         data = _data_config(
             source=str(p),
@@ -357,11 +336,11 @@ def build_patches(
         )
         return stack_patches(images, data, labels=labels, factors=factors, class_names=names)
     frames = load_frames(p) if frames is None else check_frames(frames, str(p))
-    size = 32 if patch is None else patch
+    size = DataConfig.model_fields["patch"].default[0] if patch is None else patch
     step = max(1, size // 4) if stride is None else stride
     h, w = frames.shape[1:]
     if size > h or size > w:
-        raise DataError(f"--patch {size} is larger than the {h}×{w} frames of {str(p)!r}; use --patch <= {min(h, w)}")
+        raise DataError(f"patch={size} is larger than the {h}×{w} frames of {str(p)!r}; use patch={min(h, w)} or less")
     if not atoms:
         try:
             grid_shape((h, w), size, step, origin)

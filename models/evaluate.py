@@ -20,11 +20,13 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
 __all__ = [
+    "ClassDiagnosis",
     "Evaluation",
     "class_usage",
     "clustering_accuracy",
     "collapse_warning",
     "confusion_matrix",
+    "diagnose_classes",
     "encode_images",
     "evaluate_encodings",
     "factor_columns",
@@ -71,23 +73,97 @@ def class_usage(class_prob: np.ndarray) -> np.ndarray:
     return counts / max(1, counts.sum())
 
 
-def collapse_warning(usage: np.ndarray, *, likelihood: str, gaussian_scale: float, limit: float = 0.95) -> str | None:
-    """A one-line diagnosis when one class takes (nearly) every patch, else ``None``.
+@dataclass(frozen=True)
+class ClassDiagnosis:
+    """Whether the class latent carries information, read off the posteriors ``q(y|x)`` rather than argmax counts.
+
+    Argmax counts alone miss the quiet failure: posteriors equal to the prior for every patch (the class ignored)
+    can still spread their argmax over all classes by rounding. The mutual information between the patch and its
+    class, ``I(x; y) = H(E_x q(y|x)) − E_x H(q(y|x))``, is 0 exactly then, and ``log K`` for confident, balanced
+    classes; its share of ``log K`` is the number to watch.
+    """
+
+    n_classes: int
+    usage: tuple[float, ...]  # argmax share of each class
+    mean_max_prob: float  # 1/K when every posterior is flat, 1 when every one is certain
+    mutual_information: float  # nats
+    information_ratio: float  # mutual_information / log K
+    collapsed: bool
+    reason: str  # empty when not collapsed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_classes": self.n_classes,
+            "usage": list(self.usage),
+            "mean_max_prob": self.mean_max_prob,
+            "mutual_information": self.mutual_information,
+            "information_ratio": self.information_ratio,
+            "collapsed": self.collapsed,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassDiagnosis:
+        """Back from ``to_dict`` (or ``diagnosis.json``, which may hold extra keys: they are ignored)."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        return cls(**{**fields, "usage": tuple(fields["usage"])})
+
+    def summary(self) -> str:
+        state = f"COLLAPSED ({self.reason})" if self.collapsed else "classes in use"
+        return (
+            f"{state}: I(x;y) {self.mutual_information:.3f} nats = {self.information_ratio:.0%} of log K, "
+            f"mean max q(y|x) {self.mean_max_prob:.2f} (1/K = {1 / self.n_classes:.2f}), "
+            f"largest class {max(self.usage):.0%}"
+        )
+
+
+def diagnose_classes(
+    class_prob: np.ndarray, *, max_share: float = 0.95, min_information_ratio: float = 0.05
+) -> ClassDiagnosis:
+    """Collapse diagnosis of posteriors ``(N, K)``: one class over ``max_share`` of the patches, or ``I(x; y)``
+    below ``min_information_ratio`` of ``log K`` (posteriors nearly the same for every patch, e.g. the prior)."""
+    prob = np.asarray(class_prob, dtype=np.float64)
+    if prob.ndim != 2 or prob.shape[0] == 0 or prob.shape[1] < 2:
+        raise ValueError(f"class_prob must be (N>0, K>=2), got shape {prob.shape}")
+    k = prob.shape[1]
+    p = np.clip(prob, 1e-12, 1.0)
+    marginal = p.mean(axis=0)
+    mi = float(-(marginal * np.log(marginal)).sum() + (p * np.log(p)).sum(axis=1).mean())
+    mi = max(mi, 0.0)
+    usage = class_usage(prob)
+    ratio = mi / float(np.log(k))
+    reasons = []
+    if usage.max() >= max_share:
+        reasons.append(f"one class holds {usage.max():.0%} of the patches")
+    if ratio < min_information_ratio:
+        reasons.append(f"q(y|x) is nearly the same for every patch (I(x;y) = {ratio:.1%} of log K)")
+    return ClassDiagnosis(
+        n_classes=k,
+        usage=tuple(float(u) for u in usage),
+        mean_max_prob=float(prob.max(axis=1).mean()),
+        mutual_information=mi,
+        information_ratio=ratio,
+        collapsed=bool(reasons),
+        reason="; ".join(reasons),
+    )
+
+
+def collapse_warning(diagnosis: ClassDiagnosis, *, likelihood: str, gaussian_scale: float) -> str | None:
+    """A one-line diagnosis and the knob to try first when the class latent collapsed, else ``None``.
 
     A mixture VAE whose reconstruction term outweighs the β-weighted KL terms lets the continuous ``z`` carry the
     class differences and leaves ``y`` on one class (the decoders of the others never get data). On the demo lattice
     a Gaussian likelihood with σ = 0.05 or 0.1 collapses this way while σ = 0.2 separates film and substrate, so the
     message names the knob that matters first.
     """
-    top = float(np.max(usage)) if len(usage) else 0.0
-    if len(usage) < 2 or top < limit:
+    if not diagnosis.collapsed:
         return None
     fix = (
         f"raise model.gaussian_scale (now {gaussian_scale:g}; try 0.2-0.3)"
         if likelihood == "gaussian"
         else "raise annealing.beta2_start so z is expensive early, or check that the classes differ in the patches"
     )
-    return f"class collapse: one class holds {top:.0%} of the patches, so the others are unused; {fix}"
+    return f"class collapse: {diagnosis.reason}; {fix}"
 
 
 def _contingency(pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["coord_mlp_log_likelihood", "pixel_log_likelihood"]
+__all__ = ["CHUNK_ROWS", "coord_mlp_log_likelihood", "pixel_log_likelihood"]
 
-# Rows (pixels × pairs) per chunk and per thread: a few MB of activations per layer, small enough to stay in
-# cache, large enough for efficient matmuls and few thread barriers.
-CHUNK_ROWS_PER_THREAD = 4608
-PARALLEL_CHUNKS = True
+#: Default rows (pixels × pairs) per chunk: a few MB of activations per layer, small enough to stay in cache, large
+#: enough for efficient matmuls and few thread barriers.
+CHUNK_ROWS = 4608
 
 
 def pixel_log_likelihood(logits: Tensor, x: Tensor, likelihood: str, gaussian_scale: float) -> Tensor:
@@ -75,6 +74,8 @@ class _FusedCoordMLP(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         need_grad: bool,
+        threads: int,
+        chunk_rows: int,
         likelihood: str,
         sigma: float,
         coords: Tensor,  # (Bc, P, 2), Bc in {1, B}
@@ -103,8 +104,7 @@ class _FusedCoordMLP(torch.autograd.Function):
             g_lat = latent.new_empty(n_pairs, h0)
             g_wc = latent.new_empty(n_pairs, h0, 2)
             g_xy = latent.new_empty(n_pairs, p_, 2)
-        n_threads = torch.get_num_threads()
-        per_chunk = max(1, CHUNK_ROWS_PER_THREAD // p_)
+        per_chunk = max(1, chunk_rows // p_)
 
         def run(m: int, b0: int) -> None:
             b1 = min(b_, b0 + per_chunk)
@@ -137,16 +137,11 @@ class _FusedCoordMLP(torch.autograd.Function):
             torch.matmul(ga, wc, out=g_xy[i0:i1])
 
         # Chunks never straddle two classes, so each one reads a contiguous slice of images: no gathers. They write
-        # disjoint slices, so on CPU they run side by side, one chunk per thread, each op single-threaded: no
-        # barrier after every small op, which is what makes fine-grained intra-op threading slow on a busy machine.
+        # disjoint slices, so on CPU they can run side by side, one chunk per thread (see coord_mlp_log_likelihood).
         chunks = [(m, b0) for m in range(m_) for b0 in range(0, b_, per_chunk)]
-        if n_threads > 1 and len(chunks) > 1 and latent.device.type == "cpu" and PARALLEL_CHUNKS:
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(max_workers=min(n_threads, len(chunks))) as pool:
-                    list(pool.map(lambda c: _no_grad_call(run, *c), chunks))
-            finally:
-                torch.set_num_threads(n_threads)
+        if threads > 1 and len(chunks) > 1 and latent.device.type == "cpu":
+            with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+                list(pool.map(lambda c: _no_grad_call(run, *c), chunks))
         else:
             for c in chunks:
                 run(*c)
@@ -173,6 +168,8 @@ class _FusedCoordMLP(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
             g_coords,
             g_latent,
             None,
@@ -196,12 +193,22 @@ def coord_mlp_log_likelihood(
     out_bias: Tensor,
     likelihood: str,
     gaussian_scale: float,
+    threads: int = 1,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Tensor:
     """``Σ_p log p(x[b, p] | MLP(tanh(W_c·coords[b, p] + b_c + latent[..., b, :])))``, shape ``(..., B)``.
 
     ``coords`` ``(Bc, P, 2)`` with ``Bc`` 1 or B, ``latent`` broadcastable to ``(..., B, H0)`` (the first layer's
     latent part), ``x`` ``(B, P)``. Gradients reach every tensor argument except ``x``.
+
+    The work is cut into chunks of about ``chunk_rows`` rows (pixels × pairs). ``threads=1`` runs them one after
+    another on the calling thread, each op using torch's intra-op threads as the process has them. ``threads > 1``
+    runs them side by side on that many CPU threads; that is fastest when each op is single-threaded (no barrier
+    after every small op, which is what makes fine-grained intra-op threading slow on a busy machine), so pair it
+    with ``torch.set_num_threads(1)`` — a process-wide setting this function leaves to its caller (the CLI).
     """
+    if threads < 1 or chunk_rows < 1:
+        raise ValueError(f"threads={threads} and chunk_rows={chunk_rows} must both be at least 1")
     b_, p_ = x.shape
     lead = latent.shape[:-2]
     lat = latent.expand(*lead, b_, latent.shape[-1]).reshape(-1, b_, latent.shape[-1])
@@ -210,5 +217,7 @@ def coord_mlp_log_likelihood(
     coords = coords.reshape(-1, p_, 2)
     params = [coord_weight, coord_bias, out_weight, out_bias, *[t for pair in hidden for t in pair]]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (coords, lat, *params))
-    out = _FusedCoordMLP.apply(need_grad, likelihood, float(gaussian_scale), coords, lat, x, *params)
+    out = _FusedCoordMLP.apply(
+        need_grad, threads, chunk_rows, likelihood, float(gaussian_scale), coords, lat, x, *params
+    )
     return out.reshape(*lead, b_)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder, posterior_means
 
 __all__ = ["CircularVonMises", "DecodedImage", "JTrVAE", "build_decoder", "build_encoder"]
 
@@ -94,9 +94,10 @@ class DecodedImage(dist.TorchDistribution):
         onehot: Tensor | None,
         likelihood: str,
         gaussian_scale: float,
+        threads: int = 1,
     ) -> None:
         self.decoder, self.coords, self.z, self.onehot = decoder, coords, z, onehot
-        self.likelihood, self.gaussian_scale = likelihood, gaussian_scale
+        self.likelihood, self.gaussian_scale, self.threads = likelihood, gaussian_scale, threads
         lead = torch.broadcast_shapes(z.shape[:-1], () if onehot is None else onehot.shape[:-1], coords.shape[:-2])
         super().__init__(lead, coords.shape[-2:-1], validate_args=False)
 
@@ -111,6 +112,7 @@ class DecodedImage(dist.TorchDistribution):
             value,
             likelihood=self.likelihood,
             gaussian_scale=self.gaussian_scale,
+            threads=self.threads,
         )
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
@@ -127,6 +129,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         "n_classes": cfg.n_classes,
         "rotation": cfg.rotation,
         "translation": cfg.translation,
+        "invariant_class": cfg.class_head == "invariant",
     }
     if cfg.encoder == "mlp":
         return MLPEncoder(cfg.patch, hidden=cfg.encoder_hidden, **common)
@@ -150,11 +153,14 @@ class JTrVAE(nn.Module):
     """Encoder, decoder and the Pyro ``model``/``guide`` that tie them into the VAE variant ``cfg`` describes.
 
     The constructor only builds networks (no seeding, no param store); ``models.train.fit`` owns the global state.
+    ``likelihood_threads`` is how many CPU threads the coordinate decoder's fused likelihood spreads its chunks over
+    (``models.fused_likelihood``); it is a setting of the machine, not of the model, so it is not saved with it.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, likelihood_threads: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        self.likelihood_threads = likelihood_threads
         self.encoder = build_encoder(cfg)
         self.decoder = build_decoder(cfg)
         self.register_buffer("grid", pixel_grid(*cfg.patch, dtype=torch.get_default_dtype()), persistent=False)
@@ -193,7 +199,9 @@ class JTrVAE(nn.Module):
                     prior = dist.Normal(x.new_zeros(b, 2), cfg.translation_prior_scale).to_event(1)
                     shift = pyro.sample("shift", prior)
             coords = rotate_shift_grid(self.grid.to(x.dtype), unit, shift)
-            pixels = DecodedImage(self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale)
+            pixels = DecodedImage(
+                self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale, self.likelihood_threads
+            )
             pyro.sample("x", pixels, obs=x.reshape(b, -1))  # batch (K, B) under enumeration: one decoder call
 
     def guide(self, x: Tensor, beta: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
@@ -217,19 +225,18 @@ class JTrVAE(nn.Module):
     # ---- inference-time helpers ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> dict[str, Tensor]:
-        """Posterior means (and ``z_scale``) of a batch ``(B, H, W)`` or ``(B, 1, H, W)``.
+        """Posterior means (and ``z_scale``) of a batch ``(B, H, W)`` or ``(B, 1, H, W)``, by ``posterior_means``.
 
-        ``angle`` is in radians (the direction of the projected normal's concentration), ``shift`` is ``(s_x, s_y)``
-        in grid units (1 = half the longer patch side); see ``models.coords`` for the conventions.
+        The mean of z is returned as ``z`` (its name in maps, encodings files and metrics), the rest under the
+        exported names: ``class_logits``, ``class_prob``, ``z_scale``, ``angle`` (radians, the direction of the
+        projected normal's concentration), ``shift`` (``(s_x, s_y)`` in grid units, 1 = half the longer patch side);
+        see ``models.coords`` for the conventions.
         """
-        q = self.encoder(self._flat(x))
-        out = {"z": q["z_loc"], "z_scale": q["z_scale"]}
-        if self.cfg.n_classes > 0:
-            out["class_prob"] = torch.softmax(q["class_logits"], dim=-1)
-        if self.cfg.rotation:
-            out["angle"] = torch.atan2(q["angle_loc"][:, 1], q["angle_loc"][:, 0])
-        if self.cfg.translation:
-            out["shift"] = q["shift_loc"]
+        cfg = self.cfg
+        out = posterior_means(
+            self.encoder(self._flat(x)), n_classes=cfg.n_classes, rotation=cfg.rotation, translation=cfg.translation
+        )
+        out["z"] = out.pop("z_loc")
         return out
 
     @torch.no_grad()

@@ -30,9 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused_likelihood import coord_mlp_log_likelihood, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, coord_mlp_log_likelihood, pixel_log_likelihood
 
-__all__ = ["BroadcastDecoder", "ConvEncoder", "CoordDecoder", "DenseDecoder", "MLPEncoder"]
+__all__ = [
+    "BroadcastDecoder",
+    "ConvEncoder",
+    "CoordDecoder",
+    "DenseDecoder",
+    "InvariantClassHead",
+    "InvariantFeatures",
+    "MLPEncoder",
+    "posterior_means",
+]
 
 _MIN_SCALE = 1e-4
 
@@ -70,6 +79,143 @@ class _Heads(nn.Module):
         return out
 
 
+class InvariantFeatures(nn.Module):
+    r"""Features of a patch that the model's own transforms leave unchanged, as fixed linear maps (exportable).
+
+    * translation on: the magnitude of the 2-D discrete Fourier transform (centred), which a shift does not change —
+      computed as matmuls with fixed cosine and sine matrices, so ONNX and TorchScript see plain MatMul/Sqrt;
+    * rotation on: those values (or the pixels) sampled bilinearly on rings about the centre, and of each ring the
+      magnitudes of its first angular harmonics :math:`|\sum_\theta f(r,\theta) e^{-im\theta}|`, which a rotation
+      about the centre does not change;
+    * both off: the pixels.
+
+    ``½·log1p(|·|²)`` compresses the spectrum's range (the log of the magnitude for large values, with no square root
+    whose slope at 0 would turn float rounding into export-parity errors); per-feature ``mean``/``scale`` buffers
+    (set from the training patches by ``calibrate``, saved with the weights) standardise them.
+
+    Why the class head reads these and not the pixels: an MLP on pixels must learn from examples that a rotated or
+    shifted suit is the same suit, and on atom-centred or grid patches the same freedom lets the class split by
+    sublattice or registration; here it cannot.
+    """
+
+    def __init__(
+        self, patch: tuple[int, int], *, rotation: bool, translation: bool, harmonics: int = 8, n_angles: int = 32
+    ) -> None:
+        super().__init__()
+        h, w = patch
+        self.rotation, self.translation = rotation, translation
+        if translation:
+            for name, n in (("h", h), ("w", w)):
+                k = torch.arange(n, dtype=torch.float64)
+                rows = (k - n // 2) % n  # fftshift: row i holds frequency i - n // 2
+                phase = 2 * math.pi * torch.outer(rows, k) / n
+                self.register_buffer(f"cos_{name}", torch.cos(phase).float(), persistent=False)
+                self.register_buffer(f"sin_{name}", torch.sin(phase).float(), persistent=False)
+        n_features = h * w
+        if rotation:
+            centre = (h // 2, w // 2) if translation else ((h - 1) / 2, (w - 1) / 2)
+            n_radii = max(2, min(h, w) // 2)
+            radii = (torch.arange(n_radii, dtype=torch.float64) + 0.5) * (min(h, w) / 2 / n_radii)
+            theta = torch.arange(n_angles, dtype=torch.float64) * (2 * math.pi / n_angles)
+            ys = (centre[0] + radii[:, None] * torch.sin(theta)[None]).reshape(-1).clamp(0, h - 1)
+            xs = (centre[1] + radii[:, None] * torch.cos(theta)[None]).reshape(-1).clamp(0, w - 1)
+            y0, x0 = ys.floor().clamp(max=h - 2 if h > 1 else 0), xs.floor().clamp(max=w - 2 if w > 1 else 0)
+            fy, fx = ys - y0, xs - x0
+            y0, x0 = y0.long(), x0.long()
+            y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+            index = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1)
+            weight = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=-1)
+            self.register_buffer("ring_index", index, persistent=False)
+            self.register_buffer("ring_weight", weight.float(), persistent=False)
+            m = torch.arange(harmonics + 1, dtype=torch.float64)
+            ang = torch.outer(theta, m)
+            self.register_buffer("harm_cos", torch.cos(ang).float(), persistent=False)
+            self.register_buffer("harm_sin", torch.sin(ang).float(), persistent=False)
+            self.n_radii, self.n_angles = n_radii, n_angles
+            n_features = n_radii * (harmonics + 1)
+        self.n_features = n_features
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+
+    def raw(self, x: Tensor) -> Tensor:
+        """Unstandardised features ``(B, F)`` of patches ``(B, 1, H, W)``."""
+        f = x[:, 0]
+        if self.translation:
+            f = f - f.mean(dim=(-2, -1), keepdim=True)
+            a = self.cos_h @ f  # (B, H, W): transform along rows ...
+            b = self.sin_h @ f
+            re = a @ self.cos_w.T - b @ self.sin_w.T  # ... then along columns (the sign of Im does not matter)
+            im = a @ self.sin_w.T + b @ self.cos_w.T
+            f = 0.5 * torch.log1p(re * re + im * im)  # log of the magnitude, with no sqrt to amplify rounding near 0
+        flat = f.reshape(f.shape[0], -1)
+        if not self.rotation:
+            return flat
+        rings = (flat[:, self.ring_index] * self.ring_weight).sum(-1)  # (B, R·T)
+        rings = rings.reshape(-1, self.n_radii, self.n_angles)
+        c, s = rings @ self.harm_cos, rings @ self.harm_sin
+        return 0.5 * torch.log1p(c * c + s * s).reshape(f.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.raw(x) - self.mean) / self.scale
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, batch_size: int = 1024) -> None:
+        """Set ``mean``/``scale`` to the per-feature mean and standard deviation over the patches ``x``."""
+        feats = torch.cat([self.raw(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        std = feats.std(dim=0) if feats.shape[0] > 1 else torch.ones_like(feats[0])
+        self.mean.copy_(feats.mean(dim=0))
+        # A floor at 5 % of the typical spread: a feature that barely varies (the zero frequency of a mean-free
+        # patch) carries only float rounding, which dividing by its own tiny spread would blow up into the logits —
+        # and into differences between the ONNX and eager encoders far above the export's 1e-4 parity tolerance.
+        self.scale.copy_(std.clamp_min(0.05 * float(std.mean().clamp_min(1e-6))))
+
+
+class InvariantClassHead(nn.Module):
+    """Class logits from ``InvariantFeatures`` through one tanh layer: a class that ignores the model's transforms."""
+
+    def __init__(
+        self, patch: tuple[int, int], *, n_classes: int, rotation: bool, translation: bool, hidden: int = 128
+    ) -> None:
+        super().__init__()
+        self.features = InvariantFeatures(patch, rotation=rotation, translation=translation)
+        self.net = nn.Sequential(nn.Linear(self.features.n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.features(x))
+
+
+def posterior_means(
+    heads: dict[str, Tensor], *, n_classes: int, rotation: bool, translation: bool, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The guide's posterior means from an encoder's heads, under the exported output names.
+
+    ``class_logits`` and ``class_prob = softmax(class_logits)`` (when ``n_classes > 0``), ``z_loc`` (the mean of z)
+    and ``z_scale``, ``angle`` (with rotation: the mean direction ``atan2(c_y, c_x)`` of the projected normal's
+    concentration, radians in (-π, π]) and ``shift`` (with translation: the loc of q(s|x), ``(s_x, s_y)``).
+
+    ``JTrVAE.encode`` and the export wrapper both call this one function, so what is served cannot drift from what
+    the model reports. ``dtype`` converts each head first: the fp16 export does its softmax and ``atan2`` in float32,
+    where the ill-conditioned angle of a weak concentration is safest. Pure tensor code, so it traces and exports.
+    """
+
+    def head(name: str) -> Tensor:
+        return heads[name] if dtype is None else heads[name].to(dtype)
+
+    out: dict[str, Tensor] = {}
+    if n_classes > 0:
+        logits = head("class_logits")
+        out["class_logits"] = logits
+        out["class_prob"] = torch.softmax(logits, dim=-1)
+    out["z_loc"] = head("z_loc")
+    out["z_scale"] = head("z_scale")
+    if rotation:
+        c = head("angle_loc")
+        out["angle"] = torch.atan2(c[:, 1], c[:, 0])
+    if translation:
+        out["shift"] = head("shift_loc")
+    return out
+
+
 class MLPEncoder(nn.Module):
     """The paper's inference network: the flattened image through tanh layers (2×256 by default), then the heads."""
 
@@ -82,6 +228,7 @@ class MLPEncoder(nn.Module):
         rotation: bool,
         translation: bool,
         hidden: tuple[int, ...] = (256, 256),
+        invariant_class: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -90,10 +237,19 @@ class MLPEncoder(nn.Module):
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
         self.trunk = nn.Sequential(*layers)
-        self.heads = _Heads(width, latent_dim, n_classes, rotation, translation)
+        branch = invariant_class and n_classes > 0
+        self.heads = _Heads(width, latent_dim, 0 if branch else n_classes, rotation, translation)
+        self.class_head = (
+            InvariantClassHead(patch, n_classes=n_classes, rotation=rotation, translation=translation)
+            if branch
+            else None
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.heads(self.trunk(x))
+        out = self.heads(self.trunk(x))
+        if self.class_head is not None:
+            out["class_logits"] = self.class_head(x)
+        return out
 
 
 class ConvEncoder(nn.Module):
@@ -112,6 +268,7 @@ class ConvEncoder(nn.Module):
         translation: bool,
         channels: tuple[int, ...] = (32, 64, 128),
         hidden: int = 256,
+        invariant_class: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -121,10 +278,19 @@ class ConvEncoder(nn.Module):
             c_in, h, w = c, (h + 1) // 2, (w + 1) // 2
         layers += [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.Tanh()]
         self.trunk = nn.Sequential(*layers)
-        self.heads = _Heads(hidden, latent_dim, n_classes, rotation, translation)
+        branch = invariant_class and n_classes > 0
+        self.heads = _Heads(hidden, latent_dim, 0 if branch else n_classes, rotation, translation)
+        self.class_head = (
+            InvariantClassHead(patch, n_classes=n_classes, rotation=rotation, translation=translation)
+            if branch
+            else None
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.heads(self.trunk(x))
+        out = self.heads(self.trunk(x))
+        if self.class_head is not None:
+            out["class_logits"] = self.class_head(x)
+        return out
 
 
 class CoordDecoder(nn.Module):
@@ -163,12 +329,22 @@ class CoordDecoder(nn.Module):
         return self.out(h).squeeze(-1)
 
     def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> Tensor:
         """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, by the fused cache-sized kernel.
 
         Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
-        materialising the ``(..., B, P, H)`` activations; see ``models.fused_likelihood``.
+        materialising the ``(..., B, P, H)`` activations; ``threads`` and ``chunk_rows`` say how the work is cut and
+        spread (``models.fused_likelihood.coord_mlp_log_likelihood``).
         """
         return coord_mlp_log_likelihood(
             coords,
@@ -181,10 +357,31 @@ class CoordDecoder(nn.Module):
             out_bias=self.out.bias,
             likelihood=likelihood,
             gaussian_scale=gaussian_scale,
+            threads=threads,
+            chunk_rows=chunk_rows,
         )
 
 
-class DenseDecoder(nn.Module):
+class _AutogradLikelihood(nn.Module):
+    """``log_likelihood`` of a decoder whose logits are small enough to materialise: plain autograd."""
+
+    def log_likelihood(
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
+        decoder's interface and unused (one autograd pass has no chunks to spread)."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
+
+
+class DenseDecoder(_AutogradLikelihood):
     """A plain MLP from ``(z, y)`` to every pixel at once: the decoder of a VAE that infers no transform.
 
     It ignores the coordinates (only their count is used), so it cannot draw a rotation or a shift, and is valid only
@@ -219,14 +416,8 @@ class DenseDecoder(nn.Module):
             h = torch.tanh(layer(h))
         return self.out(h)
 
-    def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``: the logits are only K·B·P numbers here."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
-
-class BroadcastDecoder(nn.Module):
+class BroadcastDecoder(_AutogradLikelihood):
     """The supplement's spatial-broadcast decoder: 3×3 convolutions over the transformed-coordinate image.
 
     The latent (``z`` and one-hot ``y``) enters every layer: the paper stacks the tiled latent as extra channels at
@@ -276,9 +467,3 @@ class BroadcastDecoder(nn.Module):
             h = torch.tanh(h + b[..., None, None])
         out = self.out(h.reshape(-1, *h.shape[-3:]))
         return out.reshape(*lead, ph * pw)
-
-    def log_likelihood(
-        self, coords: Tensor, z: Tensor, y: Tensor | None, x: Tensor, *, likelihood: str, gaussian_scale: float
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, through plain autograd."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -22,7 +23,9 @@ from torch import Tensor
 
 from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
 from models.config import RunConfig
+from models.evaluate import diagnose_classes, normalized_mutual_info
 from models.jtrvae import JTrVAE
+from models.warm_start import cluster_classes
 
 __all__ = ["FitError", "TrainResult", "evaluate_loss", "fit", "make_elbo", "resolve_device", "split_validation"]
 
@@ -35,6 +38,7 @@ class FitError(ValueError):
 class TrainResult:
     model: JTrVAE
     history: list[dict]  # per epoch: epoch (0-based), loss, val_loss (None without validation), beta1..3, seconds
+    diagnosis: dict | None = None  # models.evaluate.ClassDiagnosis.to_dict() on the training patches (K > 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -156,22 +160,49 @@ def fit(
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
+    model.likelihood_threads = tc.likelihood_threads
+
+    anchor = None
+    head = getattr(model.encoder, "class_head", None)
+    if head is not None and not resume:
+        head.features.calibrate(model._flat(x_train))
+    if not resume and cfg.model.n_classes > 1 and tc.class_init == "invariant_gmm":
+        init = cluster_classes(_class_features(model, x_train), cfg.model.n_classes, seed=tc.seed)
+        anchor = torch.as_tensor(init.responsibilities, device=device, dtype=dtype)
+        _fit_class_head(model, x_train, anchor, lr=tc.lr, batch_size=tc.batch_size, seed=tc.seed)
 
     optim = Adam({"lr": tc.lr})
     if opt_state is not None:
         optim.set_state(opt_state)
-    svi = SVI(model.model, model.guide, optim, loss=make_elbo(model))
+    elbo = make_elbo(model)
+
+    def loss_fn(
+        model_fn: Callable, guide_fn: Callable, x: Tensor, beta: tuple, target: Tensor | None, weight: float
+    ) -> Tensor:
+        loss = elbo.differentiable_loss(model_fn, guide_fn, x, beta)
+        if target is not None and weight > 0:
+            log_q = torch.log_softmax(model.encoder(model._flat(x))["class_logits"], dim=-1)
+            loss = loss - weight * (target * log_q).sum()
+        return loss
+
+    svi = SVI(model.model, model.guide, optim, loss=loss_fn)
 
     n = x_train.shape[0]
-    epochs = range(start_epoch, tc.epochs)
-    bar = _progress(epochs, tc.progress)
-    for epoch in bar:
+    steps_per_epoch = math.ceil(n / tc.batch_size)
+    bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress)
+    for epoch in range(start_epoch, tc.epochs):
         beta = tc.annealing.at(epoch, tc.epochs)
+        f = _anchor_fraction(tc.annealing.ramp_fraction, epoch, tc.epochs)
+        weight = tc.class_anchor_end + f * (tc.class_anchor - tc.class_anchor_end)
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
         total = 0.0
         for start in range(0, n, tc.batch_size):
-            total += svi.step(x_train[order[start : start + tc.batch_size]], beta)
+            idx = order[start : start + tc.batch_size]
+            target = None if anchor is None else anchor[idx]
+            total += float(svi.step(x_train[idx], beta, target, weight))
+            if bar is not None:
+                bar.update(1)
         loss = total / n
         if not math.isfinite(loss):
             raise FitError(f"the loss became {loss} in epoch {epoch}; lower train.lr (now {tc.lr})")
@@ -183,29 +214,103 @@ def fit(
             "beta1": beta[0],
             "beta2": beta[1],
             "beta3": beta[2],
+            "class_anchor": weight,
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        if hasattr(bar, "set_postfix"):
+        if bar is not None:
             bar.set_postfix(
+                epoch=f"{epoch + 1}/{tc.epochs}",
                 loss=f"{loss:.2f}",
                 val=f"{val_loss:.2f}" if val_loss is not None else "-",
-                beta=f"{beta[0]:g}/{beta[1]:.2f}/{beta[2]:.2f}",
             )
         done = epoch + 1
         if out_dir is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.epochs:
             save_run(out_dir, model, cfg, epoch=done, history=history, optimizer_state=optim.get_state())
+    if bar is not None:
+        bar.close()
+    model.eval()
+    diagnosis = _diagnose(model, x_train, anchor, batch_size=max(tc.batch_size, 256))
     if out_dir is not None:
         save_run(
-            out_dir, model, cfg, epoch=max(tc.epochs, start_epoch), history=history, optimizer_state=optim.get_state()
+            out_dir,
+            model,
+            cfg,
+            epoch=max(tc.epochs, start_epoch),
+            history=history,
+            optimizer_state=optim.get_state(),
+            diagnosis=diagnosis,
         )
-    model.eval()
-    return TrainResult(model=model, history=history)
+    return TrainResult(model=model, history=history, diagnosis=diagnosis)
 
 
-def _progress(epochs: range, enabled: bool) -> Iterable[int]:
-    if not enabled:
-        return epochs
+@torch.no_grad()
+def _diagnose(model: JTrVAE, x: Tensor, anchor: Tensor | None, *, batch_size: int) -> dict | None:
+    """The class diagnosis of the trained model on its training patches, and how far it moved from its start."""
+    if model.cfg.n_classes < 2:
+        return None
+    chunks = [model.encoder(model._flat(x[i : i + batch_size]))["class_logits"] for i in range(0, len(x), batch_size)]
+    prob = torch.softmax(torch.cat(chunks), -1).cpu().numpy()
+    out = diagnose_classes(prob).to_dict()
+    if anchor is not None:
+        out["nmi_with_initial_clusters"] = normalized_mutual_info(prob.argmax(1), anchor.argmax(1).cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def _class_features(model: JTrVAE, x: Tensor, batch_size: int = 1024) -> np.ndarray:
+    """The standardised invariant features the class head reads (computed for the clustering when it reads pixels)."""
+    head = getattr(model.encoder, "class_head", None)
+    if head is not None:
+        features = head.features
+    else:
+        from models.nets import InvariantFeatures
+
+        cfg = model.cfg
+        features = InvariantFeatures(cfg.patch, rotation=cfg.rotation, translation=cfg.translation)
+        features = features.to(x.device, x.dtype)
+        features.calibrate(model._flat(x))
+    chunks = [features(model._flat(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(chunks).cpu().numpy()
+
+
+def _anchor_fraction(ramp_fraction: float, epoch: int, n_epochs: int) -> float:
+    """1 at the first epoch, falling linearly to 0 at the end of the β ramp (at once when there is no ramp)."""
+    ramp = ramp_fraction * n_epochs
+    return 0.0 if ramp <= 0 else max(0.0, 1.0 - epoch / ramp)
+
+
+def _fit_class_head(
+    model: JTrVAE, x: Tensor, target: Tensor, *, lr: float, batch_size: int, seed: int, max_steps: int = 500
+) -> None:
+    """Fit the encoder's class logits to the soft labels ``target`` by cross-entropy, until ``KL(target ‖ q)`` on a
+    batch is below 0.05 nats (q as confident as the clusters, not merely agreeing in argmax) or ``max_steps`` Adam
+    steps have run (at least two passes over small data).
+
+    Only the encoder moves, and only here, before Pyro registers it: from then on the optimiser state and the
+    param store start from these weights. It costs encoder steps only, a small fraction of one training epoch.
+    """
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=lr)
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    min_steps = 2 * math.ceil(n / batch_size)
+    for step in range(max(max_steps, min_steps)):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        log_q = torch.log_softmax(model.encoder(model._flat(x[idx]))["class_logits"], dim=-1)
+        loss = -(target[idx] * log_q).sum(dim=-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t = target[idx]
+        gap = loss + (t * torch.log(t.clamp_min(1e-12))).sum(dim=-1).mean()  # CE − H(target) = KL(target ‖ q)
+        if step >= min_steps and gap < 0.05:
+            break
+
+
+def _progress(epochs: int, steps_per_epoch: int, enabled: bool) -> Any:
+    """A bar over optimisation steps (not epochs), so a long epoch still shows movement and an ETA."""
+    if not enabled or epochs <= 0:
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(epochs, desc="train", unit="epoch", dynamic_ncols=True)
+    return tqdm(total=epochs * steps_per_epoch, desc="train", unit="step", dynamic_ncols=True)

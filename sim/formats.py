@@ -48,7 +48,8 @@ class ScanFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Scan:
-    """Frames (N, H, W) and metadata: ``source`` (reader), ``path``, ``pixel_size`` (float or None), ``unit``."""
+    """Frames (N, H, W) and metadata: ``source`` (reader), ``path``, ``pixel_size`` (float or None), ``unit``, and
+    ``converted`` when the file held colour images that were read as grey (the note says how)."""
 
     frames: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
@@ -82,12 +83,42 @@ def read_scan(path: str | PathLike[str], *, dataset: str | None = None) -> Scan:
         known = ", ".join(supported_extensions())
         raise ScanFormatError(f"{p}: unknown scan format {ext or '(no extension)'!r}; known: {known}")
     meta = {"pixel_size": None, "unit": None, **meta, "source": meta.get("source", ext.lstrip(".")), "path": str(p)}
-    return Scan(frames=_as_stack(p, frames), meta=meta)
+    stack, note = _as_stack(p, frames)
+    if note:
+        meta["converted"] = note
+    return Scan(frames=stack, meta=meta)
 
 
-def _as_stack(p: Path, data: np.ndarray) -> np.ndarray:
+#: ITU-R BT.601 luma weights: how an RGB picture of a grey-scale micrograph becomes grey again
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _rgb_to_grey(p: Path, data: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """An RGB(A) image (H, W, 3|4) or stack (N, H, W, 3|4) as grey frames, with a note saying so; else None.
+
+    Read as they are, the channels of a (256, 256, 3) picture would become 256 frames of 256×3 pixels; no scan has
+    frames three pixels wide, so a last axis of 3 or 4 behind a wider one is taken as colour.
+    """
+    rgb_image = data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[1] > 4
+    rgb_stack = data.ndim == 4 and data.shape[-1] in (3, 4)
+    if not (rgb_image or rgb_stack):
+        return None
+    grey = np.asarray(data[..., :3], dtype=np.float32) @ _LUMA
+    what = "an RGB image" if data.shape[-1] == 3 else "an RGBA image"
+    frames = "one grey frame" if rgb_image else f"{grey.shape[0]} grey frames"
+    return grey, f"{what} of shape {data.shape}: read as {frames} (luminance 0.299 R + 0.587 G + 0.114 B)"
+
+
+def _as_stack(p: Path, data: np.ndarray) -> tuple[np.ndarray, str | None]:
     if data.dtype.kind not in "uif":
         raise ScanFormatError(f"{p}: data type {data.dtype} is not a real number type (need int/uint/float)")
+    converted = _rgb_to_grey(p, data)
+    if converted is not None:
+        return _stack(p, converted[0]), converted[1]
+    return _stack(p, data), None
+
+
+def _stack(p: Path, data: np.ndarray) -> np.ndarray:
     if data.ndim == 2:
         return data[None]
     if data.ndim == 3:

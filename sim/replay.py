@@ -4,27 +4,27 @@ One pass over the frames is one scan: ``scan_start``, ``frame``…, ``scan_end``
 ``loop=N`` the pass repeats N times, each pass its own scan (``scan_id`` ``"<base>"`` for a single pass, else
 ``"<base>.<k>"``), while ``frame_id`` keeps increasing across passes — the service's per-scan summaries stay
 meaningful and subscribers that order by ``frame_id`` never see it go backwards. Each frame's ``meta`` carries
-``loop`` and ``index`` (its position in the file).
+``loop`` and ``index`` (its position in the file), and the scan's ``pixel_size``/``pixel_unit`` when it has one.
 
 Pacing: ``fps`` schedules frame k at ``t0 + k/fps`` (no drift accumulates); ``fps=None`` or ``0`` sends as fast as
 the peer takes them. Back-pressure is ZeroMQ's: at ``hwm`` queued frames a send blocks, and a send blocked for
 ``send_timeout_ms`` (nobody listening, or a stuck service) raises :class:`ReplayError` instead of hanging. In
 connect mode the socket is ``IMMEDIATE``, so frames are never queued for a peer that has not connected.
 
-Ctrl-C (in the main thread) does not tear a message in half: the first SIGINT lets the current frame finish, sends
-``scan_end`` for the open scan, and returns a summary with ``interrupted=True``; a second SIGINT raises
-``KeyboardInterrupt`` at once. Closing waits at most ``linger_ms`` for queued frames to leave.
+Stopping never tears a message in half: when the ``stop`` event is set (the CLI sets it on the first Ctrl-C; this
+module installs no signal handler, library code leaves the process's signals alone), the current frame finishes,
+``scan_end`` goes out for the open scan, and the summary says ``interrupted=True``. Closing waits at most
+``linger_ms`` for queued frames to leave.
 """
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ class ReplaySummary:
     fps: float
     scans: int
     interrupted: bool = False
+    scan_ids: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         state = " (interrupted)" if self.interrupted else ""
@@ -72,28 +73,14 @@ def wire_dtype(dtype: np.dtype) -> np.dtype:
     raise ReplayError(f"frames of dtype {name} cannot be sent; convert them to one of {', '.join(SUPPORTED_DTYPES)}")
 
 
-class _Interrupt:
-    """Turns the first SIGINT into a flag (so a send is never cut mid-message); the second one raises."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> _Interrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self.event.set()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+def _calibration(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The scan's pixel size (``pixel_size`` and ``unit``/``pixel_unit``, as ``read_scan`` finds them) for each
+    frame's meta, where the service takes it from into the maps and defects."""
+    size = meta.get("pixel_size")
+    if size is None:
+        return {}
+    unit = meta.get("pixel_unit", meta.get("unit"))
+    return {"pixel_size": float(size), **({"pixel_unit": str(unit)} if unit else {})}
 
 
 class Replayer:
@@ -195,33 +182,42 @@ class Replayer:
             ) from None
 
     def send_scan(
-        self, frames: np.ndarray | Sequence[np.ndarray], meta: Mapping[str, Any] | None = None
+        self,
+        frames: np.ndarray | Sequence[np.ndarray],
+        meta: Mapping[str, Any] | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> ReplaySummary:
-        """Send ``frames`` (N×H×W, or a sequence of H×W arrays) ``loop`` times; see the module docstring."""
+        """Send ``frames`` (N×H×W, or a sequence of H×W arrays) ``loop`` times, until ``stop`` is set (module
+        docstring)."""
         if self._sock is None:
             raise ReplayError("the replayer is not started; use it as a context manager or call start()")
         n = len(frames)
         if n == 0:
             raise ReplayError("no frames to send")
         meta = dict(meta or {})
+        calibration = _calibration(meta)
+        stop = threading.Event() if stop is None else stop
         sent = nbytes = scans = 0
+        scan_ids: list[str] = []
         bar = tqdm(total=n * self.loop, unit="frame", disable=not self.progress, leave=False)
         t0 = time.perf_counter()
-        with _Interrupt() as stop, bar:
+        with bar:
             for k in range(self.loop):
-                if stop.event.is_set():
+                if stop.is_set():
                     break
                 sid = self.scan_id if self.loop == 1 else f"{self.scan_id}.{k}"
                 self._send(encode(ScanStart(scan_id=sid, meta=meta)), f"scan_start of {sid!r}")
                 scans += 1
+                scan_ids.append(sid)
                 in_scan = 0
                 try:
                     for i in range(n):
-                        if stop.event.is_set():
+                        if stop.is_set():
                             break
                         if self.fps:
                             delay = t0 + sent / self.fps - time.perf_counter()
-                            if delay > 0 and stop.event.wait(delay):
+                            if delay > 0 and stop.wait(delay):
                                 break
                         arr = np.asarray(frames[i])
                         if arr.ndim != 2:
@@ -234,7 +230,7 @@ class Replayer:
                             dtype=arr.dtype.name,
                             shape=list(arr.shape),
                             t_acq_ns=time.time_ns(),
-                            meta={"loop": k, "index": i},
+                            meta={"loop": k, "index": i, **calibration},
                         )
                         self._send(encode(msg, arr), f"frame {fid}")
                         self._next_frame_id += 1
@@ -253,7 +249,8 @@ class Replayer:
             seconds=seconds,
             fps=sent / seconds if seconds > 0 else 0.0,
             scans=scans,
-            interrupted=stop.event.is_set(),
+            interrupted=stop.is_set(),
+            scan_ids=tuple(scan_ids),
         )
 
 
@@ -270,6 +267,7 @@ def replay(
     send_timeout_ms: int = 10_000,
     linger_ms: int = 5_000,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> ReplaySummary:
     """Open a :class:`Replayer`, send the scan, close it; the one-call form used by ``atomstream replay``."""
     with Replayer(
@@ -283,4 +281,4 @@ def replay(
         linger_ms=linger_ms,
         progress=progress,
     ) as r:
-        return r.send_scan(frames, meta)
+        return r.send_scan(frames, meta, stop=stop)

@@ -23,8 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from streamer.protocol import MAX_FRAME_BYTES
-from streamer.security import CurveConfig
+from streamer.protocol import MAX_CONTROL_BYTES, MAX_FRAME_BYTES
+from streamer.security import CurveConfig, is_loopback
 
 __all__ = ["ConfigError", "ServiceConfig"]
 
@@ -76,7 +76,49 @@ class ServiceConfig(BaseSettings):
     )
     recv_hwm: int = Field(16, ge=1, description="ZeroMQ receive high-water mark of the ingest socket (messages)")
     send_hwm: int = Field(1000, ge=1, description="ZeroMQ send high-water mark of the publish socket (messages)")
-    max_frame_bytes: int = Field(MAX_FRAME_BYTES, ge=1, description="larger frames are refused (frame_too_large)")
+    max_frame_bytes: int = Field(
+        MAX_FRAME_BYTES,
+        ge=1,
+        description="larger frames are refused: declared larger, frame_too_large; sent larger, the ingest socket "
+        "(ZMQ_MAXMSGSIZE) drops the connection before the bytes are held",
+    )
+    max_queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="bytes of accepted frames waiting for the encoder, at most (beside queue_size): one producer of "
+        "big frames cannot hold more than this ahead of everyone else's frames; one frame is always let in",
+    )
+    max_control_bytes: int = Field(
+        MAX_CONTROL_BYTES, ge=256, description="largest control request; the control socket drops larger ones unread"
+    )
+    max_open_scans: int = Field(
+        1024,
+        ge=1,
+        description="scans counted at once (scan_start without scan_end yet); a new scan beyond this is refused with "
+        "an overloaded error, never by forgetting a live one (scans idle for scan_idle_s make room)",
+    )
+    scan_idle_s: float = Field(600.0, gt=0, description="an open scan with no message for this long may be forgotten")
+    max_scan_id_chars: int = Field(256, ge=1, description="longer scan ids are refused (bad_header)")
+    artifact_roots: list[Path] | None = Field(
+        None,
+        description="directories that reload may load artifacts from (anything under them); null: the directory "
+        "holding `artifact`, or no reload at all when the service was given no artifact path",
+    )
+    max_artifact_bytes: int = Field(
+        2 * 1024**3, ge=1, description="an artifact whose files add up to more is refused before it is read"
+    )
+    reload_timeout_s: float = Field(
+        120.0, gt=0, description="a reload not finished by then is answered as failed; the old model keeps serving"
+    )
+    reliable_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="how long a publish_reliable subscriber may hold ingest back; after that its messages are "
+        "dropped (counted in atomstream_reliable_dropped_total) for 10x this long instead of freezing ingest",
+    )
+    insecure: bool = Field(
+        False, description="allow non-loopback binds without CURVE (anyone who can connect may inject and command)"
+    )
     defect_classes: list[str | int] | None = Field(
         None, description="class names or indices flagged as defects; null: the manifest's defect_classes"
     )
@@ -96,6 +138,25 @@ class ServiceConfig(BaseSettings):
         if value is not None and "://" not in value:
             raise ValueError(f"endpoint {value!r} needs a transport, e.g. 'tcp://127.0.0.1:5555'")
         return value
+
+    @property
+    def exposed_endpoints(self) -> list[str]:
+        """Bound endpoints reachable from other machines (not loopback, ipc or inproc)."""
+        bound = [self.ingest, self.control, self.publish_reliable] + ([] if self.publish_connect else [self.publish])
+        return [e for e in bound if e is not None and not is_loopback(e)]
+
+    @model_validator(mode="after")
+    def _secure_or_local(self) -> ServiceConfig:
+        """Without CURVE, anyone who can reach a port may inject frames and reload models: only loopback, unless
+        the operator says ``insecure`` on purpose."""
+        exposed = self.exposed_endpoints
+        if self.curve is None and exposed and not self.insecure:
+            raise ValueError(
+                f"endpoint(s) {', '.join(exposed)} listen beyond loopback without CURVE, so anyone on the network "
+                "could inject frames, read maps and reload models; configure curve (see `atomstream keys`), bind "
+                "127.0.0.1, or pass --insecure (insecure: true) if the network itself is trusted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _connectable(self) -> ServiceConfig:

@@ -1,7 +1,8 @@
 """Serving-side encoder: an exported artifact behind one call, ``patches -> {output name: tensor}``.
 
 ``load`` trusts nothing it has not checked: the manifest must validate, every file must have its recorded size and
-sha256, and the model itself must agree with the manifest (input patch size, output names and order, output shapes
+sha256, the export's parity check for the chosen file must have passed, and the model itself must agree with the
+manifest (input patch size, output names and order, output shapes
 at every warm-up batch size). Anything else is an ``ArtifactError`` naming the file and what is wrong, because a
 silently mismatched encoder produces plausible-looking but wrong maps.
 
@@ -31,7 +32,8 @@ from streamer.manifest import (
     Manifest,
     TensorSpec,
     check_files,
-    read_manifest,
+    check_parity,
+    read_manifest_and_identity,
 )
 
 __all__ = ["ArtifactError", "Backend", "Encoder", "EncoderError", "load"]
@@ -55,9 +57,13 @@ def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
 
 @contextmanager
 def _quiet_jit() -> Iterator[None]:
-    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it."""
+    """TorchScript is deprecated upstream and says so on every call; the artifact format still uses it.
+
+    torch < 2.14 says it with a DeprecationWarning, 2.14 with a FutureWarning.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         yield
 
 
@@ -182,6 +188,7 @@ class Encoder:
         providers: tuple[str, ...],
         sha256: str,
         path: Path,
+        file_sha256: str = "",
         runner: _Runner,
         intra_op_threads: int | None = None,
     ) -> None:
@@ -190,7 +197,10 @@ class Encoder:
         self.device = device
         self.torch_device = torch_device
         self.providers = providers
+        #: the model's identity: sha256 of manifest.json, which pins every file and setting (``artifact_identity``)
         self.sha256 = sha256
+        #: sha256 of the model file this encoder runs (one of the files the identity pins)
+        self.file_sha256 = file_sha256
         self.path = path
         self._runner = runner
         #: ONNX Runtime's CPU threads for this session (``None``: TorchScript, which uses torch's)
@@ -278,6 +288,7 @@ def load(
     *,
     intra_op_threads: int | None = None,
     fp16: bool = False,
+    max_bytes: int | None = None,
 ) -> Encoder:
     """Load and verify an artifact; warm it up at ``batch_sizes`` (the sizes the caller will use).
 
@@ -285,7 +296,8 @@ def load(
     spinning off). All the cores is right on a machine of its own: the service's other threads mostly sleep, and its
     preprocessing overlaps the encoder. On a machine shared with other busy processes fewer threads can be faster
     (measured on 2 cores with one kept busy elsewhere: 1 thread 140k patches/s, 2 threads 130k).
-    ``fp16=True`` selects ``encoder.fp16.onnx`` (ONNX only; meant for GPUs).
+    ``fp16=True`` selects ``encoder.fp16.onnx`` (ONNX only; meant for GPUs). ``max_bytes`` refuses an artifact
+    whose files add up to more, before reading them.
     """
     if backend not in ("onnx", "torchscript"):
         raise EncoderError(f"backend {backend!r} is not one of 'onnx', 'torchscript'")
@@ -294,14 +306,15 @@ def load(
     if intra_op_threads is not None and intra_op_threads < 1:
         raise EncoderError(f"intra_op_threads={intra_op_threads} must be at least 1")
     root = Path(artifact_dir)
-    manifest = read_manifest(root)
-    check_files(root, manifest)
+    manifest, identity = read_manifest_and_identity(root)
     file_name = MODEL_FILES["onnx_fp16" if fp16 else backend]
     if file_name not in manifest.files:
         raise ArtifactError(
             f"{root / 'manifest.json'}: field 'files' lists no {file_name}; choose another backend or re-export"
-            + (" with --fp16" if fp16 else "")
+            + (" with the fp16 variant" if fp16 else "")
         )
+    check_parity(root, manifest, file_name)
+    check_files(root, manifest, max_bytes=max_bytes)
     path = root / file_name
     cuda = _cuda_for(backend, device)
     device_id = torch.cuda.current_device() if cuda else 0
@@ -323,8 +336,9 @@ def load(
         device="cuda" if cuda else "cpu",
         torch_device=torch_device,
         providers=providers,
-        sha256=manifest.files[file_name].sha256,
+        sha256=identity,
         path=path,
+        file_sha256=manifest.files[file_name].sha256,
         runner=runner,
         intra_op_threads=threads,
     )

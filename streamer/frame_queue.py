@@ -2,7 +2,9 @@
 
 ``QueuedFrame`` is a decoded, accepted frame; ``FrameResult`` what became of it (maps, or the error to publish);
 ``FrameQueue`` the bounded queue between the I/O thread (``put``) and the batching worker (``take``), with the
-overload policy of the configuration.
+overload policy of the configuration. It is bounded in frames *and* bytes: counting frames alone let twelve 256 MB
+frames from one producer sit ahead of a small producer's frames (seconds of latency, gigabytes of memory); with a
+byte bound, the frames ahead of anyone's next frame are at most ``max_bytes`` (plus one frame) of work.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class QueuedFrame:
     t_acq_ns: int | None
     t_recv_ns: int
     t_recv: float  # perf_counter at receipt, for the end-to-end histogram
+    pixel_size: float | None = None  # the frame's meta.pixel_size/pixel_unit, carried into its maps and defects
+    pixel_unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,29 +53,40 @@ class FrameQueue:
     producer. ``drop_oldest``: ``put`` on a full queue evicts (and returns) the oldest frames.
     """
 
-    def __init__(self, capacity: int, policy: Literal["block", "drop_oldest"]) -> None:
+    def __init__(self, capacity: int, policy: Literal["block", "drop_oldest"], *, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"queue capacity {capacity} must be at least 1 frame")
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.policy = policy
         self.cond = threading.Condition()
         self._items: deque[QueuedFrame] = deque()
+        self.nbytes = 0
         self.closed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
     def full(self) -> bool:
-        return len(self._items) >= self.capacity
+        """No room for another frame: ``capacity`` frames, or ``max_bytes`` reached (an empty queue is never full,
+        so a frame larger than ``max_bytes`` on its own still passes)."""
+        return len(self._items) >= self.capacity or (self.max_bytes is not None and self.nbytes >= self.max_bytes)
 
     def put(self, item: QueuedFrame) -> list[QueuedFrame]:
         """Enqueue; returns the frames evicted to make room (``drop_oldest`` only)."""
         evicted: list[QueuedFrame] = []
+        size = item.array.nbytes
         with self.cond:
             if self.policy == "drop_oldest":
-                while len(self._items) >= self.capacity:
-                    evicted.append(self._items.popleft())
+                while self._items and (
+                    len(self._items) >= self.capacity
+                    or (self.max_bytes is not None and self.nbytes + size > self.max_bytes)
+                ):
+                    old = self._items.popleft()
+                    self.nbytes -= old.array.nbytes
+                    evicted.append(old)
             self._items.append(item)
+            self.nbytes += size
             self.cond.notify_all()
         return evicted
 
@@ -86,6 +101,7 @@ class FrameQueue:
         with self.cond:
             items = list(self._items)
             self._items.clear()
+            self.nbytes = 0
             self.cond.notify_all()
         return items
 
@@ -101,5 +117,6 @@ class FrameQueue:
                     return None
                 self.cond.wait(timeout)
             item = self._items.popleft()
+            self.nbytes -= item.array.nbytes
             self.cond.notify_all()
             return item

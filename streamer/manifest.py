@@ -32,15 +32,19 @@ __all__ = [
     "TS_METADATA",
     "ArtifactError",
     "BackendParity",
+    "ClassHealth",
     "FileEntry",
     "LatentLayout",
     "Manifest",
     "Parity",
     "TensorSpec",
     "Tiling",
+    "artifact_identity",
     "check_files",
+    "check_parity",
     "expected_outputs",
     "read_manifest",
+    "read_manifest_and_identity",
     "sha256_file",
     "write_manifest",
 ]
@@ -56,6 +60,8 @@ TS_METADATA = "atomstream.json"
 OUTPUT_ORDER: tuple[str, ...] = ("class_logits", "class_prob", "z_loc", "z_scale", "angle", "shift")
 
 _HASH_CHUNK = 1 << 20
+#: A manifest is a few kilobytes; a "manifest" of gigabytes is an attack on the loader, refused before it is read.
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class ArtifactError(Exception):
@@ -143,6 +149,21 @@ def expected_outputs(latent: LatentLayout) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+class ClassHealth(_Frozen):
+    """The class-collapse diagnosis of the trained model (``models.evaluate.diagnose_classes``), as exported.
+
+    Carried so that whoever serves the artifact can see whether its class map means anything: a collapsed model
+    is refused by ``atomstream export`` unless forced, and then this says so.
+    """
+
+    collapsed: bool
+    reason: str = ""
+    mutual_information: float = Field(ge=0)  # I(x; y) in nats on the training patches
+    information_ratio: float = Field(ge=0)  # I(x; y) / log K
+    mean_max_prob: float = Field(ge=0, le=1)
+    usage: tuple[float, ...]  # argmax share of each class on the training patches
+
+
 class Manifest(_Frozen):
     """``manifest.json`` of an artifact (see the module docstring)."""
 
@@ -164,6 +185,7 @@ class Manifest(_Frozen):
     novelty: NoveltyStats | None = None
     onnx_opset: int = Field(ge=17)
     parity: Parity
+    class_health: ClassHealth | None = None  # None for models without classes or from before the diagnosis
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
@@ -230,6 +252,21 @@ def _describe(exc: ValidationError) -> str:
 
 def read_manifest(artifact_dir: str | Path) -> Manifest:
     """Read and validate ``manifest.json``; ``ArtifactError`` names the file and the offending field."""
+    return read_manifest_and_identity(artifact_dir)[0]
+
+
+def artifact_identity(manifest_bytes: bytes) -> str:
+    """The model's identity: the sha256 of ``manifest.json`` as stored.
+
+    The manifest records the sha256 and size of every file of the artifact (each checked at load) and every setting
+    serving uses — class names, stride, preprocessing, defect classes, parity — so this one digest changes when
+    anything of the artifact does. It is what maps and ``model_info`` publish as ``model.sha256``.
+    """
+    return hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def read_manifest_and_identity(artifact_dir: str | Path) -> tuple[Manifest, str]:
+    """``read_manifest`` plus ``artifact_identity`` of the very bytes validated (read once: no swap in between)."""
     path = Path(artifact_dir) / MANIFEST_NAME
     if not Path(artifact_dir).is_dir():
         raise ArtifactError(
@@ -237,9 +274,13 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
         )
     if not path.is_file():
         raise ArtifactError(f"{path}: missing file; an artifact needs manifest.json next to the encoder files")
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: manifest invalid: larger than {MAX_MANIFEST_BYTES} bytes; re-export the artifact")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path}: manifest invalid: not JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: manifest invalid: expected a JSON object, got {type(raw).__name__}")
@@ -249,15 +290,58 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
             f"reads version {FORMAT_VERSION}; re-export the artifact"
         )
     try:
-        return Manifest.model_validate(raw)
+        return Manifest.model_validate(raw), artifact_identity(data)
     except ValidationError as exc:
         raise ArtifactError(f"{path}: manifest invalid: {_describe(exc)}") from None
 
 
-def check_files(artifact_dir: str | Path, manifest: Manifest, names: tuple[str, ...] | None = None) -> None:
-    """Each listed file exists, has the recorded size (else: truncated or grown) and the recorded sha256."""
+#: The parity entry that vouches for each model file.
+PARITY_OF_FILE = {file: backend for backend, file in MODEL_FILES.items()}
+
+
+def check_parity(artifact_dir: str | Path, manifest: Manifest, file_name: str) -> None:
+    """The export measured ``file_name`` against the reference and it passed; otherwise the artifact is refused.
+
+    An exporter never writes a manifest for a failed export, so ``passed: false`` or a difference beyond the recorded
+    tolerance means a hand-edited or half-made artifact: its maps would be plausible and wrong.
+    """
+    backend = PARITY_OF_FILE.get(file_name)
+    where = Path(artifact_dir) / MANIFEST_NAME
+    entries = [b for b in manifest.parity.backends if b.backend == backend]
+    if not entries:
+        raise ArtifactError(f"{where}: field 'parity' has no entry for {backend} ({file_name}); re-export the artifact")
+    for entry in entries:
+        over = {k: v for k, v in entry.max_abs_diff.items() if not v <= entry.tolerance}
+        if not entry.passed or over:
+            detail = f"differences {over} exceed tolerance {entry.tolerance}" if over else "passed is false"
+            raise ArtifactError(
+                f"{where}: field 'parity' for {backend}: the export did not pass its parity check ({detail}); "
+                "this artifact's outputs are not trusted — re-export it"
+            )
+
+
+def check_files(
+    artifact_dir: str | Path,
+    manifest: Manifest,
+    names: tuple[str, ...] | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> None:
+    """Each listed file exists, has the recorded size (else: truncated or grown) and the recorded sha256.
+
+    ``max_bytes``: refuse, before hashing anything, an artifact whose files add up to more (hashing 20 GB is half a
+    minute of a loader thread and of the disk).
+    """
     root = Path(artifact_dir)
-    for name in names if names is not None else tuple(manifest.files):
+    names = names if names is not None else tuple(manifest.files)
+    if max_bytes is not None:
+        total = sum(manifest.files[n].size for n in names if n in manifest.files)
+        if total > max_bytes:
+            raise ArtifactError(
+                f"{root / MANIFEST_NAME}: the artifact's files add up to {total} bytes, over the limit of {max_bytes} "
+                "(max_artifact_bytes in the serve config)"
+            )
+    for name in names:
         entry = manifest.files.get(name)
         path = root / name
         if entry is None:

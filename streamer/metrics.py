@@ -59,6 +59,20 @@ class ServiceMetrics:
             "atomstream_end_to_end_seconds", "Receive to publish, per frame", buckets=_E2E_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("atomstream_queue_depth", "Frames accepted and waiting for the encoder", registry=r)
+        self.queue_bytes = Gauge("atomstream_queue_bytes", "Bytes of frames waiting for the encoder", registry=r)
+        self.internal_errors = Counter(
+            "atomstream_internal_errors",
+            "Exceptions caught by the I/O loop's guard (a bug: the message was answered, the loop went on)",
+            registry=r,
+        )
+        self.reliable_dropped = Counter(
+            "atomstream_reliable_dropped",
+            "Messages the publish_reliable socket did not take because a subscriber held ingest too long",
+            registry=r,
+        )
+        self.control_refused = Counter(
+            "atomstream_control_refused", "Control requests answered ok=false, by command", ["cmd"], registry=r
+        )
         self.model_info = Gauge(
             "atomstream_model_info", "The model serving now (value 1)",
             ["name", "version", "sha256", "backend", "device"], registry=r,

@@ -2,32 +2,64 @@
 
 A load (at start, and on the control command ``reload``) runs on a short-lived loader thread, so a slow load never
 stalls ingest; the I/O thread answers the ``reload`` request once the job is done (REP allows one request at a time
-anyway). Installing a pipeline hands it to the batcher, which uses it from its next batch on: frames in flight finish
+anyway), or once ``reload_timeout_s`` has passed — then the job is abandoned (its result, if it ever comes, is thrown
+away) and no other reload starts until its thread has ended. A reload may only name a directory under
+``artifact_roots`` (resolved, symlinks followed, before anything is opened); its refusal says so whether or not the
+path exists, so the control socket cannot be used to probe the filesystem. Files adding up to more than
+``max_artifact_bytes`` are refused before they are read.
+
+Installing a pipeline hands it to the batcher, which uses it from its next batch on: frames in flight finish
 on the old model. ``set`` (defect classes and threshold) builds a new pipeline on the same encoder, no reload.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from streamer.batching import Batcher
 from streamer.config import ServiceConfig
 from streamer.metrics import ServiceMetrics
 from streamer.pipeline import EncoderLike, Pipeline
 
-__all__ = ["ModelLoader", "ReloadJob"]
+__all__ = ["ModelLoader", "ReloadJob", "ReloadRefusedError", "under_roots"]
+
+
+class ReloadRefusedError(ValueError):
+    """A reload that is not started: outside the artifact roots, or another one still running."""
 
 
 @dataclass
 class ReloadJob:
-    """A reload in progress on a loader thread; the I/O thread replies once ``done`` is set."""
+    """A reload in progress on a loader thread; the I/O thread replies once ``done`` is set or ``deadline`` passed."""
 
     artifact: str
+    deadline: float = float("inf")  # time.monotonic()
     done: threading.Event = field(default_factory=threading.Event)
     pipeline: Pipeline | None = None
     error: BaseException | None = None
+
+
+def under_roots(artifact: str, roots: Sequence[Path]) -> Path:
+    """``artifact`` resolved, if it lies under one of ``roots``; else ``ReloadRefusedError``, worded the same whether
+    or not the path exists."""
+    resolved = Path(os.path.realpath(artifact))
+    for root in roots:
+        if resolved.is_relative_to(os.path.realpath(root)):
+            return resolved
+    if not roots:
+        raise ReloadRefusedError(
+            "reload is off: the service was given no artifact path, so no artifact_roots were derived; set "
+            "artifact_roots in the serve config to the directories reload may load from"
+        )
+    raise ReloadRefusedError(
+        f"artifact {artifact[:200]!r} is not under the artifact_roots {[str(r) for r in roots]}; copy it there or "
+        "add its directory to artifact_roots in the serve config"
+    )
 
 
 class ModelLoader:
@@ -49,6 +81,8 @@ class ModelLoader:
         self.backend, self.device = backend, device
         self.on_done = on_done  # a reload finished: wake the I/O thread
         self.defect_classes: list[str | int] | None = cfg.defect_classes
+        self.roots: list[Path] = list(cfg.artifact_roots or ([cfg.artifact.parent] if cfg.artifact else []))
+        self._last: ReloadJob | None = None  # still not done when the next reload comes: it was abandoned
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -75,6 +109,7 @@ class ModelLoader:
             device=self.cfg.device,
             batch_sizes=(1, self.cfg.max_batch_patches),
             intra_op_threads=self.cfg.intra_op_threads,
+            max_bytes=self.cfg.max_artifact_bytes,
         )
 
     def load_configured(self) -> None:
@@ -89,8 +124,14 @@ class ModelLoader:
         self.batcher.set_pipeline(pipeline)
 
     def start_reload(self, artifact: str) -> ReloadJob:
-        """Load ``artifact`` on a loader thread; the job says when it is done and what came of it."""
-        job = ReloadJob(artifact)
+        """Load ``artifact`` on a loader thread; the job says when it is done and what came of it.
+
+        ``ReloadRefusedError`` (nothing started) for a path outside the roots, or while an abandoned reload still runs.
+        """
+        path = under_roots(artifact, self.roots)
+        if self._last is not None and not self._last.done.is_set():
+            raise ReloadRefusedError("a previous reload is still running (it timed out); try again once it has ended")
+        job = self._last = ReloadJob(str(path), deadline=time.monotonic() + self.cfg.reload_timeout_s)
         threading.Thread(target=self._reload, args=(job,), name="atomstream-reload", daemon=True).start()
         return job
 

@@ -210,7 +210,16 @@ class FrameMaps:
     defects_note: str | None = None
 
     def maps_message(
-        self, *, scan_id: str, frame_id: int, seq: int, t_acq_ns: int | None, t_recv_ns: int, t_pub_ns: int
+        self,
+        *,
+        scan_id: str,
+        frame_id: int,
+        seq: int,
+        t_acq_ns: int | None,
+        t_recv_ns: int,
+        t_pub_ns: int,
+        pixel_size: float | None = None,
+        pixel_unit: str | None = None,
     ) -> Maps:
         return Maps(
             scan_id=scan_id,
@@ -229,10 +238,22 @@ class FrameMaps:
             t_recv_ns=t_recv_ns,
             t_pub_ns=t_pub_ns,
             arrays=[ArraySpec.of(name, a) for name, a in self.arrays.items()],
+            pixel_size=pixel_size,
+            pixel_unit=pixel_unit,
         )
 
-    def defects_message(self, *, scan_id: str, frame_id: int, seq: int) -> Defects:
-        return Defects(scan_id=scan_id, frame_id=frame_id, seq=seq, defects=self.defects, note=self.defects_note)
+    def defects_message(
+        self, *, scan_id: str, frame_id: int, seq: int, pixel_size: float | None = None, pixel_unit: str | None = None
+    ) -> Defects:
+        return Defects(
+            scan_id=scan_id,
+            frame_id=frame_id,
+            seq=seq,
+            defects=self.defects,
+            note=self.defects_note,
+            pixel_size=pixel_size,
+            pixel_unit=pixel_unit,
+        )
 
     def buffers(self) -> list[np.ndarray]:
         return list(self.arrays.values())

@@ -56,24 +56,23 @@ class Preprocessing(BaseModel):
 
 def _ranks(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.quantile``'s linear interpolation of ``n`` sorted values: indices below and above each rank, and the
-    weight of the one above (the same float32 arithmetic, so the same quantiles)."""
-    ranks = q * (n - 1)
-    below = ranks.to(torch.long)
-    return below, ranks.ceil().to(torch.long), ranks - below
+    weight of the one above — the same arithmetic (torch >= 2.14: ranks in float64, the weight rounded to ``q``'s
+    dtype), so the same quantiles."""
+    ranks = q.to(torch.float64) * (n - 1)
+    below = ranks.floor()
+    return below.to(torch.long), ranks.ceil().to(torch.long), (ranks - below).to(q.dtype)
 
 
-def _quantiles(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``torch.quantile(x, q)`` of a 1-D tensor, by selection rather than a full sort; the same values.
+def _order_statistics(x: torch.Tensor | np.ndarray, wanted: list[int]) -> dict[int, torch.Tensor]:
+    """The values at sorted (ascending) positions ``wanted`` of a 1-D ``x``, picked by selection, not a full sort.
 
-    ``torch.quantile`` sorts all of ``x``: on a 1024² frame's sample that was the most expensive step of the whole
-    frame normalisation. The order statistics around each rank are picked with ``topk`` instead (from the nearer
-    end). NaN keeps ``torch.quantile``'s meaning (every quantile NaN) by deferring to it.
+    numpy: one ``np.partition`` (on the calling thread alone, see ``prepare_frame``). torch (any device): ``topk``
+    from the nearer end of each position.
     """
+    if isinstance(x, np.ndarray):
+        picked = torch.from_numpy(np.partition(x, wanted)[wanted])
+        return dict(zip(wanted, picked, strict=True))
     n = x.numel()
-    if n == 0 or bool(torch.isnan(x).any()):
-        return torch.quantile(x, q)
-    below, above, weights = _ranks(q, n)
-    wanted = sorted({int(i) for i in torch.cat([below, above]).tolist()})
     low = [i for i in wanted if i < n - 1 - i]
     high = [i for i in wanted if i >= n - 1 - i]
     value: dict[int, torch.Tensor] = {}
@@ -83,22 +82,39 @@ def _quantiles(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if high:
         descending = torch.topk(x, n - high[0], largest=True, sorted=True).values
         value.update({i: descending[n - 1 - i] for i in high})
+    return value
+
+
+def _quantiles(x: torch.Tensor | np.ndarray, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(x, q)`` of a 1-D float32 tensor or numpy array, by selection; the same values.
+
+    ``torch.quantile`` sorts all of ``x``: on a 1024² frame's sample that was the most expensive step of the whole
+    frame normalisation. Only the order statistics around each rank are picked (``_order_statistics``), then
+    interpolated as ``torch.quantile`` does, in this one place for both the numpy and the torch frame path — which
+    is what keeps the two bit-identical. NaN keeps ``torch.quantile``'s meaning (every quantile NaN) by deferring to
+    it.
+    """
+    n = x.size if isinstance(x, np.ndarray) else x.numel()
+    has_nan = bool(np.isnan(x).any()) if isinstance(x, np.ndarray) else bool(torch.isnan(x).any())
+    if n == 0 or has_nan:
+        return torch.quantile(torch.as_tensor(x), q)
+    below, above, weights = _ranks(q, n)
+    value = _order_statistics(x, sorted({int(i) for i in torch.cat([below, above]).tolist()}))
     values_below = torch.stack([value[int(i)] for i in below.tolist()])
     values_above = torch.stack([value[int(i)] for i in above.tolist()])
     return torch.lerp(values_below, values_above, weights)
 
 
-def _quantiles_host(x: np.ndarray, q: torch.Tensor) -> torch.Tensor:
-    """``_quantiles`` of a 1-D float32 numpy array: the order statistics by ``np.partition``, the interpolation as
-    ``torch.quantile`` does it."""
-    n = x.size
-    if n == 0 or bool(np.isnan(x).any()):
-        return torch.quantile(torch.from_numpy(x), q)
-    below, above, weights = _ranks(q, n)
-    selected = np.partition(x, sorted(set(below.tolist()) | set(above.tolist())))
-    values_below = torch.from_numpy(selected[below.numpy()])
-    values_above = torch.from_numpy(selected[above.numpy()])
-    return torch.lerp(values_below, values_above, weights)
+def _frame_range(x: torch.Tensor | np.ndarray, spec: Preprocessing) -> tuple[float, float]:
+    """``(lo, hi)`` that map to 0 and 1: the fixed range, or the frame's percentiles on a subsample (float32)."""
+    if spec.frame_norm == "fixed":
+        return spec.fixed_range
+    sub = x[::_PERCENTILE_SUBSAMPLE, ::_PERCENTILE_SUBSAMPLE]
+    device = None if isinstance(x, np.ndarray) else x.device
+    sample = np.array(sub, dtype=np.float32).reshape(-1) if device is None else sub.reshape(-1)
+    q = torch.tensor([p / 100.0 for p in spec.frame_percentiles], device=device, dtype=torch.float32)
+    lo, hi = _quantiles(sample, q)
+    return float(lo), float(hi)
 
 
 #: Tensor dtypes the CPU path hands to numpy (numpy has no bfloat16, for one).
@@ -130,13 +146,7 @@ def _normalise(frame: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     x = frame.to(torch.float32)
     if spec.frame_norm == "none":
         return x
-    if spec.frame_norm == "fixed":
-        lo, hi = spec.fixed_range
-    else:
-        sample = x[::_PERCENTILE_SUBSAMPLE, ::_PERCENTILE_SUBSAMPLE].reshape(-1)
-        q = torch.tensor([p / 100.0 for p in spec.frame_percentiles], device=x.device, dtype=x.dtype)
-        lo_t, hi_t = _quantiles(sample, q)
-        lo, hi = float(lo_t), float(hi_t)
+    lo, hi = _frame_range(x, spec)
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
     # one new tensor, then in place: the same float32 arithmetic as ((x - lo) * scale).clamp(0, 1)
     return torch.sub(x, lo).mul_(scale).clamp_(0.0, 1.0)
@@ -147,13 +157,7 @@ def _normalise_host(frame: np.ndarray, spec: Preprocessing) -> np.ndarray:
     x = frame.astype(np.float32, copy=False)
     if spec.frame_norm == "none":
         return frame.astype(np.float32)
-    if spec.frame_norm == "fixed":
-        lo, hi = spec.fixed_range
-    else:
-        sample = np.array(x[::_PERCENTILE_SUBSAMPLE, ::_PERCENTILE_SUBSAMPLE], dtype=np.float32).reshape(-1)
-        q = torch.tensor([p / 100.0 for p in spec.frame_percentiles], dtype=torch.float32)
-        lo_t, hi_t = _quantiles_host(sample, q)
-        lo, hi = float(lo_t), float(hi_t)
+    lo, hi = _frame_range(x, spec)
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
     out = np.subtract(x, np.float32(lo), dtype=np.float32)
     np.multiply(out, np.float32(scale), out=out)

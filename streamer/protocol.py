@@ -12,8 +12,8 @@ message by its ``arrays`` list. No Python-object serialisation: any producer in 
 ``encode(msg, *arrays)`` and ``decode(frames)`` are exact inverses and touch no socket, so the whole format is
 tested without ZeroMQ. ``encode`` sends contiguous little-endian arrays without copying (their memory is the
 frame); ``decode`` returns ``np.frombuffer`` views on the received bytes. ``decode`` is the service's first line of
-defence: any bad input raises ``ProtocolError`` with one of the reason codes of DESIGN.md and a message naming the
-field and value, and nothing is allocated from a declared size before that size has been checked.
+defence: any bad input raises ``ProtocolError`` with one of the reason codes (docs/architecture.md) and a message
+naming the field and value, and nothing is allocated from a declared size before that size has been checked.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from __future__ import annotations
 import json
 import math
 import operator
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 __all__ = [
+    "MAX_CONTROL_BYTES",
     "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_INT_DIGITS",
+    "MAX_JSON_DEPTH",
     "PROTOCOL_VERSION",
     "PUBLISH_TOPICS",
     "REASONS",
@@ -63,7 +67,16 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 64 * 1024
-MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+#: Default frame limit: a 4096 x 4096 float32 frame, so a few queued frames still fit in memory (``max_frame_bytes``).
+MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+#: Default limit of one control request (``max_control_bytes``): commands are a few hundred bytes.
+MAX_CONTROL_BYTES: Final = 64 * 1024
+#: Nesting a header may have: protocol headers nest 3 deep; deeper input would only cost recursion (and crash it).
+MAX_JSON_DEPTH: Final = 32
+#: Digits an integer may have: int64 needs 19; refusing longer ones before converting them keeps every later
+#: product and message cheap (Python refuses to print integers of over 4,300 digits, and that error killed the loop).
+MAX_INT_DIGITS: Final = 40
+_MAX_DETAIL_CHARS: Final = 1000
 SUPPORTED_DTYPES: Final = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 PUBLISH_TOPICS: Final = ("maps", "defects", "error", "status", "scan_summary")
 
@@ -88,6 +101,8 @@ class ProtocolError(ValueError):
     """
 
     def __init__(self, reason: Reason, detail: str, *, scan_id: str | None = None, frame_id: int | None = None):
+        if len(detail) > _MAX_DETAIL_CHARS:  # a reply must stay small whatever the header held
+            detail = detail[: _MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(f"{reason}: {detail}")
         self.reason: Reason = reason
         self.detail = detail
@@ -124,7 +139,33 @@ class Frame(_Msg):
     dtype: str = Field(description="element type of the buffer, one of the supported dtypes")
     shape: list[WireInt] = Field(description="[H, W], positive; the buffer holds H*W*itemsize bytes, C order")
     t_acq_ns: WireInt | None = Field(None, description="acquisition time (ns since the epoch), for latency figures")
-    meta: dict[str, Any] = Field(default_factory=dict, description="free-form (pixel size, stage position, …)")
+    meta: dict[str, Any] = Field(
+        default_factory=dict,
+        description="free-form (stage position, …); pixel_size (> 0) and pixel_unit (e.g. nm) calibrate the maps",
+    )
+
+    @field_validator("meta")
+    @classmethod
+    def _calibration(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """A pixel size the maps would carry must make sense; refusing it here makes it a ``bad_header`` error."""
+        size, unit = meta.get("pixel_size"), meta.get("pixel_unit")
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0
+        ):
+            raise ValueError(f"meta.pixel_size must be a finite number > 0 (frame pixel size), got {size!r}")
+        if unit is not None and (not isinstance(unit, str) or not unit.strip()):
+            raise ValueError(f"meta.pixel_unit must be a non-empty string such as 'nm', got {unit!r}")
+        return meta
+
+    @property
+    def pixel_size(self) -> float | None:
+        size = self.meta.get("pixel_size")
+        return None if size is None else float(size)
+
+    @property
+    def pixel_unit(self) -> str | None:
+        unit = self.meta.get("pixel_unit")
+        return None if unit is None else str(unit)
 
 
 class ScanEnd(_Msg):
@@ -179,6 +220,8 @@ class Maps(_Msg):
         description="one buffer follows per entry, in order: class (uint8), class_prob, z, angle, shift, "
         "defect_score, centers (points layout)"
     )
+    pixel_size: float | None = Field(None, gt=0, description="frame pixel size in pixel_unit (the frame's meta)")
+    pixel_unit: str | None = Field(None, description="unit of pixel_size, e.g. nm (the frame's meta)")
 
 
 class Defect(BaseModel):
@@ -203,6 +246,8 @@ class Defects(_Msg):
     seq: int = Field(ge=0)
     defects: list[Defect]
     note: str | None = Field(None, description="why regions were withheld (over the frame share a defect may cover)")
+    pixel_size: float | None = Field(None, gt=0, description="frame pixel size in pixel_unit: y, x times this")
+    pixel_unit: str | None = Field(None, description="unit of pixel_size, e.g. nm")
 
 
 class Error(_Msg):
@@ -212,6 +257,17 @@ class Error(_Msg):
     seq: int = Field(0, ge=0)
     reason: Reason = Field(description="short machine-readable code")
     detail: str = Field(description="what was wrong, naming the field and value")
+
+
+class ScanSummary(_Msg):
+    kind: Literal["scan_summary"] = "scan_summary"
+    scan_id: str
+    seq: int = Field(0, ge=0)
+    n_frames: int | None = None
+    frames_received: int
+    frames_published: int
+    frames_rejected: int
+    frames_dropped: int
 
 
 class Status(_Msg):
@@ -226,17 +282,11 @@ class Status(_Msg):
     model: ModelRef | None
     backend: str
     device: str
-
-
-class ScanSummary(_Msg):
-    kind: Literal["scan_summary"] = "scan_summary"
-    scan_id: str
-    seq: int = Field(0, ge=0)
-    n_frames: int | None = None
-    frames_received: int
-    frames_published: int
-    frames_rejected: int
-    frames_dropped: int
+    scan_summary: ScanSummary | None = Field(
+        None,
+        description="the last scan_summary published, repeated on every heartbeat until the next scan starts: a "
+        "subscriber that lost the message itself still learns the totals",
+    )
 
 
 Message = Annotated[
@@ -257,13 +307,13 @@ class StatusCommand(BaseModel):
 class ReloadCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     cmd: Literal["reload"] = "reload"
-    artifact: str
+    artifact: str = Field(max_length=4096, description="artifact directory, under one of the service's artifact_roots")
 
 
 class SetCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     cmd: Literal["set"] = "set"
-    defect_classes: list[str | int] | None = None
+    defect_classes: list[str | int] | None = Field(default=None, max_length=1024)
     defect_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
@@ -347,37 +397,105 @@ def _as_buffer(frame: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _check_unicode(obj: Any) -> None:
-    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no reply could echo back: refuse them here."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: Any, raw: bytes) -> None:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``) that no reply could echo back: refuse them here.
+
+    Valid UTF-8 cannot encode a surrogate, so only a ``\\uD8..``-``\\uDF..`` escape in ``raw`` can make one; the
+    (costly) re-encoding runs only then.
+    """
+    if raw.find(b"\\") < 0 or _SURROGATE_ESCAPE.search(raw) is None:
+        return
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ProtocolError("bad_header", "header holds a string that is not valid Unicode (lone surrogate)") from None
 
 
-def _parse_header(raw: Any) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN_CODES = (ord("["), ord("{"))
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of JSON text nest, counted without parsing it (brackets outside strings).
+
+    Linear time and no recursion, so a 64 KiB header of ``[`` costs about a millisecond; on text that is not JSON
+    the count is an overestimate at worst, which only refuses it sooner.
+    """
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), np.uint8)
+    steps = np.where((brackets == _OPEN_CODES[0]) | (brackets == _OPEN_CODES[1]), 1, -1)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _deeper_than(raw: bytes, limit: int) -> int | None:
+    """``json_depth(raw)`` if it exceeds ``limit``, else ``None``; free for the usual header, which opens fewer
+    brackets in all than the limit (one ``bytes.translate``)."""
+    if len(raw.translate(None, _NOT_BRACKETS)) <= limit:  # brackets inside strings counted too: an upper bound
+        return None
+    depth = json_depth(raw)
+    return depth if depth > limit else None
+
+
+class _StrictJSONError(ValueError):
+    """Raised from inside ``json.loads`` for input this protocol refuses before converting it."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _StrictJSONError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _no_constant(text: str) -> float:
+    raise _StrictJSONError(f"{text} (not JSON: numbers must be finite)")
+
+
+def load_json(raw: Any, *, what: str, max_bytes: int) -> Any:
+    """The JSON value of ``raw`` with every limit checked *before* the parser runs: size, nesting depth, then
+    integer length during parsing. Any failure is ``ProtocolError("bad_header")`` naming ``what`` was wrong."""
     buf = _as_buffer(raw)
-    if buf.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("bad_header", f"header is {buf.nbytes} bytes; the limit is {MAX_HEADER_BYTES}")
+    if buf.nbytes > max_bytes:
+        raise ProtocolError("bad_header", f"{what} is {buf.nbytes} bytes; the limit is {max_bytes}")
+    data = bytes(buf)
+    depth = _deeper_than(data, MAX_JSON_DEPTH)
+    if depth is not None:
+        raise ProtocolError("bad_header", f"{what} nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:
-        obj = json.loads(bytes(buf).decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
-        raise ProtocolError("bad_header", f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ProtocolError("bad_header", f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise ProtocolError("bad_header", f"header is not JSON ({exc.msg} at position {exc.pos})") from None
-    except RecursionError:
-        raise ProtocolError("bad_header", "header nests too deeply to be a protocol header") from None
-    _check_unicode(obj)
+        raise ProtocolError("bad_header", f"{what} is not JSON ({exc.msg} at position {exc.pos})") from None
+    except _StrictJSONError as exc:
+        raise ProtocolError("bad_header", f"{what} holds {exc}") from None
+    except (ValueError, RecursionError) as exc:  # belt and braces: the limits above should make these unreachable
+        raise ProtocolError("bad_header", f"{what} cannot be read ({type(exc).__name__})") from None
+    _check_unicode(obj, data)
+    return obj
+
+
+def _parse_header(raw: Any) -> dict[str, Any]:
+    obj = load_json(raw, what="header", max_bytes=MAX_HEADER_BYTES)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_header", f"header must be a JSON object, got {type(obj).__name__}")
     ids = _best_effort_ids(obj)
     if obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            "bad_header", f"field 'v'={obj.get('v')!r}: only protocol version {PROTOCOL_VERSION} is spoken", **ids
+            "bad_header", f"field 'v'={_short(obj.get('v'))}: only protocol version {PROTOCOL_VERSION} is spoken", **ids
         )
     if obj.get("kind") not in _KINDS:
-        raise ProtocolError("bad_header", f"field 'kind'={obj.get('kind')!r} is not one of {', '.join(_KINDS)}", **ids)
+        raise ProtocolError(
+            "bad_header", f"field 'kind'={_short(obj.get('kind'))} is not one of {', '.join(_KINDS)}", **ids
+        )
     return obj
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any], ids: dict[str, Any]) -> Any:
@@ -387,17 +505,28 @@ def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any], ids: dict[str, Any
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:] or first["loc"])
         value = first.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
-        raise ProtocolError("bad_header", f"field {where!r}={shown[:80]}: {first['msg']}", **ids) from None
+        shown = _short(value) if not isinstance(value, dict) else "{...}"
+        raise ProtocolError("bad_header", f"field {_short(where)}={shown}: {first['msg']}", **ids) from None
 
 
 def _check_shape(shape: list[int], field: str, ids: dict[str, Any], *, is_frame: bool) -> None:
     """Frames are 2-D with positive sizes; map arrays may be empty (a frame where no atom was found)."""
     if is_frame and len(shape) != 2:
-        raise ProtocolError("bad_header", f"field {field!r}={shape} must have 2 dimensions (H, W)", **ids)
+        raise ProtocolError("bad_header", f"field {field!r}={_short(shape)} must have 2 dimensions (H, W)", **ids)
     smallest = 1 if is_frame else 0
     if any(n < smallest for n in shape):
-        raise ProtocolError("bad_header", f"field {field!r}={shape} must have sizes >= {smallest}", **ids)
+        raise ProtocolError("bad_header", f"field {field!r}={_short(shape)} must have sizes >= {smallest}", **ids)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """``prod(shape) * itemsize``, or ``None`` as soon as the running product passes ``limit`` (sizes are >= 0):
+    a declared size is never multiplied out further than the limit, however many digits its factors have."""
+    total = itemsize
+    for n in shape:
+        total *= n
+        if total > limit:
+            return None
+    return total
 
 
 def decode(
@@ -409,38 +538,51 @@ def decode(
     """``(message, arrays)`` from ``[header, *buffers]``; raises ``ProtocolError`` on anything malformed.
 
     Checks run cheapest first and sizes are checked as numbers before any buffer is looked at, so a hostile header
-    declaring a terabyte frame costs nothing. Arrays are read-only views on the received buffers.
+    declaring a terabyte frame costs nothing. Arrays are read-only views on the received buffers. Total: whatever
+    the bytes are, the only exception that leaves is ``ProtocolError`` (an unforeseen one becomes ``bad_header``),
+    because the caller is a loop serving everyone else.
     """
+    try:
+        return _decode(frames, max_frame_bytes=max_frame_bytes, check_finite=check_finite)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("bad_header", f"message cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(frames: Sequence[Any], *, max_frame_bytes: int, check_finite: bool) -> tuple[Any, list[np.ndarray]]:
     if len(frames) == 0:
         raise ProtocolError("bad_header", "empty message: expected [header, *buffers]")
     obj = _parse_header(frames[0])
     ids = _best_effort_ids(obj)
     msg = _validate(_MESSAGE, obj, ids)
     specs = _array_specs(msg)
+    sizes: list[int] = []
     for name, dtype, shape in specs:
         is_frame = isinstance(msg, Frame)
         item = _wire_dtype(dtype, "dtype" if is_frame else f"arrays[{name}].dtype", ids).itemsize
         _check_shape(shape, "shape" if is_frame else f"arrays[{name}].shape", ids, is_frame=is_frame)
-        if math.prod(shape) * item > max_frame_bytes:
+        nbytes = _nbytes(shape, item, max_frame_bytes)
+        if nbytes is None:
             raise ProtocolError(
                 "frame_too_large",
-                f"array {name!r} declares {dtype}{shape} = {math.prod(shape) * item} bytes; "
-                f"the limit is {max_frame_bytes} (raise max_frame_bytes in the config if this is intended)",
+                f"array {_short(name)} declares {dtype}{_short(shape)}, more than {max_frame_bytes} bytes "
+                "(raise max_frame_bytes in the config if this is intended)",
                 **ids,
             )
+        sizes.append(nbytes)
     buffers = frames[1:]
     if len(buffers) != len(specs):
         raise ProtocolError(
             "bad_payload", f"{msg.kind} header declares {len(specs)} buffer(s) but {len(buffers)} followed", **ids
         )
     arrays: list[np.ndarray] = []
-    for (name, dtype, shape), raw in zip(specs, buffers, strict=True):
+    for (name, dtype, shape), expected, raw in zip(specs, sizes, buffers, strict=True):
         buf = _as_buffer(raw)
-        expected = math.prod(shape) * np.dtype(dtype).itemsize
         if buf.nbytes != expected:
             raise ProtocolError(
                 "shape_mismatch",
-                f"array {name!r}: payload has {buf.nbytes} bytes but {dtype}{shape} needs {expected}",
+                f"array {_short(name)}: payload has {buf.nbytes} bytes but {dtype}{_short(shape)} needs {expected}",
                 **ids,
             )
         array = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
@@ -501,15 +643,15 @@ def encode_control(msg: BaseModel) -> bytes:
     return msg.model_dump_json().encode()
 
 
-def decode_control(raw: bytes) -> StatusCommand | ReloadCommand | SetCommand:
-    """A control request; bad JSON or an unknown command raises ``ProtocolError("bad_header", ...)``."""
+def decode_control(raw: Any, *, max_bytes: int = MAX_CONTROL_BYTES) -> StatusCommand | ReloadCommand | SetCommand:
+    """A control request; anything else (too large, too deep, not JSON, an unknown command, an unforeseen failure)
+    raises ``ProtocolError("bad_header", ...)`` — never another exception, so the control loop always answers."""
     try:
-        obj = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad_header", f"control request is not UTF-8 JSON ({exc})") from None
-    except RecursionError:
-        raise ProtocolError("bad_header", "control request nests too deeply") from None
-    _check_unicode(obj)
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
-    return _validate(_CONTROL, obj, {})
+        obj = load_json(raw, what="control request", max_bytes=max_bytes)
+        if not isinstance(obj, dict):
+            raise ProtocolError("bad_header", 'control request must be a JSON object like {"cmd": "status"}')
+        return _validate(_CONTROL, obj, {})  # type: ignore[no-any-return]
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("bad_header", f"control request cannot be decoded ({type(exc).__name__})") from exc

@@ -19,6 +19,7 @@ maps by ``frame_id``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Sequence
@@ -26,9 +27,12 @@ from types import TracebackType
 
 import zmq
 
-from streamer.sockets import bind_endpoint
+from streamer.security import is_loopback
+from streamer.sockets import SUBSCRIPTION_BYTES, bind_endpoint
 
 __all__ = ["Proxy", "ProxyError"]
+
+log = logging.getLogger("atomstream.proxy")
 
 _HWM = 100_000
 
@@ -140,6 +144,14 @@ class Proxy:
                 s.setsockopt(zmq.LINGER, 0)
             frontend.setsockopt(zmq.RCVHWM, self.hwm)
             backend.setsockopt(zmq.SNDHWM, self.hwm)
+            backend.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)  # subscribers send only subscriptions
+            exposed = [e for e in (self.xsub, self.xpub) if not is_loopback(e)]
+            if exposed:
+                log.warning(
+                    "the proxy listens on %s beyond loopback without authentication (it does not speak CURVE): "
+                    "anyone who can reach the XSUB side can publish maps, the XPUB side read them",
+                    ", ".join(exposed),
+                )
             control.connect(self._control_addr)
             for name, sock, endpoint in (("xsub", frontend, self.xsub), ("xpub", backend, self.xpub)):
                 self._endpoints[name] = bind_endpoint(sock, endpoint, f"the proxy's {name} socket", ProxyError)

@@ -7,6 +7,11 @@ back-pressure of ``overload=block``) until the deque is flushed. libzmq reports 
 flush is retried on a short backing-off timer (``next_retry``) rather than on ``POLLOUT``. Its subscription frames
 are read and discarded (XPUB hands them up; nobody else wants them).
 
+The hold is bounded: a reliable subscriber that stops reading would otherwise freeze ingest for everyone, for ever.
+Once messages have waited ``block_timeout_s``, ``give_up`` drops them (counted) and the reliable socket is lossy for
+``10 × block_timeout_s`` — messages it refuses are dropped and counted, ingest runs — before it is tried as reliable
+again. Its subscribers see the loss as ``seq`` gaps, as on the plain PUB.
+
 Runs on the I/O thread only, like the sockets it sends on.
 """
 
@@ -19,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from prometheus_client import Counter
 
 from streamer.protocol import encode_published
 
@@ -26,17 +32,51 @@ __all__ = ["Publisher"]
 
 _RETRY_MIN_S, _RETRY_MAX_S = 0.0005, 0.01  # reliable-socket flush retries back off between these while refused
 TOPICS = ("maps", "defects", "error", "status", "scan_summary")
+_LOSSY_FACTOR = 10.0  # after giving up, the reliable socket stays lossy this many block timeouts
 
 
 class Publisher:
     """``seq`` per topic, the lossy PUB and the reliable XPUB with its pending deque."""
 
-    def __init__(self, pub: zmq.Socket[bytes], reliable: zmq.Socket[bytes] | None) -> None:
+    def __init__(
+        self,
+        pub: zmq.Socket[bytes],
+        reliable: zmq.Socket[bytes] | None,
+        *,
+        block_timeout_s: float = 2.0,
+        dropped: Counter | None = None,
+    ) -> None:
         self.pub, self.reliable = pub, reliable
         self.seq = dict.fromkeys(TOPICS, 0)
         self.pending: deque[list[bytes | memoryview]] = deque()  # refused by the reliable socket, oldest first
         self.retry_s = _RETRY_MIN_S
         self.next_retry = 0.0
+        self.block_timeout_s = block_timeout_s
+        self.blocked_since: float | None = None  # when the oldest pending message was refused
+        self.lossy_until = 0.0
+        self.dropped = dropped
+
+    @property
+    def holding(self) -> bool:
+        """Messages wait for the reliable socket (ingest should wait too)."""
+        return bool(self.pending)
+
+    def overdue(self, now: float) -> bool:
+        """The oldest pending message has waited longer than ``block_timeout_s``."""
+        return self.blocked_since is not None and now - self.blocked_since >= self.block_timeout_s
+
+    def give_up(self, now: float) -> int:
+        """Drop every pending message and turn the reliable socket lossy for a while; returns how many were dropped."""
+        n = len(self.pending)
+        self.pending.clear()
+        self.blocked_since = None
+        self.lossy_until = now + _LOSSY_FACTOR * self.block_timeout_s
+        self._count_dropped(n)
+        return n
+
+    def _count_dropped(self, n: int) -> None:
+        if self.dropped is not None and n:
+            self.dropped.inc(n)
 
     def next_seq(self, topic: str) -> int:
         """The ``seq`` of the next message on ``topic``, counted as used."""
@@ -59,8 +99,13 @@ class Publisher:
                 self.reliable.send_multipart(parts, zmq.NOBLOCK, copy=False)
                 return
             except zmq.Again:  # a subscriber is send_hwm behind: ingest waits until it catches up
+                now = time.monotonic()
+                if now < self.lossy_until:  # it held ingest too long lately: drop instead
+                    self._count_dropped(1)
+                    return
                 self.retry_s = _RETRY_MIN_S
-                self.next_retry = time.monotonic() + self.retry_s
+                self.next_retry = now + self.retry_s
+                self.blocked_since = now
         self.pending.append(parts)
 
     def flush_pending(self) -> None:
@@ -74,9 +119,12 @@ class Publisher:
             except zmq.Again:
                 self.retry_s = _RETRY_MIN_S if progressed else min(2 * self.retry_s, _RETRY_MAX_S)
                 self.next_retry = time.monotonic() + self.retry_s
+                if progressed:  # it reads, slowly: the hold is measured from its last progress
+                    self.blocked_since = time.monotonic()
                 return
             self.pending.popleft()
             progressed = True
+        self.blocked_since = None
 
     def drain_subscriptions(self) -> None:
         """Read and discard the reliable XPUB's subscription frames."""

@@ -41,7 +41,8 @@ from streamer.metrics import MetricsServer, ServiceMetrics
 from streamer.model_loader import ModelLoader
 from streamer.pipeline import EncoderLike, Pipeline, PipelineError
 from streamer.protocol import ModelRef, Status
-from streamer.sockets import open_sockets
+from streamer.security import SecurityError, is_loopback
+from streamer.sockets import SocketError, open_sockets
 
 __all__ = ["Service", "ServiceError"]
 
@@ -63,11 +64,11 @@ class Service:
 
     def __init__(self, cfg: ServiceConfig, *, encoder: EncoderLike | None = None) -> None:
         if encoder is None and cfg.artifact is None:
-            raise ServiceError("no model: set the artifact directory (--artifact DIR) or pass an encoder")
+            raise ServiceError("no model: set ServiceConfig.artifact (the artifact directory) or pass an encoder")
         self.cfg = cfg
         self.metrics = ServiceMetrics()
         self._encoder = encoder
-        self._queue = FrameQueue(cfg.queue_size, cfg.overload)
+        self._queue = FrameQueue(cfg.queue_size, cfg.overload, max_bytes=cfg.max_queue_bytes)
         self._outbox: queue.SimpleQueue[FrameResult] = queue.SimpleQueue()
         self._wake = WakePipe()
         self._batcher = Batcher(
@@ -86,7 +87,12 @@ class Service:
             device=encoder.device if encoder is not None else cfg.device,
             on_done=self._wake.wake,
         )
-        self._ledger = Ledger(self.metrics)
+        self._ledger = Ledger(
+            self.metrics,
+            max_open_scans=cfg.max_open_scans,
+            max_id_chars=cfg.max_scan_id_chars,
+            idle_s=cfg.scan_idle_s,
+        )
         self._endpoints: dict[str, str] = {}
         self._bound = threading.Event()
         self._stop_requested = threading.Event()
@@ -111,6 +117,7 @@ class Service:
                 raise ServiceError(f"cannot serve this encoder: {exc}") from exc
         self._started = True
         self._t0 = time.monotonic()
+        self._warn_exposure()
         # daemon threads: an encoder stuck in a driver call must not keep the process alive after stop() gave up
         self._io_thread = self._thread(self._io_main, "atomstream-io")
         self._worker = self._thread(self._batcher.run, "atomstream-worker")
@@ -147,6 +154,23 @@ class Service:
             self._threads.append(loader)
             loader.start()
         return self
+
+    def _warn_exposure(self) -> None:
+        """Loud, once: what is reachable from the network without authentication."""
+        exposed = self.cfg.exposed_endpoints
+        if self.cfg.curve is None and exposed:
+            log.warning(
+                "INSECURE: %s listen beyond loopback without CURVE: anyone who can reach them may inject frames, read "
+                "maps and reload models (insecure is set); configure curve for any network you do not fully trust",
+                ", ".join(exposed),
+            )
+        if self.cfg.metrics_port is not None and not is_loopback(f"tcp://{self.cfg.metrics_host}:0"):
+            log.warning(
+                "metrics HTTP on %s:%s is reachable beyond loopback and has no authentication (it is read-only: "
+                "counts, model name and sha256)",
+                self.cfg.metrics_host,
+                self.cfg.metrics_port,
+            )
 
     def wait_ready(self, timeout: float) -> None:
         """Block until a model is loaded and the sockets are bound; re-raises a thread's failure."""
@@ -248,6 +272,8 @@ class Service:
             name = threading.current_thread().name
             if name == "atomstream-load":  # a refused artifact: its message says it all
                 log.error("cannot load the model: %s", exc)
+            elif isinstance(exc, SocketError | SecurityError):  # a busy port, a bad key: one line says it all
+                log.error("%s", exc)
             else:
                 log.exception("service thread %s failed", name)
             self._fail(exc)
@@ -314,4 +340,5 @@ class Service:
             model=pipeline.model if pipeline is not None else None,
             backend=self._models.backend,
             device=self._models.device,
+            scan_summary=self._ledger.last_summary,
         )

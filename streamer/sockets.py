@@ -3,8 +3,12 @@
 Everything here runs on the I/O thread, the sockets' only owner (ZeroMQ sockets are not thread-safe). Options per
 socket: the ingest PULL's receive high-water mark (``recv_hwm``: with ``overload=block`` this is what pushes back on
 the producer), the publishing sockets' send high-water mark and ``linger_ms`` (so subscribers receive the tail at
-shutdown; the others close at once), CURVE on all of them when configured. ``tcp://host:0`` binds a free port and
-the endpoints come back as actually bound.
+shutdown; the others close at once), CURVE on all of them when configured, each socket in the ZAP domain of its
+role (``streamer.security``). ``tcp://host:0`` binds a free port and the endpoints come back as actually bound.
+
+``ZMQ_MAXMSGSIZE`` on every socket: libzmq reads each frame's length before its bytes and drops a peer that
+announces more than the limit, so an oversized message is never held in memory (the ingest limit is
+``max_frame_bytes``, the control limit ``max_control_bytes``; the publishing sockets only ever receive subscriptions).
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ from typing import Any
 import zmq
 
 from streamer.config import ServiceConfig
+from streamer.protocol import MAX_HEADER_BYTES
 
-__all__ = ["SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
+__all__ = ["SUBSCRIPTION_BYTES", "SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
 
 #: ``ServiceConfig`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
 NAMES = ("ingest", "publish", "control", "publish_reliable")
+#: The CURVE role (ZAP domain) of each socket: who may connect to it.
+ROLE_OF = {"ingest": "ingest", "publish": "publish", "control": "control", "publish_reliable": "publish"}
+SUBSCRIPTION_BYTES = 4096  # a subscription frame is a topic prefix: the longest topic is 12 bytes
 
 
 class SocketError(RuntimeError):
@@ -86,8 +94,13 @@ def open_sockets(cfg: ServiceConfig) -> SocketSet:
             sockets.reliable.setsockopt(zmq.SNDHWM, cfg.send_hwm)
         sockets.pull.setsockopt(zmq.RCVHWM, cfg.recv_hwm)
         sockets.pub.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+        sockets.pull.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_frame_bytes, MAX_HEADER_BYTES))
+        sockets.rep.setsockopt(zmq.MAXMSGSIZE, cfg.max_control_bytes)
         for s in sockets.all:
             s.setsockopt(zmq.LINGER, 0)
+        for s in (sockets.pub, sockets.reliable):
+            if s is not None:
+                s.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
         for s in (sockets.pub, sockets.reliable):
             if s is not None:
                 s.setsockopt(zmq.LINGER, cfg.linger_ms)
@@ -95,8 +108,8 @@ def open_sockets(cfg: ServiceConfig) -> SocketSet:
             from streamer.security import secure_server_socket, server_auth
 
             sockets.auth = server_auth(ctx, cfg.curve)
-            for s in sockets.all:
-                secure_server_socket(s, cfg.curve)
+            for name, s in zip(NAMES, sockets.all, strict=False):
+                secure_server_socket(s, cfg.curve, ROLE_OF[name])  # type: ignore[arg-type]
         for name, s in zip(NAMES, sockets.all, strict=False):
             sockets.endpoints[name] = _attach(name, s, cfg)
     except BaseException:

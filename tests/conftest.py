@@ -22,6 +22,20 @@ def _fresh_pyro() -> Iterator[None]:
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Commands run in-process (``main([...])``) set torch's thread count as the CLI should; later tests get theirs
+    back."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def zs() -> Iterator[Sockets]:
     """Sockets made in a test, all closed with linger=0 when it ends."""

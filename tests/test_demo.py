@@ -12,16 +12,20 @@ from atomstream.demo import DemoOptions, run_demo
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_its_report_matches_its_figures(tmp_path: Path) -> None:
-    opts = DemoOptions(out=tmp_path, size=96, frames=3, train_frames=2, epochs=2, n_defects=4, progress=False)
+    opts = DemoOptions(
+        out=tmp_path, size=96, frames=3, train_frames=2, epochs=2, n_defects=4, progress=False, throughput_frames=7
+    )
     result = run_demo(opts)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["frames_sent"] == 3 and metrics["maps_received"] == 3
     summary = metrics["scan_summary"]
     assert (summary["frames_received"], summary["frames_published"], summary["frames_rejected"]) == (3, 3, 0)
-    assert 0.0 <= metrics["phase_accuracy_held_out"] <= 1.0
-    report = result.report.read_text()
+    report = result.report.read_text()  # quality is held at the demo's own size (the test below), not at 2 epochs
     assert f"{metrics['phase_accuracy_held_out']:.3f}" in report
     assert f"{metrics['latency_ms_p50']:.3f}" in report
+    assert metrics["throughput_frames"] == 9  # the 3-frame scan replayed 3 times: at least the 7 asked for
+    assert "throughput over 9 frames" in report and "{" not in report  # a table, no raw dict
+    assert [f.name for f in result.figures] == ["maps.png", "traversals.png", "manifolds.png"]
     for figure in result.figures:
         assert figure.stat().st_size > 5_000 and f"({figure.name})" in report
     assert (tmp_path / "artifact" / "manifest.json").is_file() and (tmp_path / "run" / "model.pt").is_file()

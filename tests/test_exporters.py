@@ -178,9 +178,8 @@ def test_parity_failure_is_one_line_naming_backend_output_and_error(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = JTrVAE(cfg.model).double()
-    heads = model.encoder.heads.linear
     with torch.no_grad():
-        heads.weight[4:8] *= 1e5  # rows of the class logits (after z_loc, z_scale with latent_dim 2)
+        model.encoder.class_head.net[-1].weight *= 1e5  # the class logits come from the invariant class head
     save_run(tmp_path / "run", model, cfg, epoch=1, history=[])
     np.savez(tmp_path / "p.npz", patches=make_cards(MIN_PARITY_PATCHES, size=PATCH[0], seed=3).images)
     argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--parity-data", str(tmp_path / "p.npz")]

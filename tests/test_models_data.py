@@ -104,9 +104,9 @@ def test_stack_keeps_labels_factors_and_scaling(tmp_path: Path) -> None:
     ("name", "kw", "match"),
     [
         ("missing.npy", {}, "does not exist"),
-        ("st.npz", {"atoms": True}, "--atoms needs a scan"),
+        ("st.npz", {"atoms": True}, "atom-centred patches need a scan"),
         ("st.npz", {"patch": 16}, "does not match"),
-        ("st.npz", {"stride": 4}, "--stride"),
+        ("st.npz", {"stride": 4}, "stride=4 applies to scans"),
         ("s.npy", {"patch": 64}, "larger than"),
         ("s.npy", {"patch": 8, "atoms": True, "atom_threshold": 2.0}, "atom_threshold"),
         ("bad.npz", {}, "no 'images'"),

@@ -10,6 +10,7 @@ from models.evaluate import (
     clustering_accuracy,
     collapse_warning,
     confusion_matrix,
+    diagnose_classes,
     evaluate_encodings,
     factor_correlation,
     match_clusters,
@@ -110,15 +111,28 @@ def test_encoding_reads_the_model_and_changes_nothing() -> None:
 def test_class_usage_and_the_collapse_diagnosis() -> None:
     prob = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
     np.testing.assert_allclose(class_usage(prob), [0.5, 0.25, 0.25])
-    assert collapse_warning(class_usage(prob), likelihood="gaussian", gaussian_scale=0.05) is None
-    collapsed = class_usage(np.tile([0.1, 0.8, 0.1], (40, 1)))
-    gaussian = collapse_warning(collapsed, likelihood="gaussian", gaussian_scale=0.05)
+    healthy = diagnose_classes(prob)
+    assert not healthy.collapsed and healthy.reason == ""
+    assert collapse_warning(healthy, likelihood="gaussian", gaussian_scale=0.05) is None
+    one_class = diagnose_classes(np.tile([0.1, 0.8, 0.1], (40, 1)))
+    assert one_class.collapsed and "100%" in one_class.reason
+    assert one_class.mutual_information == pytest.approx(0.0, abs=1e-9)
+    gaussian = collapse_warning(one_class, likelihood="gaussian", gaussian_scale=0.05)
     assert gaussian is not None and "100%" in gaussian and "gaussian_scale (now 0.05" in gaussian
-    bernoulli = collapse_warning(collapsed, likelihood="bernoulli", gaussian_scale=0.2)
+    bernoulli = collapse_warning(one_class, likelihood="bernoulli", gaussian_scale=0.2)
     assert bernoulli is not None and "beta2_start" in bernoulli
-    assert (
-        collapse_warning(np.array([1.0]), likelihood="gaussian", gaussian_scale=0.05) is None
-    )  # one class: nothing to say
+
+
+def test_posteriors_equal_to_the_prior_are_a_collapse_even_when_argmax_spreads() -> None:
+    rng = np.random.default_rng(0)
+    flat = np.full((300, 4), 0.25) + rng.normal(0, 1e-3, (300, 4))  # argmax is noise: spread over all four
+    flat /= flat.sum(axis=1, keepdims=True)
+    d = diagnose_classes(flat)
+    assert max(d.usage) < 0.5  # argmax counts alone would call this healthy
+    assert d.collapsed and "nearly the same" in d.reason
+    assert d.mean_max_prob == pytest.approx(0.25, abs=0.01)
+    confident = diagnose_classes(np.eye(4)[rng.integers(0, 4, 300)])
+    assert not confident.collapsed and confident.information_ratio > 0.95
 
 
 def test_classes_are_named_after_the_label_they_match_not_their_index() -> None:

@@ -193,7 +193,7 @@ def test_encode_and_generate() -> None:
     m = _tiny(3, True, True)
     x = torch.rand(7, 1, *PATCH)
     out = m.encode(x)
-    assert set(out) == {"z", "z_scale", "class_prob", "angle", "shift"}
+    assert set(out) == {"z", "z_scale", "class_logits", "class_prob", "angle", "shift"}
     torch.testing.assert_close(out["class_prob"].sum(-1), torch.ones(7))
     assert out["angle"].shape == (7,) and out["angle"].abs().max() <= math.pi
     img = m.generate(torch.zeros(7, 2), torch.arange(7) % 3, angle=torch.tensor(0.5), shift=torch.tensor([0.1, 0.0]))

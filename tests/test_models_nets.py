@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.fused_likelihood as fused
 from models.coords import pixel_grid, transform_grid
 from models.fused_likelihood import pixel_log_likelihood
 from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
@@ -68,8 +67,9 @@ def test_mlp_encoder_scripts_and_traces_to_the_same_outputs() -> None:
     enc = MLPEncoder((8, 8), latent_dim=2, n_classes=4, rotation=True, translation=True, hidden=(16,)).eval()
     x = torch.rand(3, 1, 8, 8)
     eager = enc(x)
-    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still what serving loads
+    with warnings.catch_warnings():  # TorchScript is deprecated (2.13: Deprecation-, 2.14: FutureWarning) but served
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(enc)(x)
         traced = torch.jit.trace(enc, x, strict=False)(x)
     for key in eager:
@@ -97,11 +97,10 @@ def test_decoders_broadcast_over_enumerated_classes() -> None:
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("shared_grid", [True, False])
 @pytest.mark.parametrize("k", [0, 3])
-def test_fused_log_likelihood_equals_autograd(
-    monkeypatch: pytest.MonkeyPatch, likelihood: str, shared_grid: bool, k: int
-) -> None:
-    """Value and every gradient, in float64, with chunks small enough to split classes and images."""
-    monkeypatch.setattr(fused, "CHUNK_ROWS_PER_THREAD", 7)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_log_likelihood_equals_autograd(likelihood: str, shared_grid: bool, k: int, threads: int) -> None:
+    """Value and every gradient, in float64, with chunks small enough to split classes and images, run in turn or
+    side by side on threads."""
     torch.manual_seed(0)
     dec = CoordDecoder(latent_dim=2, n_classes=k, hidden=(6, 5, 4)).double()
     b, p = 3, 11
@@ -111,7 +110,7 @@ def test_fused_log_likelihood_equals_autograd(
     x = torch.rand(b, p, dtype=torch.float64)
     upstream = torch.randn((k, b) if k else (b,), dtype=torch.float64)
     inputs = [coords, z, *dec.parameters()]
-    got = dec.log_likelihood(coords, z, y, x, likelihood=likelihood, gaussian_scale=0.3)
+    got = dec.log_likelihood(coords, z, y, x, likelihood=likelihood, gaussian_scale=0.3, threads=threads, chunk_rows=7)
     want = pixel_log_likelihood(dec(coords, z, y), x, likelihood, 0.3).sum(-1)
     torch.testing.assert_close(got, want)
     g_got = torch.autograd.grad((got * upstream).sum(), inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,25 @@ def test_protocol_page_names_every_message_kind() -> None:
     page = protocol_reference()
     for kind in ("ScanStart", "Frame", "ScanEnd", "Maps", "Defects", "Error", "Status", "ScanSummary"):
         assert f"`{kind}`" in page
+
+
+def _cells(row: str) -> int:
+    return len(re.split(r"(?<!\\)\|", row.strip())) - 2  # a row starts and ends with an unescaped |
+
+
+@pytest.mark.parametrize("filename", sorted(PAGES))
+def test_every_table_row_has_as_many_cells_as_its_header(filename: str) -> None:
+    """GitHub renders a table only when the header, the separator and each row have the same number of cells."""
+    rendered = {"protocol.md": protocol_reference, "configuration.md": config_reference}[filename]()
+    tables = 0
+    lines = rendered.splitlines()
+    for k, line in enumerate(lines[:-1]):
+        if line.startswith("|") and re.fullmatch(r"\|( *-+ *\|)+", lines[k + 1]):
+            tables += 1
+            width = _cells(line)
+            assert _cells(lines[k + 1]) == width, f"{filename}: separator under {line!r}"
+            for row in lines[k + 2 :]:
+                if not row.startswith("|"):
+                    break
+                assert _cells(row) == width, f"{filename}: {row!r} has {_cells(row)} cells, its header {width}"
+    assert tables >= 3

@@ -531,3 +531,77 @@ def test_float64_values_beyond_float32_range_do_not_become_silent_nan_maps(live:
     else:
         assert msg.kind == "maps"
         assert all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"), "NaN/Inf in the published maps"
+
+
+# ---------------------------------------------------------------------------------------------- numbers, depth, size
+
+
+def _nest(depth: int, leaf: Any = 1) -> Any:
+    for _ in range(depth):
+        leaf = {"a": leaf} if depth % 2 else [leaf]
+    return leaf
+
+
+@st.composite
+def extreme_headers(draw: st.DrawFn) -> tuple[list[bytes], str | None]:
+    """A frame header, written as text, with one extreme: an integer of up to 6,000 digits in any numeric field, nesting
+    up to 3,000 deep in ``meta``, or a header around the 64 KiB limit. Returns the message and the reason the protocol
+    must give (None: accepted): past a limit ``bad_header``, within all of them whatever the reference classifier
+    says (which can then parse the header itself)."""
+    fields = {"v": "1", "frame_id": "1", "t_acq_ns": "null", "meta": "{}", "h": "4", "w": "4"}
+    which = draw(st.sampled_from(["int", "depth", "size"]))
+    beyond = False
+    if which == "int":
+        digits = draw(st.one_of(st.integers(1, 60), st.integers(60, 6000)))
+        number = draw(st.sampled_from(["", "-"])) + "9" * digits
+        field = draw(st.sampled_from(["v", "frame_id", "t_acq_ns", "meta", "h", "w"]))
+        fields[field] = f'{{"k": {number}}}' if field == "meta" else number
+        beyond = digits > 40
+    elif which == "depth":
+        depth = draw(st.integers(1, 3000))
+        fields["meta"] = '{"a": ' * depth + "1" + "}" * depth
+        beyond = depth + 1 > 32  # the header object is one level more
+    else:
+        fields["meta"] = '{"pad": "' + "x" * draw(st.integers(65_300, 65_700)) + '"}'
+    header = (
+        '{{"v": {v}, "kind": "frame", "scan_id": "x", "frame_id": {frame_id}, "dtype": "uint8", '
+        '"shape": [{h}, {w}], "t_acq_ns": {t_acq_ns}, "meta": {meta}}}'.format(**fields)
+    ).encode()
+    frames = [header, b"\0" * 16]
+    if beyond or len(header) > 64 * 1024:
+        return frames, "bad_header"
+    return frames, reference_verdict(frames, max_frame_bytes=MAX_FRAME_BYTES).reason
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(extreme_headers())
+def test_numbers_depth_and_size_extremes_are_refused_before_they_cost_anything(case: tuple[list[bytes], Any]) -> None:
+    frames, reason = case
+    t0 = time.perf_counter()
+    try:
+        decode(frames, max_frame_bytes=MAX_FRAME_BYTES)
+        got = None
+    except ProtocolError as exc:
+        got = exc.reason
+        assert len(exc.detail) <= 1000
+    assert time.perf_counter() - t0 < 0.5
+    assert got == reason
+
+
+def _nest(depth: int) -> bytes:
+    return b'{"a": ' * depth + b"1" + b"}" * depth
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
+@given(
+    st.one_of(
+        st.integers(1, 6000).map(lambda n: b'{"cmd": "set", "defect_threshold": ' + b"9" * n + b"}"),
+        st.integers(1, 3000).map(lambda d: b'{"cmd": "status", "x": ' + _nest(d) + b"}"),
+        st.integers(0, 70_000).map(lambda n: b'{"cmd": "reload", "artifact": "' + b"a" * n + b'"}'),
+    )
+)
+def test_control_extremes_raise_only_protocol_errors(raw: bytes) -> None:
+    try:
+        decode_control(raw)
+    except ProtocolError as exc:
+        assert exc.reason == "bad_header" and exc.detail

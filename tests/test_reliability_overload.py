@@ -1,10 +1,8 @@
-"""Overload: a producer faster than the encoder, and subscribers slower than the service.
+"""Overload on the publish side: subscribers slower than the service.
 
-The encoder is the real exported model behind ``SlowEncoder``, which adds a fixed delay per call — a slow GPU. With
-``block`` the producer is pushed back (its sends time out while the queue is full) and every frame gets its maps;
-with ``drop_oldest`` frames are dropped, each one reported as ``overloaded``, and received = maps + errors still
-holds everywhere. A subscriber that never reads cannot stall ingest: PUB drops for it alone (its ``seq`` shows the
-gaps) while a fast subscriber gets everything.
+A subscriber that never reads cannot stall ingest: PUB drops for it alone (its ``seq`` shows the gaps) while a fast
+subscriber gets everything; a reliable subscriber gets every map. The queue's policies for a producer faster than
+the encoder (``block``, ``drop_oldest``) are held once, exactly, with a gated encoder, in test_streamer_service.py.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +17,12 @@ import numpy as np
 import pytest
 import zmq
 from artifact_factory import make_artifact
-from slow_encoder import SlowEncoder
 from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, collect, control, metric_value, service_config, subscribe
+from zmq_helpers import Sockets, collect, control, service_config, slow_subscriber, subscribe
 
 from streamer.config import ServiceConfig
 from streamer.encoder import Encoder, load
-from streamer.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
+from streamer.protocol import decode_published, encode, frame_message
 from streamer.security import CurveConfig, generate_keys, secure_client_socket
 from streamer.service import Service
 
@@ -51,96 +47,8 @@ def _config(**fields: Any) -> ServiceConfig:
     return service_config(**{"max_wait_ms": 0.0, **fields})
 
 
-def _metrics(url: str) -> str:
-    with urllib.request.urlopen(url + "/metrics", timeout=TIMEOUT_S) as resp:
-        return resp.read().decode()
-
-
 def _kinds(got: list[tuple[Any, list[np.ndarray]]], kind: str) -> list[Any]:
     return [m for m, _ in got if m.kind == kind]
-
-
-def test_block_slows_the_producer_and_every_frame_comes_through(encoder: Encoder, zs: Sockets) -> None:
-    delay, n = 0.025, 40
-    slow = SlowEncoder(encoder, delay)
-    frame = np.random.default_rng(0).random((512, 512))  # float64, 2 MiB: socket buffers hold only a few
-    grid = (512 - 16) // 64 + 1
-    cfg = _config(overload="block", queue_size=2, recv_hwm=1, max_batch_patches=grid * grid)  # one frame per call
-    with Service(cfg, encoder=slow) as svc:
-        svc.wait_ready(TIMEOUT_S)
-        sub = subscribe(zs, svc.publish_endpoint)
-        req = zs.socket(zmq.REQ)
-        req.connect(svc.control_endpoint)
-        push = zs.socket(zmq.PUSH, timeout_ms=20)
-        push.setsockopt(zmq.SNDHWM, 1)
-        push.connect(svc.ingest_endpoint)
-        deadline = time.monotonic() + TIMEOUT_S
-
-        def send(message: list[Any]) -> int:
-            """Send, retrying while pushed back; the number of send timeouts it took."""
-            for attempt in range(10**6):
-                try:
-                    push.send_multipart(message, copy=False)
-                    return attempt
-                except zmq.Again:  # pushed back: the service stopped reading while its queue is full
-                    assert time.monotonic() < deadline, "the producer stayed blocked: the service stalled"
-                    assert control(req, {"cmd": "status"})["queue_depth"] <= cfg.queue_size
-            raise AssertionError("unreachable")
-
-        send(encode(ScanStart(scan_id="b")))
-        timeouts, first_block, t_first_block = 0, None, 0.0
-        for k in range(n):
-            blocked = send(encode(frame_message("b", k, frame), frame))
-            if blocked and first_block is None:
-                first_block, t_first_block = k, time.monotonic()
-            timeouts += blocked
-        t_sent = time.monotonic()
-        send(encode(ScanEnd(scan_id="b", n_frames=n)))
-        got = collect(sub, lambda got: bool(_kinds(got, "scan_summary")), timeout_s=TIMEOUT_S)
-        metrics = _metrics(svc.metrics_url or "")
-    assert first_block is not None and timeouts > 0, "the producer was never pushed back"
-    print(f"\nproducer: {first_block} frames in before the first push-back, {timeouts} send timeouts")
-    assert n - 2 * first_block >= 10, f"socket buffers held {first_block} frames: make the frames bigger"
-    # after the first push-back the producer can only go as fast as the encoder frees room
-    assert t_sent - t_first_block >= 0.5 * (n - 2 * first_block) * delay
-    assert [m.frame_id for m in _kinds(got, "maps")] == list(range(n))
-    assert not _kinds(got, "error")
-    summary = _kinds(got, "scan_summary")[0]
-    assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (n, n, 0)
-    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 0
-
-
-def test_drop_oldest_reports_every_dropped_frame_as_overloaded(encoder: Encoder, zs: Sockets) -> None:
-    n, queue_size = 200, 4
-    slow = SlowEncoder(encoder, 0.01)
-    frame = np.random.default_rng(1).random((64, 64)).astype(np.float32)  # one patch: one frame per call
-    cfg = _config(overload="drop_oldest", queue_size=queue_size, max_batch_patches=1)
-    with Service(cfg, encoder=slow) as svc:
-        svc.wait_ready(TIMEOUT_S)
-        assert svc.publish_reliable_endpoint is None  # off unless configured
-        sub = subscribe(zs, svc.publish_endpoint)
-        push = zs.socket(zmq.PUSH)
-        push.connect(svc.ingest_endpoint)
-        push.send_multipart(encode(ScanStart(scan_id="d")))
-        for k in range(n):  # as fast as the socket takes them: far faster than 100 frames/s
-            push.send_multipart(encode(frame_message("d", k, frame), frame))
-        push.send_multipart(encode(ScanEnd(scan_id="d", n_frames=n)))
-        got = collect(sub, lambda got: bool(_kinds(got, "scan_summary")), timeout_s=TIMEOUT_S)
-        metrics = _metrics(svc.metrics_url or "")
-    maps = [m.frame_id for m in _kinds(got, "maps")]
-    errors = _kinds(got, "error")
-    dropped = [e.frame_id for e in errors]
-    assert errors and maps, "the producer should have outrun the encoder, but not starved it"
-    assert all(e.reason == "overloaded" and e.scan_id == "d" and "drop_oldest" in e.detail for e in errors)
-    assert sorted(maps + dropped) == list(range(n)), "every frame: maps or an overloaded error, exactly once"
-    assert maps == sorted(maps) and dropped == sorted(dropped)  # the oldest go first, order is kept
-    assert maps[-queue_size:] == list(range(n - queue_size, n))  # the newest frames are never the ones dropped
-    summary = _kinds(got, "scan_summary")[0]
-    assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (n, len(maps), len(dropped))
-    assert summary.frames_rejected == 0
-    assert metric_value(metrics, "atomstream_frames_received_total") == n
-    assert metric_value(metrics, "atomstream_frames_published_total") == len(maps)
-    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == len(dropped)
 
 
 def test_a_subscriber_that_never_reads_does_not_stall_ingest(wide_encoder: Encoder, zs: Sockets) -> None:
@@ -193,11 +101,7 @@ def test_a_reliable_subscriber_gets_every_map_even_when_slow(encoder: Encoder, z
     cfg = _config(send_hwm=5, publish_reliable="tcp://127.0.0.1:0")
     with Service(cfg, encoder=encoder) as svc:
         svc.wait_ready(TIMEOUT_S)
-        controller = zs.socket(zmq.SUB)
-        controller.setsockopt(zmq.RCVHWM, 1)
-        controller.setsockopt(zmq.RCVBUF, 4096)
-        controller.setsockopt(zmq.SUBSCRIBE, b"")
-        controller.connect(svc.publish_reliable_endpoint or "")
+        controller = slow_subscriber(zs, svc.publish_reliable_endpoint or "")
         while decode_published(controller.recv_multipart())[0].kind != "status":  # connected
             pass
         push = zs.socket(zmq.PUSH)

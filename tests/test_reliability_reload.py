@@ -52,6 +52,7 @@ def test_reload_mid_replay_drops_no_frame_and_switches_model_at_a_frame_boundary
     cfg = ServiceConfig(
         ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", metrics_port=None,
         status_interval_s=0.05, device="cpu", queue_size=8, max_batch_patches=16, max_wait_ms=0.0,
+        artifact_roots=[new_dir.parent, tampered.parent],
     )  # fmt: skip
     maps: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
     errors: list[object] = []

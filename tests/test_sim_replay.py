@@ -59,7 +59,18 @@ def test_cli_replay_reaches_a_plain_pull_client(tmp_path: Path, pull: tuple[zmq.
     sock, endpoint = pull
     path, frames = _scan(tmp_path)
     result: list[int] = []
-    argv = ["replay", str(path), "--endpoint", endpoint, "--loop", "2", "--no-progress", "--send-timeout-ms", "5000"]
+    argv = [
+        "replay",
+        str(path),
+        "--endpoint",
+        endpoint,
+        "--loop",
+        "2",
+        "--no-progress",
+        "--no-feedback",
+        "--send-timeout-ms",
+        "5000",
+    ]
     worker = threading.Thread(target=lambda: result.append(main(argv)))
     worker.start()
     try:
@@ -136,27 +147,40 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["replay", str(tmp_path / "missing.npy"), "--loop", "0"]) == 2
 
 
-class _InterruptAt:
-    """Frames that deliver a SIGINT to this process while frame ``at`` is being fetched."""
+class _StopAt:
+    """Frames that set ``stop`` (as the CLI's Ctrl-C handler does) while frame ``at`` is being fetched."""
 
-    def __init__(self, frames: np.ndarray, at: int) -> None:
-        self.frames, self.at = frames, at
+    def __init__(self, frames: np.ndarray, at: int, stop: threading.Event) -> None:
+        self.frames, self.at, self.stop = frames, at, stop
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, i: int) -> np.ndarray:
         if i == self.at:
-            signal.raise_signal(signal.SIGINT)
+            self.stop.set()
         return self.frames[i]
 
 
-def test_ctrl_c_finishes_the_frame_and_closes_the_scan(pull: tuple[zmq.Socket[bytes], str]) -> None:
+def test_stop_finishes_the_frame_and_closes_the_scan(pull: tuple[zmq.Socket[bytes], str]) -> None:
     sock, endpoint = pull
-    frames = np.ones((6, 4, 5), np.float32)
-    summary = replay(_InterruptAt(frames, at=2), endpoint, loop=3, scan_id="s", progress=False)  # type: ignore[arg-type]
-    assert summary.interrupted and summary.frames == 3 and summary.scans == 1
+    frames, stop = np.ones((6, 4, 5), np.float32), threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    summary = replay(_StopAt(frames, 2, stop), endpoint, loop=3, scan_id="s", progress=False, stop=stop)  # type: ignore[arg-type]
+    assert summary.interrupted and summary.frames == 3 and summary.scans == 1 and summary.scan_ids == ("s.0",)
     messages = _receive_all(sock, 1)
     assert [h["kind"] for h, _ in messages] == ["scan_start", "frame", "frame", "frame", "scan_end"]
     assert messages[-1][0] == {"v": 1, "kind": "scan_end", "scan_id": "s.0", "n_frames": 3}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the library installs no handler
+
+
+def test_the_cli_turns_the_first_ctrl_c_into_the_stop_event_and_the_second_into_an_interrupt() -> None:
+    from atomstream.cli._interrupt import first_sigint_sets
+
+    before = signal.getsignal(signal.SIGINT)
+    with first_sigint_sets(threading.Event()) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.preprocess import Preprocessing, _normalise, _quantiles, _quantiles_host, prepare_frame, prepare_patches
+from streamer.preprocess import Preprocessing, _normalise, _quantiles, prepare_frame, prepare_patches
 from streamer.tiling import TilingError, patch_range, tile_grid
 
 SPECS = {
@@ -44,13 +44,13 @@ def test_quantiles_by_selection_equal_torch_quantile_exactly(q: tuple[float, flo
 def test_quantiles_by_numpy_partition_equal_torch_quantile_exactly(q: tuple[float, float]) -> None:
     qt = torch.tensor(q)
     for x in _samples():
-        assert torch.equal(_quantiles_host(x.numpy(), qt), torch.quantile(x, qt)), (x.numel(), q)
+        assert torch.equal(_quantiles(x.numpy(), qt), torch.quantile(x, qt)), (x.numel(), q)
 
 
 def test_quantiles_with_nan_are_nan_like_torch_quantile() -> None:
     x = torch.tensor([1.0, float("nan"), 2.0, 5.0])
     assert torch.isnan(_quantiles(x, torch.tensor([0.1, 0.9]))).all()
-    assert torch.isnan(_quantiles_host(x.numpy(), torch.tensor([0.1, 0.9]))).all()
+    assert torch.isnan(_quantiles(x.numpy(), torch.tensor([0.1, 0.9]))).all()
 
 
 def _frames() -> list[np.ndarray]:

@@ -40,7 +40,8 @@ def test_load_returns_named_outputs_on_cpu(artifact: Path, backend: Any) -> None
     assert isinstance(enc, Encoder)
     assert (enc.backend, enc.device, enc.torch_device) == (backend, "cpu", torch.device("cpu"))
     file = "encoder.onnx" if backend == "onnx" else "encoder.ts"
-    assert enc.sha256 == sha256_file(artifact / file) == enc.manifest.files[file].sha256
+    assert enc.file_sha256 == sha256_file(artifact / file) == enc.manifest.files[file].sha256
+    assert enc.sha256 == sha256_file(artifact / "manifest.json")  # the identity pins every file through the manifest
     assert enc.providers == (("CPUExecutionProvider",) if backend == "onnx" else ())
     out = enc(_patches(7))
     assert list(out) == ["class_logits", "class_prob", "z_loc", "z_scale", "angle", "shift"]

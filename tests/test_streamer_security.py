@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import zmq
 from artifact_factory import make_artifact
-from zmq.utils.monitor import recv_monitor_message
-from zmq_helpers import Sockets, push_frame, push_scan, sockets
+from zmq_helpers import Sockets, handshake_succeeds, push_frame, push_scan, sockets
 
 from atomstream.cli import main
 from streamer.client import Controller, ControlTimeoutError, Subscriber
@@ -73,20 +72,8 @@ def refused(zs: Sockets, kind: int, endpoint: str, curve: ClientCurve | None) ->
     if curve is not None:
         secure_client_socket(sock, client_secret_file=curve.client_secret_file,
                              server_public_file=curve.server_public_file)  # fmt: skip
-    monitor = sock.get_monitor_socket()
-    try:
-        sock.connect(endpoint)
-        failures = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
-        while True:
-            assert monitor.poll(T * 1000), "no handshake outcome"
-            event = recv_monitor_message(monitor)["event"]
-            assert event != zmq.EVENT_HANDSHAKE_SUCCEEDED, "the server accepted a key it was not given"
-            if event in failures:
-                return sock
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
+    assert not handshake_succeeds(sock, endpoint, timeout_s=T), "the server accepted a key it was not given"
+    return sock
 
 
 def counts(ctl: Controller) -> tuple[int, int]:

@@ -331,13 +331,19 @@ def test_drop_oldest_publishes_overloaded_errors_naming_the_dropped_frames(encod
             push_frame(push, "s", k, frame)
         status = wait_until_received(req, 6)
         gated.gate.set()
-        got = collect(sub, lambda got: len(_by_kind(got, "error")) + len(_by_kind(got, "maps")) == 6)
+        push.send_multipart(encode(ScanEnd(scan_id="s", n_frames=6)))
+        got = collect(sub, lambda got: bool(_by_kind(got, "scan_summary")))
         _, metrics = _scrape(svc.metrics_url or "")
     assert status["queue_depth"] == 1
     errors = _by_kind(got, "error")
-    assert [(m.reason, m.frame_id) for m, _ in errors] == [("overloaded", k) for k in (1, 2, 3, 4)]
+    assert [(m.reason, m.scan_id, m.frame_id) for m, _ in errors] == [("overloaded", "s", k) for k in (1, 2, 3, 4)]
     assert "drop_oldest" in errors[0][0].detail
-    assert [m.frame_id for m, _ in _by_kind(got, "maps")] == [0, 5]
+    assert [m.frame_id for m, _ in _by_kind(got, "maps")] == [0, 5]  # the oldest go, the newest is kept
+    summary = _by_kind(got, "scan_summary")[0][0]
+    assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (6, 2, 4)
+    assert summary.frames_rejected == 0
+    assert metric_value(metrics, "atomstream_frames_received_total") == 6
+    assert metric_value(metrics, "atomstream_frames_published_total") == 2
     assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 4
 
 
@@ -362,9 +368,15 @@ def test_block_policy_pushes_back_on_the_producer_and_loses_nothing(encoder: Enc
         assert gated.entered.is_set() and sent < 200
         assert control(req, {"cmd": "status"})["queue_depth"] <= 1
         gated.gate.set()
-        got = collect(sub, lambda got: len(_by_kind(got, "maps")) == sent)
+        push.setsockopt(zmq.SNDTIMEO, -1)
+        push.send_multipart(encode(ScanEnd(scan_id="s", n_frames=sent)))
+        got = collect(sub, lambda got: bool(_by_kind(got, "scan_summary")))
+        _, metrics = _scrape(svc.metrics_url or "")
     assert [m.frame_id for m, _ in _by_kind(got, "maps")] == list(range(sent))  # all maps, in order
     assert not _by_kind(got, "error")
+    summary = _by_kind(got, "scan_summary")[0][0]
+    assert (summary.frames_received, summary.frames_published, summary.frames_dropped) == (sent, sent, 0)
+    assert metric_value(metrics, 'atomstream_frames_dropped_total{reason="overloaded"}') == 0
 
 
 # ---------------------------------------------------------------------------------------------- shutdown

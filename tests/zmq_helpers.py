@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from streamer.config import ServiceConfig
 from streamer.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
@@ -23,11 +24,13 @@ __all__ = [
     "Sockets",
     "collect",
     "control",
+    "handshake_succeeds",
     "metric_value",
     "push_frame",
     "push_scan",
     "recv_published",
     "service_config",
+    "slow_subscriber",
     "sockets",
     "subscribe",
     "wait_until_received",
@@ -152,3 +155,39 @@ def metric_value(text: str, name: str) -> float:
         if line.split(" ")[0] == name:
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def slow_subscriber(zs: Sockets, endpoint: str) -> zmq.Socket[bytes]:
+    """A SUB on every topic that holds as little as ZeroMQ and the kernel allow (HWM 1, 4 KiB buffer): reading it
+    slowly, or not at all, backs the publisher up as soon as possible."""
+    sub = zs.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.RCVBUF, 4096)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    return sub
+
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+)
+
+
+def handshake_succeeds(sock: zmq.Socket[bytes], endpoint: str, *, timeout_s: float = TIMEOUT_S) -> bool:
+    """Connect ``sock`` and report whether the server completed the (CURVE) handshake, as its monitor says."""
+    monitor = sock.get_monitor_socket()
+    try:
+        sock.connect(endpoint)
+        while True:
+            if not monitor.poll(timeout_s * 1000):
+                raise TimeoutError(f"no handshake outcome from {endpoint} within {timeout_s} s")
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+            if event in _HANDSHAKE_FAILED:
+                return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)

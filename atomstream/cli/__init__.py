@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from atomstream.cli._flags import check_flags
+
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_flags(parser, argv)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

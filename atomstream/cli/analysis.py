@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag
 
 __all__ = ["register"]
+
+_ENCODE = "models.evaluate:encode_images"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated factors to match to z (default: all but those γ and s absorb, i.e. angle, shift)",
     )
-    ev.add_argument("--batch-size", type=int, default=512)
-    ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    config_flag(ev, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
+    config_flag(ev, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.add_argument(
         "--baseline",
@@ -36,13 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     pl = subparsers.add_parser("plot", help="latent traversals, manifolds, conditioned generation, maps")
     pl.add_argument("run", type=Path, help="run directory written by `atomstream train`")
-    pl.add_argument("--data", type=Path, default=None, help="data for the confusion matrix and real-space maps")
+    pl.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data for the confusion matrix and real-space maps (default: none, no such figures)",
+    )
     pl.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
-    pl.add_argument("--steps", type=int, default=9, help="columns of a traversal (default 9)")
-    pl.add_argument("--grid", type=int, default=8, help="side of a per-class manifold grid (default 8)")
-    pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default 0)")
-    pl.add_argument("--batch-size", type=int, default=512)
-    pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pl.add_argument("--steps", type=int, default=9, help="columns of a traversal (default: %(default)s)")
+    pl.add_argument("--grid", type=int, default=8, help="side of a per-class manifold grid (default: %(default)s)")
+    pl.add_argument("--frame", type=int, default=0, help="frame of a scan to map (default: %(default)s)")
+    config_flag(pl, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
+    config_flag(pl, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl.set_defaults(func=_plot)
 
 
@@ -61,18 +70,18 @@ def _default_factors(factors: dict[str, Any], model_cfg: Any) -> tuple[str, ...]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from atomstream.cli.train import open_run, read_patches
-    from models.evaluate import encode_images, evaluate_encodings
+    from atomstream.cli._flags import from_config
+    from atomstream.cli.train import ENCODE_FLAGS, encode_with_flags, open_run, read_patches
+    from models.evaluate import evaluate_encodings
 
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size {args.batch_size} must be at least 1")
-    model, cfg = open_run(args.run, args.device)
+    given = from_config(args, ENCODE_FLAGS)
+    model, cfg = open_run(args.run, given.get("device"))
     patches = read_patches(args.data, data_config=cfg.data)
     if args.factors is not None:
         names = tuple(n.strip() for n in args.factors.split(",") if n.strip())
     else:
         names = _default_factors(patches.factors, cfg.model)
-    enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+    enc = encode_with_flags(model, patches.images, given)
     try:
         result = evaluate_encodings(enc, labels=patches.labels, factors=patches.factors, factor_names=names)
     except ValueError as exc:
@@ -143,48 +152,76 @@ def _centres_figure(args: argparse.Namespace, patches: Any, out: Path) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from atomstream.cli.train import open_run, read_patches
+    from tqdm import tqdm
+
+    from atomstream.cli._flags import from_config
+    from atomstream.cli.train import ENCODE_FLAGS, open_run
     from models import plots
-    from models.evaluate import encode_images, evaluate_encodings
 
     if args.steps < 2 or args.grid < 2:
         raise CommandError(f"--steps {args.steps} and --grid {args.grid} must be at least 2")
-    model, cfg = open_run(args.run, args.device)
+    given = from_config(args, ENCODE_FLAGS)
+    model, cfg = open_run(args.run, given.get("device"))
     m = cfg.model
     out = args.out
-    written = [
-        plots.plot_traversals(model, m, out / f"traversal_z{d}.png", dim=d, n_steps=args.steps)
-        for d in range(m.latent_dim)
+    # what to draw, decided up front so the bar knows its length; each entry draws and writes one PNG
+    tasks: list[tuple[str, Any]] = [
+        ("traversals", lambda: plots.plot_traversals(model, m, out / "traversals.png", n_steps=args.steps))
     ]
     if m.latent_dim >= 2:
-        written.append(plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid))
+        tasks.append(("manifolds", lambda: plots.plot_manifolds(model, m, out / "manifolds.png", n=args.grid)))
     if m.decoder != "dense":  # a dense decoder has no coordinates to rotate
-        written.append(plots.plot_conditioned(model, m, out / "conditioned.png"))
+        tasks.append(("conditioned", lambda: plots.plot_conditioned(model, m, out / "conditioned.png")))
     if args.data is not None:
-        patches = read_patches(args.data, data_config=cfg.data)
-        enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
-        if patches.labels is not None and "class_prob" in enc:
-            result = evaluate_encodings(enc, labels=patches.labels)
-            written.append(
-                plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names)
+        tasks += _data_figures(args, model, cfg, given)
+    written = []
+    with tqdm(tasks, unit="figure", disable=args.no_progress, leave=False) as bar:
+        for name, draw in bar:
+            bar.set_description(name)
+            written.append(draw())
+    for path in written:
+        print(path)
+    return 0
+
+
+def _data_figures(args: argparse.Namespace, model: Any, cfg: Any, given: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The figures that need ``--data``: a confusion matrix (with labels) and real-space maps (a scan)."""
+    from atomstream.cli.train import encode_with_flags, read_patches
+    from models import plots
+    from models.evaluate import evaluate_encodings
+
+    tasks: list[tuple[str, Any]] = []
+    m, out = cfg.model, args.out
+    patches = read_patches(args.data, data_config=cfg.data)
+    enc = encode_with_flags(model, patches.images, given)
+    if patches.labels is not None and "class_prob" in enc:
+        result = evaluate_encodings(enc, labels=patches.labels)
+        tasks.append(
+            (
+                "confusion",
+                lambda: plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names),
             )
-        if patches.frame_shape is not None and cfg.data.kind == "atoms":
-            written.append(_centres_figure(args, patches, out))
-        if patches.frame_shape is not None:
-            sel = patches.positions[:, 0] == args.frame
-            if not sel.any():
-                n_frames = int(patches.positions[:, 0].max()) + 1
-                raise CommandError(f"--frame {args.frame}: the scan has frames 0..{n_frames - 1}")
-            written.append(
-                plots.plot_real_space_maps(
+        )
+    if patches.frame_shape is not None and cfg.data.kind == "atoms":
+        tasks.append(("atom centres", lambda: _centres_figure(args, patches, out)))
+    if patches.frame_shape is not None:
+        sel = patches.positions[:, 0] == args.frame
+        if not sel.any():
+            n_frames = int(patches.positions[:, 0].max()) + 1
+            raise CommandError(f"--frame {args.frame}: the scan has frames 0..{n_frames - 1}")
+        tasks.append(
+            (
+                "maps",
+                lambda: plots.plot_real_space_maps(
                     patches.centres[sel],
                     out / f"maps_frame{args.frame}.png",
                     frame_shape=patches.frame_shape,
                     class_prob=enc["class_prob"][sel] if "class_prob" in enc else None,
                     z=enc["z"][sel],
+                    angle=enc["angle"][sel] if "angle" in enc else None,
                     grid=patches.grid,
-                )
+                    class_names=m.names_of_classes() if m.n_classes > 0 else None,
+                ),
             )
-    for path in written:
-        print(path)
-    return 0
+        )
+    return tasks

@@ -12,12 +12,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = DemoOptions()
     parser = sub.add_parser("demo", help="synthesise a scan, train, export, serve, replay and report (a few minutes)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default: {d.out})")
-    parser.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
-    parser.add_argument("--frames", type=int, default=d.frames, help="frames in the scan")
-    parser.add_argument("--train-frames", type=int, default=d.train_frames, help="frames used for training")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--classes", type=int, default=d.classes)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--size", type=int, default=d.size, help="frame side in pixels (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=d.frames, help="frames in the scan (default: %(default)s)")
+    parser.add_argument(
+        "--train-frames", type=int, default=d.train_frames, help="frames used for training (default: %(default)s)"
+    )
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=d.classes, help="K classes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of scan and training (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
 

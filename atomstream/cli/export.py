@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag, from_config, in_flags
 
 __all__ = ["register"]
+
+_FLAGS = {"opset": "opset"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,16 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "backends match the Pyro guide's posterior means (max |Δ| <= 1e-4, identical class argmax) on >= 1024 patches.",
     )
     p.add_argument("run_dir", type=Path, help="run directory written by `atomstream train`")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--triton", type=Path, default=None, help="also write a Triton model-repository entry here")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new or empty)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a non-empty --out (a running service may be serving it), and export a run whose class "
+        "latent collapsed (diagnosis.json; the manifest records it)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--triton", type=Path, default=None, help="also write a Triton model-repository entry here (default: none)"
+    )
     p.add_argument("--fp16", action="store_true", help="also write encoder.fp16.onnx (for GPUs)")
     p.add_argument(
         "--parity-data",
         type=Path,
         default=None,
-        help="patches to check parity on: .npz with 'patches' (preprocessed) or data cut like the run's own",
+        help="patches to check parity on: .npz with 'patches' (preprocessed) or data cut like the run's own "
+        "(default: the run's own data source)",
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default 17)")
+    config_flag(p, "--opset", type=int, where="exporters.export:export_model", field="opset", help="ONNX opset, 17..20")
     p.add_argument(
         "--defect-class",
         action="append",
@@ -45,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--defect-score",
         choices=("contrast", "density", "combined"),
         default="contrast",
-        help="the class-free defect score the server publishes (docs/real-data.md compares them; default contrast)",
+        help="the class-free defect score the server publishes (docs/real-data.md compares them; default: %(default)s)",
     )
     p.set_defaults(func=_export)
 
@@ -87,32 +100,64 @@ def _calibration(model: object, run: object, kind: str) -> tuple[object, str]:
     )
 
 
+def _check_target(out: Path, *, force: bool) -> None:
+    """Refuse to write into a folder that holds anything, unless forced: a live service may be serving it."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a file, not a directory; pick a folder for the artifact")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+        raise CommandError(
+            f"--out {str(out)!r} is not empty ({shown}); a service may be serving it: "
+            "pass --force to overwrite it, or export to a new folder and reload the service there"
+        )
+
+
 def _export(args: argparse.Namespace) -> int:
     from exporters.export import ExportError, export_model
     from exporters.triton import TritonError, write_triton_model
     from exporters.verify import ParityError, parity_patches
-    from models.checkpoint import CheckpointError, load_run
+    from models.checkpoint import CheckpointError, load_diagnosis, load_run
     from models.data import DataError
 
+    _check_target(args.out, force=args.force)
     if not args.run_dir.is_dir():
         raise CommandError(f"run directory {str(args.run_dir)!r} does not exist; train one with atomstream train")
-    if not 17 <= args.opset <= 20:
-        raise CommandError(f"--opset {args.opset} is not supported; use 17 to 20 (17 is the default)")
     if args.parity_data is not None and not args.parity_data.is_file():
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
+    from tqdm import tqdm
+
+    # disable=None: the bar shows on a terminal only, so it never runs into the one-line error a script reads
+    bar = tqdm(
+        total=3 + (args.triton is not None), unit="step", disable=True if args.no_progress else None, leave=False
+    )
+    bar.set_description("loading the run")
     try:
         model, run = load_run(args.run_dir, device="cpu")
     except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
         raise CommandError(f"cannot load run {str(args.run_dir)!r}: {str(exc).splitlines()[0]}") from None
+    health = load_diagnosis(args.run_dir)
+    if health is not None and health.get("collapsed"):
+        if not args.force:
+            raise CommandError(
+                f"run {str(args.run_dir)!r} has a collapsed class latent ({health.get('reason')}): its class map "
+                "would mean nothing. Retrain (more --budget, another --seed, fewer --classes) or pass --force"
+            )
+        reason = health.get("reason")
+        print(f"atomstream export: warning: exporting a collapsed model (--force): {reason}", file=sys.stderr)
     defects = _defect_classes(args.defect_class, run.model.names_of_classes())
+    bar.update(1)
+    bar.set_description("cutting parity patches")
     try:
         patches, described, notes = parity_patches(run, parity_data=args.parity_data)
     except DataError as exc:
         raise CommandError(f"--parity-data: {exc}") from None
     for note in notes:
-        print(f"atomstream export: warning: {note}", file=sys.stderr)
-    print(f"parity data: {described}")
+        print(f"atomstream export: warning: {note.replace('parity_data', '--parity-data')}", file=sys.stderr)
+    bar.write(f"parity data: {described}")
     novelty, calibrated = _calibration(model, run, args.defect_score)
+    bar.update(1)
+    bar.set_description("exporting ONNX + TorchScript, checking parity")
     try:
         manifest = export_model(
             model,
@@ -120,17 +165,19 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             parity_patches=patches,
             parity_data=described,
-            opset=args.opset,
             fp16=args.fp16,
             defect_classes=defects,
             novelty=novelty,
+            class_health=health,
+            **from_config(args, {"opset": "opset"}),
         )
     except (ParityError, ExportError) as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(in_flags(str(exc), _FLAGS)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {str(args.out)!r}: {exc}") from None
+    bar.update(1)
     if novelty is not None:
-        print(calibrated)
+        bar.write(calibrated)
     else:
         print(f"atomstream export: {calibrated}", file=sys.stderr)
     for r in manifest.parity.backends:
@@ -141,12 +188,16 @@ def _export(args: argparse.Namespace) -> int:
             f"on {manifest.parity.n_patches} patches"
         )
     print(
-        f"wrote {args.out}: {', '.join(sorted(manifest.files))}, manifest.json ({manifest.variant}, opset {args.opset})"
+        f"wrote {args.out}: {', '.join(sorted(manifest.files))}, manifest.json "
+        f"({manifest.variant}, opset {manifest.onnx_opset})"
     )
     if args.triton is not None:
+        bar.set_description("writing the Triton model")
         try:
             entry = write_triton_model(args.triton, args.out, manifest)
         except (TritonError, OSError) as exc:
             raise CommandError(f"--triton {str(args.triton)!r}: {exc}") from None
+        bar.update(1)
         print(f"wrote Triton model {entry}")
+    bar.close()
     return 0

@@ -27,9 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ENDPOINT",
-        help="also connect to a worker's bound PUB endpoint (repeatable)",
+        help="also connect to a worker's bound PUB endpoint (repeatable; default: none)",
     )
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)"
+    )
     parser.set_defaults(func=_proxy)
 
 

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag
 
 __all__ = ["register"]
 
@@ -35,60 +36,80 @@ def _port(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0: a free port; none: no metrics)") from None
 
 
+_SERVICE = "streamer.config:ServiceConfig"
+
+
+def _defect_classes(text: str) -> list[int | str]:
+    """``"dopant,3"`` -> ``["dopant", 3]``: class names or indices."""
+    return [int(c) if c.isdigit() else c for c in (c.strip() for c in text.split(",")) if c]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Each flag is one ``ServiceConfig`` field of the same name, with its default shown from the model."""
     parser = subparsers.add_parser("serve", help="run the streaming service: frames in over ZeroMQ, maps out")
-    parser.add_argument("--artifact", type=Path, default=None, help="exported artifact directory")
-    parser.add_argument("--config", type=Path, default=None, help="YAML file with ServiceConfig fields")
-    parser.add_argument("--ingest", default=None, help="PULL endpoint to bind (default tcp://127.0.0.1:5555)")
-    parser.add_argument("--publish", default=None, help="PUB endpoint to bind (default tcp://127.0.0.1:5556)")
-    parser.add_argument(
-        "--publish-connect",
-        action="store_true",
-        default=None,
-        help="connect --publish (a proxy's XSUB endpoint) instead of binding it",
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with ServiceConfig fields (default: none)")
+
+    def field(flag: str, help: str, **kwargs: Any) -> None:
+        config_flag(parser, flag, where=_SERVICE, field=flag[2:].replace("-", "_"), help=help, **kwargs)
+
+    field("--artifact", "exported artifact directory", type=Path)
+    field("--ingest", "PULL endpoint to bind")
+    field("--publish", "PUB endpoint to bind")
+    field("--publish-connect", "connect --publish (a proxy's XSUB endpoint) instead of binding it", action="store_true")
+    field("--publish-reliable", "extra XPUB endpoint that never drops (back-pressure)")
+    field("--control", "REP endpoint to bind")
+    field("--metrics-host", "HTTP host for /metrics")
+    config_flag(  # "none" is a value (off), so absent means not given
+        parser,
+        "--metrics-port",
+        type=_port,
+        default=argparse.SUPPRESS,
+        where=_SERVICE,
+        field="metrics_port",
+        help="0: a free port; none: off",
     )
-    parser.add_argument("--publish-reliable", default=None, help="extra XPUB endpoint that never drops (back-pressure)")
-    parser.add_argument("--control", default=None, help="REP endpoint to bind (default tcp://127.0.0.1:5557)")
-    parser.add_argument("--metrics-host", default=None, help="HTTP host for /metrics (default 127.0.0.1)")
-    parser.add_argument("--metrics-port", type=_port, default=argparse.SUPPRESS, help="0: free port; none: off")
-    parser.add_argument("--backend", choices=("onnx", "torchscript"), default=None)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    parser.add_argument("--max-batch-patches", type=int, default=None, help="most patches per encoder call")
-    parser.add_argument("--max-wait-ms", type=float, default=None, help="how long a partial batch waits")
-    parser.add_argument("--queue-size", type=int, default=None, help="frames waiting for the encoder, at most")
-    parser.add_argument("--overload", choices=("block", "drop_oldest"), default=None)
-    parser.add_argument("--defect-classes", default=None, help="comma-separated class names or indices")
-    parser.add_argument("--defect-threshold", type=float, default=None, help="defect score threshold in [0, 1]")
-    parser.add_argument("--status-interval-s", type=float, default=None, help="seconds between heartbeats")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    field("--backend", "which encoder file to run", choices=("onnx", "torchscript"))
+    field("--device", "where to encode", choices=("auto", "cpu", "cuda"))
+    field("--intra-op-threads", "ONNX Runtime CPU threads (none: up to 4)", type=int)
+    field("--max-batch-patches", "most patches per encoder call", type=int)
+    field("--max-wait-ms", "how long a partial batch waits", type=float)
+    field("--queue-size", "frames waiting for the encoder, at most", type=int)
+    field("--overload", "a full queue blocks ingest or drops the oldest frame", choices=("block", "drop_oldest"))
+    field("--defect-classes", "comma-separated class names or indices (none: the manifest's)", type=_defect_classes)
+    field("--defect-threshold", "defect score threshold in [0, 1]", type=float)
+    field("--status-interval-s", "seconds between heartbeats", type=float)
+    field(
+        "--insecure",
+        "allow binding beyond loopback without CURVE (anyone who can connect may inject frames and reload)",
+        action="store_true",
+    )
+    config_flag(  # repeatable: one directory per flag
+        parser,
+        "--artifact-root",
+        dest="artifact_roots",
+        action="append",
+        type=Path,
+        where=_SERVICE,
+        field="artifact_roots",
+        help="a directory reload may load artifacts from, repeatable (null: the directory holding --artifact)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default: %(default)s)"
+    )
     parser.set_defaults(func=_serve)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "artifact",
-        "ingest",
-        "publish",
-        "publish_connect",
-        "publish_reliable",
-        "control",
-        "metrics_host",
-        "backend",
-        "device",
-        "max_batch_patches",
-        "max_wait_ms",
-        "queue_size",
-        "overload",
-        "defect_threshold",
-        "status_interval_s",
-    )
-    out: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if hasattr(args, "metrics_port"):  # given on the command line, possibly as "none"
-        out["metrics_port"] = args.metrics_port
-    if args.defect_classes is not None:
-        items = [c.strip() for c in args.defect_classes.split(",") if c.strip()]
-        out["defect_classes"] = [int(c) if c.isdigit() else c for c in items]
-    return out
+    """The ``ServiceConfig`` fields given as flags: every namespace entry named like a field and not None
+    (``metrics_port`` is present only when given, and then may be None: off)."""
+    from streamer.config import ServiceConfig
+
+    given = vars(args)
+    return {
+        name: given[name]
+        for name in ServiceConfig.model_fields
+        if name in given and (given[name] is not None or name == "metrics_port")
+    }
 
 
 def _ready_line(service: Any) -> dict[str, Any]:

@@ -20,15 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cards.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
     cards.add_argument("--rotation", type=float, default=60.0, help="angle ~ U(-R, R) degrees (default 60)")
     cards.add_argument("--shear", type=float, default=10.0, help="shear ~ U(-S, S) degrees (default 10)")
-    cards.add_argument("--max-shift", type=float, default=0.1, help="shift up to this fraction of the image")
-    cards.add_argument("--seed", type=int, default=0)
+    cards.add_argument(
+        "--max-shift", type=float, default=0.1, help="shift up to this fraction of the image (default: %(default)s)"
+    )
+    cards.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     cards.add_argument("--out", type=Path, required=True, help="output .npz")
     cards.set_defaults(func=_cards)
 
     lat = sub.add_parser("lattice", help="a scan of atomic columns (.npy) plus <stem>.truth.npz")
     lat.add_argument("--size", type=int, default=512, help="frame side in pixels (default 512)")
     lat.add_argument("--frames", type=int, default=1, help="number of frames (default 1)")
-    lat.add_argument("--kind", choices=("square", "hexagonal"), default="square")
+    lat.add_argument("--kind", choices=("square", "hexagonal"), default="square", help="lattice (default: %(default)s)")
     lat.add_argument("--lattice-constant", type=float, default=None, help="px (default 16 square, 12 hexagonal)")
     lat.add_argument("--sigma", type=float, default=None, help="column σ, px (default 2 square, 1.6 hexagonal)")
     lat.add_argument("--defects", type=int, default=10, help="number of point defects (default 10)")
@@ -44,9 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="STM-like interference around defects (default on for hexagonal)",
     )
-    lat.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True)
-    lat.add_argument("--dtype", choices=("float32", "uint16"), default="float32")
-    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True, help="shot noise (default: on)")
+    lat.add_argument(
+        "--dtype", choices=("float32", "uint16"), default="float32", help="pixel type (default: %(default)s)"
+    )
+    lat.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     lat.add_argument("--out", type=Path, required=True, help="output .npy (frames N×H×W)")
     lat.set_defaults(func=_lattice)
 

@@ -14,55 +14,120 @@ from pathlib import Path
 from typing import Any
 
 from atomstream.cli import CommandError
+from atomstream.cli._flags import config_flag, from_config, in_flags
 
-__all__ = ["open_run", "read_patches", "register"]
+__all__ = [
+    "DEFAULT_BUDGET_S",
+    "ENCODE_FLAGS",
+    "encode_with_flags",
+    "open_run",
+    "read_patches",
+    "register",
+    "training_threads",
+]
+
+#: Training time when no --epochs is given: a few minutes on a 2-core CPU for a few thousand patches.
+DEFAULT_BUDGET_S = 300.0
+
+
+_MODEL, _TRAIN, _DATA = "models.config:ModelConfig", "models.config:TrainConfig", "models.config:DataConfig"
+_RUN, _ANNEALING = "models.config:RunConfig", "models.config:Annealing"
+_ENCODE = "models.evaluate:encode_images"
+
+
+def _side(patch: tuple[int, int]) -> str:
+    return str(patch[0])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tr = subparsers.add_parser("train", help="train a (j)(t)(r)VAE on an image stack (.npz) or a scan")
     data = tr.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help=".npz stack (images N×H×W) or a scan (.npy, .tif, ...)")
-    data.add_argument("--patch", type=int, default=None, help="patch side in pixels for scans (default 32)")
-    data.add_argument("--stride", type=int, default=None, help="grid stride for scans (default patch // 4)")
+    config_flag(data, "--patch", type=int, where=_DATA, field="patch", shown=_side, help="patch side in pixels, scans")
+    data.add_argument("--stride", type=int, default=None, help="grid stride for scans (default: patch // 4)")
     data.add_argument("--fft", action="store_true", help="use each patch's centred log-magnitude spectrum")
     data.add_argument("--atoms", action="store_true", help="cut patches centred on atoms instead of on a grid")
-    data.add_argument("--atom-sigma", type=float, default=1.5, help="smoothing σ of the atom finder, px")
-    data.add_argument("--atom-min-distance", type=int, default=5, help="smallest atom separation, px")
-    data.add_argument("--atom-threshold", type=float, default=0.2, help="relative peak threshold in [0, 1]")
+    config_flag(data, "--atom-sigma", type=float, where=_DATA, field="atom_sigma", help="atom finder's smoothing σ, px")
+    config_flag(data, "--atom-min-distance", type=int, where=_DATA, field="atom_min_distance", help="least gap, px")
+    config_flag(data, "--atom-threshold", type=float, where=_DATA, field="atom_threshold", help="relative peak, 0..1")
     data.add_argument(
         "--atom-sublattice",
         choices=("brightest", "all"),
         default="brightest",
-        help="brightest (default): centre patches on one sublattice, so classes do not split by sublattice",
+        help="with --atoms: centre patches on one sublattice (brightest), so classes do not split by sublattice; "
+        "all keeps every column (default: %(default)s)",
     )
     model = tr.add_argument_group("model")
-    model.add_argument("--classes", type=int, default=4, help="K, number of classes (0: no class latent)")
-    model.add_argument("--latent", type=int, default=2, help="dimension of the continuous latent z")
+    config_flag(model, "--classes", type=int, where=_MODEL, field="n_classes", help="K classes (0: no class latent)")
+    config_flag(model, "--latent", type=int, where=_MODEL, field="latent_dim", help="dimension of the continuous z")
     model.add_argument("--no-rotation", action="store_true", help="drop the rotation latent γ")
     model.add_argument("--no-translation", action="store_true", help="drop the translation latent s")
-    model.add_argument("--hidden", type=int, default=256, help="width of every hidden layer (default 256)")
-    model.add_argument("--encoder-hidden", type=_widths, default=None, help="encoder widths, e.g. 256,256")
-    model.add_argument("--decoder-hidden", type=_widths, default=None, help="decoder widths, e.g. 256,256,256")
-    model.add_argument("--encoder", choices=("mlp", "conv"), default="mlp")
-    model.add_argument("--decoder", choices=("mlp", "spatial_broadcast", "dense"), default="mlp")
-    model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
     model.add_argument(
+        "--hidden", type=int, default=None, help="one width for every hidden layer (default: the two flags below)"
+    )
+    config_flag(model, "--encoder-hidden", type=_widths, where=_MODEL, field="encoder_hidden", help="encoder widths")
+    config_flag(model, "--decoder-hidden", type=_widths, where=_MODEL, field="decoder_hidden", help="decoder widths")
+    config_flag(model, "--encoder", choices=("mlp", "conv"), where=_MODEL, field="encoder", help="encoder network")
+    config_flag(
+        model,
+        "--decoder",
+        choices=("mlp", "spatial_broadcast", "dense"),
+        where=_MODEL,
+        field="decoder",
+        help="decoder network (dense: no rotation or translation)",
+    )
+    config_flag(
+        model, "--likelihood", choices=("bernoulli", "gaussian"), where=_MODEL, field="likelihood", help="pixel model"
+    )
+    config_flag(
+        model,
         "--gaussian-scale",
         type=float,
-        default=None,
-        help="σ of the Gaussian likelihood (default 0.2; smaller σ risks class collapse)",
+        where=_MODEL,
+        field="gaussian_scale",
+        help="σ of the Gaussian likelihood (smaller σ risks class collapse)",
     )
     opt = tr.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=100)
-    opt.add_argument("--batch-size", type=int, default=128)
-    opt.add_argument("--lr", type=float, default=1e-3)
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--beta2-start", type=float, default=None, help="β2 on z at the start of annealing (default 8)")
-    opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    opt.add_argument("--val-fraction", type=float, default=0.1, help="share of the data held out for validation")
+    opt.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the training patches (default: as many as fit in --budget, from timed warm-up steps)",
+    )
+    opt.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="training time in seconds when --epochs is not given (default: %(default)g)",
+    )
+    config_flag(opt, "--batch-size", type=int, where=_TRAIN, field="batch_size", help="patches per SVI step")
+    config_flag(opt, "--lr", type=float, where=_TRAIN, field="lr", help="Adam learning rate")
+    config_flag(opt, "--seed", type=int, where=_TRAIN, field="seed", help="seed of weights, split and batches")
+    config_flag(
+        opt,
+        "--class-init",
+        choices=("invariant_gmm", "random"),
+        where=_TRAIN,
+        field="class_init",
+        help="where the class head starts: a mixture of the patches in transform-invariant features, or random",
+    )
+    config_flag(
+        opt, "--beta2-start", type=float, where=_ANNEALING, field="beta2_start", help="β2 on z when annealing starts"
+    )
+    config_flag(opt, "--device", choices=("auto", "cpu", "cuda"), where=_TRAIN, field="device", help="where to train")
+    opt.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads: torch runs one intra-op thread and the decoder's likelihood spreads its chunks over N "
+        "(default: every CPU this process may use)",
+    )
+    config_flag(
+        opt, "--val-fraction", type=float, where=_TRAIN, field="val_fraction", help="share held out for validation"
+    )
     opt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.add_argument("--name", default="jtrvae", help="model name recorded in the run (and the exported artifact)")
+    config_flag(tr, "--name", where=_RUN, field="name", help="model name recorded in the run and its artifact")
     tr.add_argument("--out", type=Path, required=True, help="run directory to write (config.json, weights)")
     tr.set_defaults(func=_train)
 
@@ -70,8 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument("run", type=Path, help="run directory written by `atomstream train`")
     enc.add_argument("--data", type=Path, required=True, help="data cut like the run's training data")
     enc.add_argument("--out", type=Path, required=True, help="output .npz")
-    enc.add_argument("--batch-size", type=int, default=512)
-    enc.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    config_flag(enc, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
+    config_flag(enc, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
     enc.set_defaults(func=_encode)
 
 
@@ -93,7 +158,7 @@ def _one_line(exc: Exception) -> str:
         err = exc.errors()[0]
         if not err["loc"]:  # a check across fields: the input is the whole model, the message says what clashes
             return str(err["msg"]).removeprefix("Value error, ")
-        where = ".".join(str(part) for part in err["loc"])
+        where = ".".join(str(part) for part in err["loc"] if not isinstance(part, int))  # not the tuple index
         return f"{where}={err.get('input')!r}: {err['msg']}"
     return " ".join(str(exc).split())
 
@@ -119,11 +184,26 @@ def read_patches(path: Path, *, data_config: Any = None, options: dict[str, Any]
             return patches_from_config(path, data_config, frames=frames)
         return build_patches(path, frames=frames, **(options or {}))
     except DataError as exc:
-        raise CommandError(_one_line(exc)) from None
+        raise CommandError(in_flags(_one_line(exc), _DATA_FLAGS)) from None
 
 
-def open_run(run_dir: Path, device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, RunConfig)`` of a run directory, or a one-line error saying what is missing."""
+#: the flags of ``encode``, ``evaluate`` and ``plot`` that go to ``models.evaluate.encode_images``
+ENCODE_FLAGS = {"batch_size": "batch_size", "device": "device"}
+
+
+def encode_with_flags(model: Any, images: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``encode_images`` with the flags given (its own defaults otherwise); its errors in the CLI's words."""
+    from models.evaluate import encode_images
+
+    try:
+        return encode_images(model, images, **given)
+    except ValueError as exc:
+        raise CommandError(in_flags(_one_line(exc), ENCODE_FLAGS)) from None
+
+
+def open_run(run_dir: Path, device: str | None = None) -> tuple[Any, Any]:
+    """``(model, RunConfig)`` of a run directory (on ``device``, None: ``load_run``'s default), or a one-line error
+    saying what is missing."""
     if not run_dir.is_dir():
         raise CommandError(f"run directory {run_dir} does not exist; give the --out of `atomstream train`")
     if not (run_dir / "config.json").is_file():
@@ -131,82 +211,95 @@ def open_run(run_dir: Path, device: str = "cpu") -> tuple[Any, Any]:
     from models.checkpoint import load_run
 
     try:
-        return load_run(run_dir, device=device)
+        return load_run(run_dir, **({} if device is None else {"device": device}))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CommandError(f"cannot load run {run_dir}: {_one_line(exc)}") from None
 
 
 def _check_train_args(args: argparse.Namespace) -> None:
-    if args.classes < 0:
-        raise CommandError(f"--classes {args.classes}: must be >= 0 (0 drops the class latent)")
-    if args.latent < 1:
-        raise CommandError(f"--latent {args.latent}: the continuous latent needs at least 1 dimension")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise CommandError(f"--epochs {args.epochs} and --batch-size {args.batch_size} must be at least 1")
-    if args.lr <= 0:
-        raise CommandError(f"--lr {args.lr}: the learning rate must be positive")
-    if args.hidden < 1:
-        raise CommandError(f"--hidden {args.hidden}: layer width must be at least 1")
+    """What pydantic cannot see: the run directory on disk. Value bounds are the configs' to check."""
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out} exists and is not a directory; choose a run directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
         raise CommandError(f"--out {args.out} is not empty; choose a new run directory or pass --resume")
+    if args.budget <= 0:
+        raise CommandError(f"--budget {args.budget}: the time budget must be a positive number of seconds")
+
+
+#: namespace attribute -> config field, for the flags that set one (and for naming flags in errors)
+_DATA_FLAGS = {
+    "patch": "patch",
+    "stride": "stride",
+    "atom_sigma": "atom_sigma",
+    "atom_min_distance": "atom_min_distance",
+    "atom_threshold": "atom_threshold",
+}
+_MODEL_FLAGS = {
+    "classes": "n_classes",
+    "latent": "latent_dim",
+    "encoder_hidden": "encoder_hidden",
+    "decoder_hidden": "decoder_hidden",
+    "encoder": "encoder",
+    "decoder": "decoder",
+    "likelihood": "likelihood",
+    "gaussian_scale": "gaussian_scale",
+}
+_TRAIN_FLAGS = {n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction", "class_init")}
+_ALL_FLAGS = {
+    **_DATA_FLAGS,
+    **_MODEL_FLAGS,
+    **_TRAIN_FLAGS,
+    "beta2_start": "beta2_start",
+    "name": "name",
+    "threads": "likelihood_threads",
+}
+
+
+def _run_config(args: argparse.Namespace, data: Any) -> Any:
+    """The ``RunConfig`` of the flags given; everything not given is the configs' default."""
+    from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
+
+    model = from_config(args, _MODEL_FLAGS)
+    if args.hidden is not None:
+        model.setdefault("encoder_hidden", (args.hidden,) * 2)
+        model.setdefault("decoder_hidden", (args.hidden,) * 3)
+    train = from_config(args, _TRAIN_FLAGS)
+    if args.beta2_start is not None:
+        train["annealing"] = Annealing(beta2_start=args.beta2_start)
+    run = {"name": args.name} if args.name is not None else {}
+    return RunConfig(
+        model=ModelConfig(
+            patch=data.patch, rotation=not args.no_rotation, translation=not args.no_translation, **model
+        ),
+        train=TrainConfig(likelihood_threads=training_threads(args.threads), progress=not args.no_progress, **train),
+        data=data,
+        **run,
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     from pydantic import ValidationError
 
-    from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
-
+    sublattice = {"atom_sublattice": args.atom_sublattice} if args.atoms else {}
     patches = read_patches(
-        args.data,
-        options={
-            "patch": args.patch,
-            "stride": args.stride,
-            "fft": args.fft,
-            "atoms": args.atoms,
-            "atom_sigma": args.atom_sigma,
-            "atom_min_distance": args.atom_min_distance,
-            "atom_threshold": args.atom_threshold,
-            "atom_sublattice": args.atom_sublattice,
-        },
+        args.data, options={"fft": args.fft, "atoms": args.atoms, **sublattice, **from_config(args, _DATA_FLAGS)}
     )
     try:
-        cfg = RunConfig(
-            model=ModelConfig(
-                patch=patches.data.patch,
-                n_classes=args.classes,
-                latent_dim=args.latent,
-                rotation=not args.no_rotation,
-                translation=not args.no_translation,
-                encoder=args.encoder,
-                decoder=args.decoder,
-                encoder_hidden=args.encoder_hidden or (args.hidden, args.hidden),
-                decoder_hidden=args.decoder_hidden or (args.hidden, args.hidden, args.hidden),
-                likelihood=args.likelihood,
-                **({} if args.gaussian_scale is None else {"gaussian_scale": args.gaussian_scale}),
-            ),
-            train=TrainConfig(
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                device=args.device,
-                val_fraction=args.val_fraction,
-                progress=not args.no_progress,
-                **({} if args.beta2_start is None else {"annealing": Annealing(beta2_start=args.beta2_start)}),
-            ),
-            data=patches.data,
-            name=args.name,
-        )
+        cfg = _run_config(args, patches.data)
     except ValidationError as exc:
-        raise CommandError(_one_line(exc)) from None
+        raise CommandError(in_flags(_one_line(exc), _ALL_FLAGS)) from None
     if len(patches) < 2:
         raise CommandError(f"--data {args.data} gives {len(patches)} patch(es); training needs at least 2")
     from models.checkpoint import CheckpointError
     from models.train import FitError, fit
 
+    if args.epochs is None and not args.resume:
+        from models.budget import plan_epochs
+
+        plan = plan_epochs(cfg, patches.images, args.budget)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
+        print(f"training plan: {plan.describe()}; --epochs or --budget changes it", flush=True)
     try:
         result = fit(cfg, patches.images, args.out, resume=args.resume)
     except (FitError, CheckpointError) as exc:
@@ -219,11 +312,29 @@ def _train(args: argparse.Namespace) -> int:
     if last:
         print("final " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if cfg.model.n_classes > 1:
-        _name_and_report_classes(result.model, patches, cfg.model, args.out)
+        _name_and_report_classes(result.model, patches, cfg.model, args.out, result.diagnosis)
     return 0
 
 
-def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path) -> None:
+def training_threads(asked: int | None = None) -> int:
+    """Set torch to one intra-op thread and return how many threads the decoder's likelihood should spread its
+    chunks over (``asked``, or every CPU this process may use) — ``TrainConfig.likelihood_threads``.
+
+    Process-wide, so here in the CLI and not in ``models``: chunks side by side with each op single-threaded is
+    fastest (the intra-op barrier after every small op is what slows training on a busy machine; on 2 loaded cores
+    a 48×48 K=4 step took ~8 s this way against ~26 s on torch's two intra-op threads).
+    """
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    if asked is not None:
+        return asked
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: Path, diagnosis: Any) -> None:
     """Name the classes after the labels they match, if the data has named labels; print how the patches spread
     over the classes, and say so plainly when they all went to one.
 
@@ -231,7 +342,7 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
     unsupervised model is not label k of the data, hence the matching (on the training patches) before naming.
     """
     from models.checkpoint import rename_classes
-    from models.evaluate import class_usage, collapse_warning, encode_images, matched_class_names
+    from models.evaluate import ClassDiagnosis, class_usage, collapse_warning, encode_images, matched_class_names
 
     prob = encode_images(model, patches.images)["class_prob"]
     names = model_cfg.names_of_classes()
@@ -241,9 +352,13 @@ def _name_and_report_classes(model: Any, patches: Any, model_cfg: Any, run_dir: 
         print("classes named after the labels they match on the training patches: " + ", ".join(names))
     usage = class_usage(prob)
     print("class usage: " + ", ".join(f"{n} {u:.0%}" for n, u in zip(names, usage, strict=True)))
-    warning = collapse_warning(usage, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
+    if diagnosis is None:
+        return
+    diag = ClassDiagnosis.from_dict(diagnosis)
+    print("class diagnosis: " + diag.summary())
+    warning = collapse_warning(diag, likelihood=model_cfg.likelihood, gaussian_scale=model_cfg.gaussian_scale)
     if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {warning}. `atomstream export` refuses this run unless --force.", file=sys.stderr)
 
 
 def _last_losses(history: Any) -> dict[str, float]:
@@ -261,15 +376,12 @@ def _last_losses(history: Any) -> dict[str, float]:
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.evaluate import encode_images
-
     if args.out.suffix != ".npz":
         raise CommandError(f"--out {args.out}: encodings are written as .npz; use a .npz name")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size {args.batch_size} must be at least 1")
-    model, cfg = open_run(args.run, args.device)
+    given = from_config(args, ENCODE_FLAGS)
+    model, cfg = open_run(args.run, given.get("device"))
     patches = read_patches(args.data, data_config=cfg.data)
-    enc = encode_images(model, patches.images, batch_size=args.batch_size, device=args.device)
+    enc = encode_with_flags(model, patches.images, given)
     arrays = {name: enc[name] for name in ("class_prob", "z", "angle", "shift") if name in enc}
     arrays["positions"] = patches.positions
     if patches.grid is not None:

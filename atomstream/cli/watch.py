@@ -27,17 +27,31 @@ __all__ = ["WatchTable", "register"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("watch", help="live table of the published maps (frames/s, latency, classes)")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="PUB (or proxy XPUB) endpoint")
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument("--frames", type=int, default=None, help="stop after this many maps")
-    parser.add_argument("--png-dir", type=Path, default=None, help="save class/defect overlays here as PNG")
+    parser.add_argument(
+        "--endpoint", default="tcp://127.0.0.1:5556", help="PUB (or proxy XPUB) endpoint (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)"
+    )
+    parser.add_argument("--frames", type=int, default=None, help="stop after this many maps (default: no limit)")
+    parser.add_argument(
+        "--png-dir", type=Path, default=None, help="save class/defect overlays here as PNG (default: none)"
+    )
     parser.add_argument("--png-every", type=int, default=1, help="save every Nth frame's maps (default 1)")
-    parser.add_argument("--frame-file", type=Path, default=None, help="scan file to draw under the maps")
+    parser.add_argument(
+        "--frame-file", type=Path, default=None, help="scan file to draw under the maps (default: none)"
+    )
     parser.add_argument("--window", type=float, default=5.0, help="seconds of history for rates (default 5)")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between table refreshes")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between table refreshes (default: %(default)s)"
+    )
     parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
-    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's *.key_secret (CURVE)")
-    parser.add_argument("--curve-server-key", type=Path, default=None, help="the service's public key (CURVE)")
+    parser.add_argument(
+        "--curve-secret", type=Path, default=None, help="this client's *.key_secret (CURVE) (default: none, plain TCP)"
+    )
+    parser.add_argument(
+        "--curve-server-key", type=Path, default=None, help="the service's public key (CURVE) (default: none)"
+    )
     parser.set_defaults(func=_watch)
 
 
@@ -79,26 +93,34 @@ class WatchTable:
         while self.maps and self.maps[0][0] < now - self.window_s:
             self.maps.popleft()
 
-    def lines(self, stats: Any) -> list[str]:
-        now = time.monotonic()
-        span = min(self.window_s, max(now - self.t0, 1e-9))
-        fps = len(self.maps) / span
+    def window(self) -> tuple[float, list[float], list[float], np.ndarray | None, float]:
+        """Over the last ``window_s``: frames/s, service and end-to-end latencies (ms), class fractions, defects/frame.
+
+        ``atomstream view`` shows the same figures in the browser, so both read them from here.
+        """
+        span = min(self.window_s, max(time.monotonic() - self.t0, 1e-9))
         service = [m[1] for m in self.maps]
         e2e = [m[2] for m in self.maps if m[2] is not None]
+        counts = [m[3] for m in self.maps if m[3] is not None]
+        fractions = None
+        if counts:
+            total = np.sum(counts, axis=0)
+            fractions = total / max(int(total.sum()), 1)
+        recent = list(self.defects_by_frame.values())[-max(len(self.maps), 1) :]
+        return len(self.maps) / span, service, e2e, fractions, float(np.mean(recent)) if recent else 0.0
+
+    def lines(self, stats: Any) -> list[str]:
+        fps, service, e2e, fractions, defects_per_frame = self.window()
         out = [
             f"maps {self.n_maps:>8d}   frames/s {fps:8.1f}   (last {self.window_s:g} s)",
             "latency ms        p50      p90      p99      max",
             f"  service    {_pct(service, 50)} {_pct(service, 90)} {_pct(service, 99)} {_pct(service, 100)}",
             f"  end to end {_pct(e2e, 50)} {_pct(e2e, 90)} {_pct(e2e, 99)} {_pct(e2e, 100)}",
         ]
-        counts = [m[3] for m in self.maps if m[3] is not None]
-        if counts:
-            total = np.sum(counts, axis=0)
-            fractions = total / max(int(total.sum()), 1)
+        if fractions is not None:
             names = self.class_names or [str(i) for i in range(len(fractions))]
             out.append("classes    " + "  ".join(f"{n}={f:.1%}" for n, f in zip(names, fractions, strict=False)))
-        recent = list(self.defects_by_frame.values())[-max(len(self.maps), 1) :]
-        out.append(f"defects/frame {np.mean(recent) if recent else 0.0:6.2f}")
+        out.append(f"defects/frame {defects_per_frame:6.2f}")
         errors = ", ".join(f"{r}={n}" for r, n in sorted(self.errors.items())) or "none"
         out.append(f"errors     {errors}")
         out.append(
@@ -114,39 +136,41 @@ class WatchTable:
         return out
 
 
-def _save_png(received: Any, defects: list[Any], frame: np.ndarray | None, out_dir: Path, *, plt: Any) -> Path:
-    """Class map and defect-score map on the frame's pixel grid (cells centred on their patches)."""
+def _save_png(received: Any, defects: list[Any], frame: np.ndarray | None, out_dir: Path) -> Path:
+    """Class map (categorical, legend) and defect score (colour bar, published defects circled) on the frame's pixel
+    grid, cells centred on their patches; over the frame when one is given."""
+    from matplotlib.figure import Figure
+
+    from models.map_figures import draw_class_map, draw_scalar_map, grid_extent, save_figure
+
     msg, arrays = received.msg, received.arrays
-    ph, pw = msg.patch
-    sy, sx = msg.stride
-    y0, x0 = msg.origin
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), constrained_layout=True)
-    panels = (("class", "tab10", (0, max(msg.n_classes - 1, 1))), ("defect_score", "magma", (0.0, 1.0)))
-    for ax, (name, cmap, (vmin, vmax)) in zip(axes, panels, strict=True):
+    fig = Figure(figsize=(10, 5.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    names = list(msg.class_names) or [f"class {k}" for k in range(msg.n_classes)]
+    grid = msg.layout == "grid" and "class" in arrays and arrays["class"].ndim >= 2
+    where: dict[str, Any] = {}
+    if grid:
+        where["extent"] = grid_extent(arrays["class"].shape[:2], msg.patch, msg.stride, msg.origin)
+    elif "centers" in arrays:
+        where["centres"] = arrays["centers"]
+    for ax in axes:
         if frame is not None:
             ax.imshow(frame, cmap="gray")
-        values = arrays.get(name)
-        alpha = 0.5 if frame is not None else 1.0
-        if values is not None and msg.layout == "grid" and values.ndim >= 2:
-            gh, gw = values.shape[:2]
-            cy, cx = y0 + ph / 2, x0 + pw / 2
-            extent = (cx - sx / 2, cx + (gw - 0.5) * sx, cy + (gh - 0.5) * sy, cy - sy / 2)
-            im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, extent=extent, interpolation="nearest")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        elif values is not None and "centers" in arrays:
-            c = arrays["centers"]
-            sc = ax.scatter(c[:, 1], c[:, 0], c=values, cmap=cmap, vmin=vmin, vmax=vmax, s=12)
-            if frame is None:
-                ax.invert_yaxis()
-                ax.set_aspect("equal")
-            fig.colorbar(sc, ax=ax, shrink=0.8)
-        if defects:
-            ax.scatter([d.x for d in defects], [d.y for d in defects], s=80, facecolors="none", edgecolors="cyan")
-        ax.set_title(f"{name} — {msg.scan_id} frame {msg.frame_id}")
-    path = out_dir / f"{msg.scan_id}_{msg.frame_id:06d}.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    if "class" in arrays and where:
+        draw_class_map(axes[0], arrays["class"], names, alpha=0.5 if frame is not None else 1.0, **where)
+    if "defect_score" in arrays and where:
+        draw_scalar_map(fig, axes[1], arrays["defect_score"], "defect_score", **where)
+    if defects:
+        axes[1].scatter([d.x for d in defects], [d.y for d in defects], s=90, facecolors="none", edgecolors="cyan")
+    for ax, title in zip(axes, ("classes", f"defect score, {len(defects)} published defect(s) ○"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if frame is None and "centres" in where:
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+    fig.suptitle(f"scan {msg.scan_id}, frame {msg.frame_id}", fontsize=10)
+    return save_figure(fig, out_dir / f"{msg.scan_id}_{msg.frame_id:06d}.png", dpi=80)
 
 
 def _render(lines: list[str], stream: TextIO, *, tty: bool, previous: int) -> int:
@@ -161,35 +185,24 @@ def _render(lines: list[str], stream: TextIO, *, tty: bool, previous: int) -> in
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from atomstream.cli._endpoints import checked_endpoint
+    from atomstream.cli._subscribing import subscriber_curve, underlay_frames
     from streamer.client import Subscriber
-    from streamer.security import ClientCurve
 
+    args.endpoint = checked_endpoint(args.endpoint, "--endpoint")
     if args.frames is not None and args.frames < 1:
         raise CommandError(f"--frames must be >= 1, got {args.frames}")
     if args.duration is not None and args.duration <= 0:
         raise CommandError(f"--duration must be positive, got {args.duration}")
     if args.png_every < 1:
         raise CommandError(f"--png-every must be >= 1, got {args.png_every}")
-    if (args.curve_secret is None) != (args.curve_server_key is None):
-        raise CommandError("CURVE needs both --curve-secret (this client's key) and --curve-server-key")
-    curve = None
-    if args.curve_secret is not None:
-        curve = ClientCurve(client_secret_file=args.curve_secret, server_public_file=args.curve_server_key)
-    frames = None
-    if args.frame_file is not None:
-        from sim.formats import ScanFormatError, read_scan
-
-        try:
-            frames = read_scan(args.frame_file).frames
-        except ScanFormatError as exc:
-            raise CommandError(str(exc)) from None
-    plt = None
+    curve = subscriber_curve(args)
+    frames = underlay_frames(args.frame_file)
     if args.png_dir is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        try:
+            import matplotlib  # noqa: F401 — checked here so a missing one is a one-line error, not a traceback
+        except ImportError:
+            raise CommandError("--png-dir needs matplotlib: pip install matplotlib (or 'atomstream[train]')") from None
         args.png_dir.mkdir(parents=True, exist_ok=True)
 
     table = WatchTable(window_s=args.window)
@@ -209,12 +222,13 @@ def _watch(args: argparse.Namespace) -> int:
                 if got is not None:
                     table.add(got)
                     key = (getattr(got.msg, "scan_id", None), getattr(got.msg, "frame_id", None))
-                    if plt is not None and got.topic == "maps" and (table.n_maps - 1) % args.png_every == 0:
+                    drawing = args.png_dir is not None
+                    if drawing and got.topic == "maps" and (table.n_maps - 1) % args.png_every == 0:
                         pending_png[key] = got
-                    elif plt is not None and got.topic == "defects" and key in pending_png:
+                    elif drawing and got.topic == "defects" and key in pending_png:
                         maps = pending_png.pop(key)
                         frame = frames[maps.msg.frame_id % len(frames)] if frames is not None else None
-                        _save_png(maps, list(got.msg.defects), frame, args.png_dir, plt=plt)
+                        _save_png(maps, list(got.msg.defects), frame, args.png_dir)
                         saved += 1
                     if args.frames is not None and table.n_maps >= args.frames and not pending_png:
                         break
@@ -224,6 +238,6 @@ def _watch(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         _render(table.lines(sub.stats), sys.stdout, tty=tty, previous=shown)
-    if plt is not None:
+    if args.png_dir is not None:
         print(f"saved {saved} PNG file(s) in {args.png_dir}")
     return 0
