@@ -1,11 +1,11 @@
 """The paper's real-data cases on the shared scans, each beside trivial baselines computed on the same patches.
 
-Every case trains with one recipe (``recipe``: the CLI's defaults — Bernoulli likelihood, the default β annealing,
-Adam 1e-3 — with the networks narrowed to the demo's widths, encoder 2×128 and decoder 3×64, and a short run, so the
-whole table fits a 2-core CPU), exports through the real exporter with the defect score calibrated on the training
-patches (``exporters.calibrate``), loads the ONNX artifact the way the server does and runs the frames through
-``streamer.pipeline.Pipeline`` — so "published" means what a controller subscribed to ``defects`` would get. Truths
-are built here, independently of the model:
+Every case trains with one recipe (``recipe``): exactly what ``atomstream train --classes K --seed S`` runs — the
+CLI's own ``run_config`` on the case's patches, and, unless ``--epochs`` is given, as many epochs as fit in the CLI's
+default ``--budget`` (``models.budget.plan_epochs``, timed warm-up steps on this machine). It then exports through
+the real exporter with the defect score calibrated on the training patches (``exporters.calibrate``), loads the ONNX
+artifact the way the server does and runs the frames through ``streamer.pipeline.Pipeline`` — so "published" means
+what a controller subscribed to ``defects`` would get. Truths are built here, independently of the model:
 
 * **demo lattice** (``sim.lattice``, N seeds): the simulator's defect sites. Train on 5 frames, stream 3 held-out
   ones; a defect-free scan of the same material is streamed too (frames that publish anything count against us).
@@ -22,8 +22,8 @@ the raw pixels against the same neighbours (pixel contrast), PCA + k-means (film
 (displacement). ``--quick`` runs every case small enough for CI (well under two minutes) and skips a case whose data
 file is absent.
 
-    python benchmarks/real_data.py --data-dir shared/data [--quick] [--seeds 5] [--epochs 12] \
-        [--json out.json] [--figures docs/figures/real-data]
+    python benchmarks/real_data.py --data-dir shared/data [--quick] [--seeds 3] [--epochs N | --budget S] \
+        [--cases pto,mos2,graphene,demo] [--json out.json] [--figures docs/figures/real-data]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from atomstream.cli import build_parser  # noqa: E402
+from atomstream.cli.train import DEFAULT_BUDGET_S, run_config  # noqa: E402
 from exporters.calibrate import calibrate_novelty, patch_neighbours  # noqa: E402
 from exporters.export import export_model  # noqa: E402
 from exporters.verify import MAX_PARITY_PATCHES, MIN_PARITY_PATCHES  # noqa: E402
@@ -59,7 +61,8 @@ from models.baselines import (  # noqa: E402
     pca_project,
     roc_auc,
 )
-from models.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from models.budget import plan_epochs  # noqa: E402
+from models.config import DataConfig, RunConfig  # noqa: E402
 from models.data import PatchSet, scan_patches  # noqa: E402
 from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
@@ -74,6 +77,9 @@ __all__ = ["CASES", "Case", "main", "recipe"]
 SCORE_KINDS = ("contrast", "density", "combined")
 #: the kind the exported artifacts publish (``--defect-score``); a one-element list so ``main`` can set it
 PUBLISHED_KIND: list[NoveltyKind] = ["contrast"]
+#: ``--epochs`` (None: plan them from ``--budget``, as ``atomstream train`` does) and ``--budget``, set by ``main``
+EPOCHS: list[int | None] = [None]
+BUDGET_S: list[float] = [DEFAULT_BUDGET_S]
 #: published thresholds the demo also reports (0.5 is the calibrated one): what a controller's ``set`` would trade
 THRESHOLD_SWEEP = (0.4, 0.45)
 #: (y, x) of the eye-marked defects in stm_graphene_Hdefects.npy (docs/real_data.py keeps the same list), ±20 px
@@ -95,22 +101,15 @@ class Case:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def recipe(data: DataConfig, *, n_classes: int, rotation: bool, translation: bool, epochs: int, seed: int) -> RunConfig:
-    """The CLI's default training recipe, networks narrowed to the demo's widths (see the module docstring)."""
-    return RunConfig(
-        model=ModelConfig(
-            patch=data.patch,
-            n_classes=n_classes,
-            latent_dim=2,
-            rotation=rotation,
-            translation=translation,
-            encoder_hidden=(128, 128),
-            decoder_hidden=(64, 64, 64),
-        ),
-        train=TrainConfig(epochs=epochs, seed=seed, device="cpu", progress=False),
-        data=data,
-        name="real-data-benchmark",
-    )
+def recipe(data: DataConfig, *, n_classes: int, seed: int, epochs: int | None = None) -> RunConfig:
+    """``atomstream train --classes n_classes --seed seed [--epochs epochs]`` on patches cut as ``data`` says: the
+    CLI's parser and ``run_config``, so every default (networks, likelihood, annealing, class warm start, threads) is
+    the CLI's. ``epochs`` None leaves the epochs to ``train_and_serve``'s budget plan, as the CLI does."""
+    argv = ["train", "--data", data.source or "scan.npy", "--out", "unused", "--no-progress"]
+    argv += ["--classes", str(n_classes), "--seed", str(seed)]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
+    return run_config(build_parser().parse_args(argv), data)
 
 
 @dataclass
@@ -132,10 +131,16 @@ class Served:
 def train_and_serve(
     run: RunConfig, train: PatchSet, frames: list[np.ndarray], work: Path, *, max_train: int | None = None
 ) -> Served:
-    """Fit on ``train`` (a seeded subset of at most ``max_train``), export calibrated on all of ``train``, stream."""
+    """Fit on ``train`` (a seeded subset of at most ``max_train``), export calibrated on all of ``train``, stream.
+
+    Without ``--epochs`` the epochs are planned as ``atomstream train`` plans them: what fits in ``BUDGET_S[0]``."""
     images = train.images
     if max_train is not None and len(images) > max_train:
         images = images[np.random.default_rng(run.train.seed).choice(len(images), max_train, replace=False)]
+    if EPOCHS[0] is None:
+        plan = plan_epochs(run, images, BUDGET_S[0])
+        run = run.model_copy(update={"train": run.train.model_copy(update={"epochs": plan.epochs})})
+        print(f"training plan: {plan.describe()}", flush=True)
     model = fit(run, images, None).model.eval()
     parity = torch.from_numpy(train.images[:, None])
     if parity.shape[0] > MAX_PARITY_PATCHES:
@@ -206,7 +211,7 @@ def _published(maps: list[FrameMaps], truths: list[np.ndarray], radius: float) -
 # ------------------------------------------------------------------------------------------------ demo lattice
 
 
-def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
+def demo_case(seed: int, *, quick: bool, work: Path) -> Case:
     from sim.lattice import LatticeConfig, synth_scan
 
     t0 = time.perf_counter()
@@ -215,7 +220,7 @@ def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
     frames, truths = synth_scan(lattice, 8, seed=seed)
     data = DataConfig(source="demo", kind="grid", patch=(16, 16), stride=(16, 16), preprocessing=Preprocessing())
     train, test = scan_patches(frames[:5], data), scan_patches(frames[5:], data)
-    run = recipe(data, n_classes=3, rotation=True, translation=True, epochs=epochs, seed=seed)
+    run = recipe(data, n_classes=3, seed=seed, epochs=EPOCHS[0])
     clean, _ = synth_scan(lattice.model_copy(update={"n_defects": 0}), 3, seed=seed + 100)
     served = train_and_serve(run, train, [*frames[5:], *clean], work)
     held = [truths[f].defects for f in range(5, 8)]
@@ -248,7 +253,7 @@ def demo_case(seed: int, *, epochs: int, quick: bool, work: Path) -> Case:
 
 
 def _atom_case(
-    frame: np.ndarray, path: Path, *, patch: int, min_distance: int, threshold: float, n_classes: int, epochs: int,
+    frame: np.ndarray, path: Path, *, patch: int, min_distance: int, threshold: float, n_classes: int, seed: int,
     work: Path,
 ) -> tuple[PatchSet, Served]:  # fmt: skip
     """Atom-centred patches on one sublattice, trained on the whole frame and the frame streamed."""
@@ -257,17 +262,17 @@ def _atom_case(
         atom_min_distance=min_distance, atom_threshold=threshold, atom_sublattice="brightest",
     )  # fmt: skip
     patches = scan_patches(frame[None], data)
-    run = recipe(data, n_classes=n_classes, rotation=True, translation=False, epochs=epochs, seed=0)
+    run = recipe(data, n_classes=n_classes, seed=seed, epochs=EPOCHS[0])
     return patches, train_and_serve(run, patches, [frame], work)
 
 
-def mos2_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
+def mos2_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
     if quick:
         frame = frame[100:400, 200:500]  # holds three of the dark dopant columns
     patches, served = _atom_case(
-        frame, path, patch=24, min_distance=4, threshold=0.1, n_classes=3, epochs=epochs, work=work
+        frame, path, patch=24, min_distance=4, threshold=0.1, n_classes=3, seed=seed, work=work
     )
     centres = patches.centres
     smooth = gaussian_smooth(torch.from_numpy(frame), 2.0).numpy()
@@ -275,7 +280,7 @@ def mos2_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     med = np.median(value)
     robust_z = (value - med) / (1.4826 * np.median(np.abs(value - med)))
     truth = np.abs(robust_z) > 4
-    case = Case(name="MoS2 V-doped, dopant columns")
+    case = Case(name=f"MoS2 V-doped, dopant columns, seed {seed}")
     scores = {**kind_scores(served, range(1), patches), **baseline_scores(patches, patches, k_pca=5)}
     case.auc = {name: roc_auc(s, truth) for name, s in scores.items()}
     nn = float(np.median(np.sort(np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1)), axis=1)[:, 1]))
@@ -290,7 +295,7 @@ def mos2_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
 # ------------------------------------------------------------------------------------------------ graphene
 
 
-def graphene_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
+def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
     marks = np.array(GRAPHENE_MARKS, np.float64)
@@ -305,7 +310,7 @@ def graphene_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
         preprocessing=Preprocessing(frame_norm="percentile", fft="logmag", window="hann", patch_norm="minmax"),
     )  # fmt: skip
     train, test = scan_patches(left[None], data), scan_patches(right[None], data)
-    run = recipe(data, n_classes=3, rotation=True, translation=False, epochs=epochs, seed=0)
+    run = recipe(data, n_classes=3, seed=seed, epochs=EPOCHS[0])
     served = train_and_serve(run, train, [right], work, max_train=150 if quick else 2000)
     right_marks = marks[marks[:, 1] >= split] - np.array([0, split])
     c = test.centres
@@ -314,7 +319,7 @@ def graphene_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     stats = served.pipeline.manifest.novelty
     assert stats is not None
     scores = {**kind_scores(served, range(1), test), **baseline_scores(train, test, k_pca=2, step=stats.grid_step)}
-    case = Case(name="STM graphene, right half (trained on the left)")
+    case = Case(name=f"STM graphene, right half (trained on the left), seed {seed}")
     case.auc = {name: roc_auc(s[sure], truth[sure]) for name, s in scores.items()}
     case.published = _published(served.maps, [right_marks], radius=48.0)
     case.other["marks in the right half"] = len(right_marks)
@@ -353,13 +358,13 @@ def _b_displacement(a: np.ndarray, every: np.ndarray) -> tuple[np.ndarray, np.nd
     return b[idx].mean(axis=1) - a, ok
 
 
-def pto_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
+def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
     if quick:
         frame = frame[:, :400]
     patches, served = _atom_case(
-        frame, path, patch=32, min_distance=5, threshold=0.2, n_classes=2, epochs=epochs, work=work
+        frame, path, patch=32, min_distance=5, threshold=0.2, n_classes=2, seed=seed, work=work
     )
     centres = patches.centres
     substrate = _substrate(frame, centres)
@@ -367,7 +372,7 @@ def pto_case(path: Path, *, epochs: int, quick: bool, work: Path) -> Case:
     z = served.maps[0].arrays["z"]
     mean, comps = pca_fit(patches.images, 10)
     pcs = pca_project(patches.images, mean, comps)
-    case = Case(name="PbTiO3/SrRuO3 film and substrate")
+    case = Case(name=f"PbTiO3/SrRuO3 film and substrate, seed {seed}")
     case.other["film/substrate balanced accuracy: model (K=2)"] = balanced_accuracy(prob.argmax(1), substrate)
     case.other["film/substrate balanced accuracy: PCA2 + k-means"] = balanced_accuracy(
         kmeans_labels(pcs[:, :2], 2), substrate
@@ -434,45 +439,51 @@ def _demo_summary(cases: list[Case]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=_ROOT / "shared" / "data", help="folder with the shared scans")
-    ap.add_argument("--quick", action="store_true", help="small crops, 1 seed, few epochs: CI")
-    ap.add_argument("--seeds", type=int, default=None, help="demo lattice seeds (default 5; quick 1)")
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs per case (default 12; quick 2)")
-    ap.add_argument("--cases", default="demo,mos2,graphene,pto", help="comma-separated subset")
+    ap.add_argument("--quick", action="store_true", help="small crops, 1 seed, 2 epochs: CI")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds of every case (default 3; quick 1)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="training epochs per model (default: planned from --budget; quick 2)"
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="training seconds per model when --epochs is not given, as atomstream train (default: %(default)g)",
+    )
+    ap.add_argument("--cases", default="pto,mos2,graphene,demo", help="comma-separated subset, run in this order")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     ap.add_argument(
         "--defect-score", choices=("contrast", "density", "combined"), default="contrast", help="the published kind"
     )
     ap.add_argument("--figures", type=Path, default=None, help="write the maps figures here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
     PUBLISHED_KIND[0] = args.defect_score
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
+    EPOCHS[0] = args.epochs if args.epochs is not None else (2 if args.quick else None)
+    BUDGET_S[0] = args.budget
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases: list[Case] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "demo" in wanted:
-            for seed in range(seeds):
-                cases.append(demo_case(seed, epochs=epochs, quick=args.quick, work=work / f"demo{seed}"))
-                print(report(cases[-1:]), flush=True)
         for name in wanted:
-            if name == "demo":
-                continue
-            filename, run_case = CASES[name]
-            path = args.data_dir / str(filename)
-            if not path.is_file():
-                print(f"### {name}: skipped, no {path}\n", flush=True)
-                continue
-            cases.append(run_case(path, epochs=epochs, quick=args.quick, work=work / name))
-            print(report(cases[-1:]), flush=True)
+            for seed in range(seeds):
+                if name == "demo":
+                    cases.append(demo_case(seed, quick=args.quick, work=work / f"demo{seed}"))
+                else:
+                    filename, run_case = CASES[name]
+                    path = args.data_dir / str(filename)
+                    if not path.is_file():
+                        print(f"### {name}: skipped, no {path}\n", flush=True)
+                        break
+                    cases.append(run_case(path, seed=seed, quick=args.quick, work=work / f"{name}{seed}"))
+                print(report(cases[-1:]), flush=True)
     demo = [c for c in cases if c.name.startswith("demo")]
     if demo:
         print(_demo_summary(demo))
     if args.figures is not None:
         from real_data_figures import write_figures
 
-        for path in write_figures(cases, args.figures):
+        for path in write_figures([c for c in cases if c.name.endswith("seed 0")], args.figures):
             print(path)
     if args.json is not None:
         args.json.write_text(

@@ -255,8 +255,9 @@ _ALL_FLAGS = {
 }
 
 
-def _run_config(args: argparse.Namespace, data: Any) -> Any:
-    """The ``RunConfig`` of the flags given; everything not given is the configs' default."""
+def run_config(args: argparse.Namespace, data: Any) -> Any:
+    """The ``RunConfig`` of the flags given; everything not given is the configs' default (public: the real-data
+    benchmark trains with exactly this recipe)."""
     from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
 
     model = from_config(args, _MODEL_FLAGS)
@@ -286,7 +287,7 @@ def _train(args: argparse.Namespace) -> int:
         args.data, options={"fft": args.fft, "atoms": args.atoms, **sublattice, **from_config(args, _DATA_FLAGS)}
     )
     try:
-        cfg = _run_config(args, patches.data)
+        cfg = run_config(args, patches.data)
     except ValidationError as exc:
         raise CommandError(in_flags(_one_line(exc), _ALL_FLAGS)) from None
     if len(patches) < 2:
