@@ -69,6 +69,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     import torch
 
     from atomstream.cli.train import training_threads
+    from exporters.calibrate import calibrate_novelty
     from exporters.export import export_model
     from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
     from models.data import scan_patches
@@ -138,17 +139,17 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     model = result.model.eval()
     train_input = torch.from_numpy(patches.images)[:, None]
     shares = class_usage(model.encode(train_input)["class_prob"].numpy())
-    smallest = int(shares.argmin())
-    # Unsupervised choice of the defect class: a class that holds few patches is the rare structure. With no such
-    # class the service falls back to class entropy as the defect score.
-    defect_classes = [smallest] if 0 < shares[smallest] < 0.15 else []
+    # No class is designated a defect class: whatever the classes came out as, the service scores each patch against
+    # its neighbours one lattice period away, calibrated on the training frames (streamer.novelty).
+    defect_classes: list[int] = []
+    novelty = calibrate_novelty(model, patches)
     # Parity on every patch position of the whole scan (a 1-px stride): the training distribution, and >= 1024.
     dense = scan_patches(frames, data.model_copy(update={"stride": (2, 2)}))
     artifact = out / "artifact"
     manifest = export_model(
         model, run, artifact, parity_patches=torch.from_numpy(dense.images)[:, None],
         parity_data=f"{len(dense.images)} patches of the demo scan at stride 2",
-        defect_classes=defect_classes,
+        defect_classes=defect_classes, novelty=novelty,
     )  # fmt: skip
     timings["export"] = time.perf_counter() - t
 
@@ -213,6 +214,8 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         "class_names": class_names,
         "class_shares_train": [float(s) for s in shares],
         "defect_classes": [class_names[k] for k in defect_classes],
+        "defect_score": f"{novelty.kind}, calibrated on {novelty.n_patches} training patches (median + "
+        f"{novelty.k:g} robust sd)",
         "defect_recall": found_truth / n_truth if n_truth else None,
         "defect_precision": found_ok / n_found if n_found else None,
         "defects_true": n_truth,
@@ -332,8 +335,7 @@ def _write_report(path: Path, opts: DemoOptions, m: dict[str, Any], figures: lis
         f"| phase accuracy (each class named after its majority phase) | {_fmt(m['phase_accuracy_held_out'])} |",
         f"| class → phase | {phases} |",
         f"| class shares in training | {shares} |",
-        f"| defect classes chosen (a class under 15 % of patches) | "
-        f"{', '.join(m['defect_classes']) or 'none: class entropy is the score'} |",
+        f"| defect score | {m['defect_score']} |",
         f"| defects: true / published | {m['defects_true']} / {m['defects_found']} |",
         f"| defect recall within one lattice constant | {_fmt(m['defect_recall'])} |",
         f"| defect precision within one lattice constant | {_fmt(m['defect_precision'])} |",

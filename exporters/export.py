@@ -40,6 +40,7 @@ from streamer.manifest import (
     sha256_file,
     write_manifest,
 )
+from streamer.novelty import NoveltyStats
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -123,6 +124,7 @@ def _tiling(run: RunConfig) -> Tiling:
         atom_sigma=d.atom_sigma,
         atom_min_distance=d.atom_min_distance,
         atom_threshold=d.atom_threshold,
+        atom_sublattice=d.atom_sublattice,
     )
 
 
@@ -136,12 +138,15 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     defect_classes: Sequence[int] = (),
+    novelty: NoveltyStats | None = None,
     class_health: dict | None = None,
 ) -> Manifest:
     """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
 
     ``parity_patches`` ``(N >= 1024, 1, ph, pw)`` are encoder-ready patches and ``parity_data`` says what they are
-    (it is recorded in the manifest). Raises ``exporters.verify.ParityError`` when a backend disagrees.
+    (it is recorded in the manifest). ``novelty`` is the defect score's training statistics and calibration
+    (``exporters.calibrate.calibrate_novelty``); without it the server calibrates on each frame.
+    Raises ``exporters.verify.ParityError`` when a backend disagrees.
     ``class_health`` is the run's class diagnosis (``models.checkpoint.load_diagnosis``), copied into the manifest;
     refusing a collapsed model is the caller's decision (``atomstream export`` refuses unless ``--force``).
     """
@@ -188,6 +193,7 @@ def export_model(
         latent=wrapper.latent,
         class_names=m.names_of_classes(),
         defect_classes=tuple(defect_classes),
+        novelty=novelty,
         onnx_opset=opset,
         parity=parity,
         class_health=None

@@ -182,6 +182,10 @@ class DataConfig(_Frozen):
     atom_sigma: float = _TILING["atom_sigma"]
     atom_min_distance: int = _TILING["atom_min_distance"]
     atom_threshold: float = _TILING["atom_threshold"]
+    atom_sublattice: Literal["all", "brightest"] = Field(
+        _TILING["atom_sublattice"].default,
+        description="brightest: keep one sublattice so classes do not split by sublattice (streamer.atoms)",
+    )
 
 
 class RunConfig(_Frozen):

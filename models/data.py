@@ -7,7 +7,8 @@ training saw.
 
 Positions: ``PatchSet.positions[i] = (frame, y, x)`` is the **top-left corner** of patch ``i`` in frame pixels, for
 every kind of data, so ``frames[f, y:y+ph, x:x+pw]`` is always the raw region the patch came from. Atom-centred
-patches sit on the rounded atom centre, which is ``(y + ph // 2, x + pw // 2)`` (``PatchSet.centres``). A stack image
+patches are interpolated so the sub-pixel atom centre sits on pixel ``(ph // 2, pw // 2)``; their positions hold the
+rounded corner and ``PatchSet.centres`` the exact centres. A stack image
 is its own "frame": its position is ``(i, 0, 0)``.
 """
 
@@ -55,13 +56,17 @@ class PatchSet:
     factors: dict[str, np.ndarray] = field(default_factory=dict)  # true factors of variation, evaluation only
     frame_shape: tuple[int, int] | None = None  # (H, W) of the scan frames; None for stacks
     class_names: tuple[str, ...] | None = None  # names of the label values 0..K-1, when the data file has them
+    point_centres: np.ndarray | None = None  # (N, 2) float: sub-pixel atom centres (y, x) of atom-centred patches
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     @property
     def centres(self) -> np.ndarray:
-        """(N, 2) float: patch centres in frame pixels, ``top-left + patch // 2``."""
+        """(N, 2) float: patch centres in frame pixels: the sub-pixel atom centre of an atom-centred patch (the
+        patch is interpolated so the atom sits on its pixel ``(ph // 2, pw // 2)``), else ``top-left + patch // 2``."""
+        if self.point_centres is not None:
+            return self.point_centres
         ph, pw = self.images.shape[1], self.images.shape[2]
         return self.positions[:, 1:].astype(np.float64) + np.array([ph // 2, pw // 2], dtype=np.float64)
 
@@ -74,6 +79,7 @@ class PatchSet:
             positions=self.positions[idx],
             grid=None,
             labels=None if self.labels is None else self.labels[idx],
+            point_centres=None if self.point_centres is None else self.point_centres[idx],
             factors={k: v[idx] for k, v in self.factors.items()},
         )
 
@@ -214,6 +220,7 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
         raise DataError(f"patch={ph}×{pw} is larger than the {h}×{w} frame; use patch={min(h, w)} or less")
     chunks: list[torch.Tensor] = []
     positions: list[np.ndarray] = []
+    exact: list[np.ndarray] = []
     grid: tuple[int, int] | None = None
     for k in range(f):
         frame = torch.from_numpy(np.require(frames[k], requirements=["C", "W"]))
@@ -231,8 +238,10 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
                 sigma=data.atom_sigma,
                 min_distance=data.atom_min_distance,
                 threshold=data.atom_threshold,
+                sublattice=data.atom_sublattice,
             )
             patches, kept = point_patches(frame, data.preprocessing, centres, data.patch)
+            exact.append(kept.to("cpu", torch.float64).numpy())
             rounded = torch.round(kept).to(torch.long).numpy()
             ys, xs = rounded[:, 0] - ph // 2, rounded[:, 1] - pw // 2
         chunks.append(patches[:, 0])
@@ -249,6 +258,7 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
         data=data,
         grid=grid if data.kind == "grid" else None,
         frame_shape=(h, w),
+        point_centres=np.concatenate(exact) if exact else None,
     )
 
 
@@ -290,6 +300,7 @@ def build_patches(
     atom_sigma: float | None = None,
     atom_min_distance: int | None = None,
     atom_threshold: float | None = None,
+    atom_sublattice: str | None = None,
 ) -> PatchSet:
     """Training patches from a file, and the ``DataConfig`` that records how (in ``PatchSet.data``).
 
@@ -346,5 +357,6 @@ def build_patches(
         atom_sigma=atom_sigma,
         atom_min_distance=atom_min_distance,
         atom_threshold=atom_threshold,
+        atom_sublattice=atom_sublattice,
     )
     return scan_patches(frames, data)

@@ -124,6 +124,9 @@ class ServiceConfig(BaseSettings):
     )
     defect_threshold: float = Field(0.5, ge=0, le=1, description="defect score at which a patch is flagged")
     connectivity: Literal[4, 8] = Field(8, description="grid neighbours joining flagged patches into one region")
+    defect_max_share: float = Field(
+        0.05, gt=0, le=1, description="regions over this share of a frame's patches are withheld, not published"
+    )
     status_interval_s: float = Field(1.0, gt=0, description="seconds between status heartbeats")
     linger_ms: int = Field(1000, ge=0, description="on shutdown, how long queued published messages may take")
     drain_timeout_s: float = Field(30.0, gt=0, description="on shutdown, how long in-flight frames may take")

@@ -1,28 +1,23 @@
-"""Defect scores of patches and defects as connected regions of flagged patches.
+"""Defects as connected regions of flagged patches, each published with its score, area, class and the score's kind.
 
-**Score** (``defect_score``, float32 in [0, 1], one per patch):
+**Score** (``defect_score``, float32 in [0, 1], one per patch), computed by ``streamer.pipeline``:
 
-* with defect classes configured: the probability mass the encoder puts on those classes,
-  ``sum_{k in defect classes} p_k`` — a calibrated "how likely is this patch a defect";
-* without: the normalised entropy of the class distribution, ``H(p) / log K`` — patches the model cannot place in
-  any class it learned (an unknown defect looks like nothing it has seen). ``K < 2`` gives 0.
+* ``class`` — with defect classes configured, the probability mass the encoder puts on them (``class_score``);
+* otherwise the calibrated novelty score of ``streamer.novelty`` (``contrast``, ``density`` or ``combined``), which
+  does not depend on how the classes came out; 0.5 is the threshold calibrated on the training patches.
 
 **Flagged** patches are those whose argmax class is a defect class, or whose score is at least the threshold.
 
-**Regions** group flagged patches that touch:
+**Regions** group flagged patches that touch (``scipy.ndimage.label`` on the grid — 8-connectivity by default so a
+defect line at 45° stays one region; atom-centred patches join when their centres are at most ``LINK_FACTOR`` × the
+median nearest-neighbour distance apart, ``cKDTree`` pairs and ``csgraph.connected_components`` — the lattice analogue
+of 8-connectivity). A region covering more than ``max_share`` of the frame's patches is **not** published: a defect
+is local, and a frame that lights up as a whole means the model or its calibration does not fit the data, which the
+``defects`` message says in its ``note`` rather than sending a controller to the frame's centre.
 
-* grid layout: 8-connectivity by default (diagonal neighbours join, so a defect line at 45° stays one region);
-  4-connectivity on request;
-* points layout (atom-centred patches, no grid): two flagged atoms join when their centres are at most
-  ``LINK_FACTOR`` × the median nearest-neighbour distance of all atoms in the frame apart — the lattice analogue of
-  8-connectivity (nearest and next-nearest neighbours of a square lattice are 1 and √2 spacings away).
-
-Each region is reported once: centroid ``(y, x)`` in frame pixels (the score-weighted mean of its patch centres —
-for the grid layout a patch's centre is its geometric centre ``(y0 + i·sy + (ph-1)/2, x0 + j·sx + (pw-1)/2)``), area
-in patches, the majority class (ties go to the lower index) and the largest score.
-
-Everything here is plain numpy on small per-frame arrays (a grid of a few thousand cells), so it runs on the CPU
-after the encoder outputs have been copied back once.
+Each published region: centroid ``(y, x)`` in frame pixels (score-weighted mean of its patch centres; a grid patch's
+centre is its geometric centre ``(y0 + i·sy + (ph-1)/2, x0 + j·sx + (pw-1)/2)``), area in patches, majority class
+(ties go to the lower index), the largest score, and the score's kind.
 """
 
 from __future__ import annotations
@@ -32,50 +27,60 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from streamer.protocol import Defect
 
 __all__ = [
+    "ALWAYS_PUBLISHED_AREA",
+    "DEFAULT_MAX_SHARE",
     "LINK_FACTOR",
     "Connectivity",
     "DefectRule",
+    "Regions",
+    "class_score",
     "defect_mask",
-    "defect_score",
     "grid_centres",
     "grid_regions",
     "point_regions",
+    "publishable",
     "regions_to_defects",
 ]
 
 Connectivity = Literal[4, 8]
 LINK_FACTOR = 1.5
-
-_NEIGHBOURS: dict[int, tuple[tuple[int, int], ...]] = {
-    4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
-    8: ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)),
-}
+DEFAULT_MAX_SHARE = 0.05
+ALWAYS_PUBLISHED_AREA = 4
 
 
 @dataclass(frozen=True)
 class DefectRule:
-    """Which patches are defects: class indices, a score threshold, and how flagged grid cells connect."""
+    """Which patches are defects: class indices, a score threshold, how flagged grid cells connect, and the largest
+    share of a frame's patches one published region may cover."""
 
     classes: tuple[int, ...] = ()
     threshold: float = 0.5
     connectivity: Connectivity = 8
+    max_share: float = DEFAULT_MAX_SHARE
 
 
-def defect_score(class_prob: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """``(..., K)`` class probabilities → ``(...)`` defect score (see the module docstring for which score)."""
+@dataclass(frozen=True)
+class Regions:
+    """Labels of flagged patches (``-1`` off the mask, else ``0..n-1``) and the region count."""
+
+    labels: np.ndarray
+    n: int
+
+
+def class_score(class_prob: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """``(..., K)`` class probabilities → ``(...)`` probability mass on the defect ``classes``."""
     p = np.asarray(class_prob, dtype=np.float32)
-    if classes:
-        return np.clip(p[..., list(classes)].sum(axis=-1), 0.0, 1.0).astype(np.float32)
-    k = p.shape[-1]
-    if k < 2:
+    if not classes:
         return np.zeros(p.shape[:-1], dtype=np.float32)
-    safe = np.clip(p, 1e-12, 1.0)
-    entropy = -(p * np.log(safe)).sum(axis=-1) / np.log(k)
-    return np.clip(entropy, 0.0, 1.0).astype(np.float32)
+    return np.clip(p[..., list(classes)].sum(axis=-1), 0.0, 1.0).astype(np.float32)
 
 
 def defect_mask(cls: np.ndarray, score: np.ndarray, rule: DefectRule) -> np.ndarray:
@@ -86,146 +91,38 @@ def defect_mask(cls: np.ndarray, score: np.ndarray, rule: DefectRule) -> np.ndar
     return mask
 
 
-def grid_regions(mask: np.ndarray, connectivity: Connectivity = 8) -> tuple[np.ndarray, int]:
-    """Connected regions of a 2-D boolean grid: ``(labels, n)``, labels ``-1`` off the mask, else ``0..n-1``.
-
-    Regions are numbered in row-major order of their first cell. Vectorised over runs rather than cells, because an
-    untrained or unsure model flags most of the grid and a cell-by-cell search then cost more than the encoder: the
-    flagged cells of each row form runs; runs in neighbouring rows that touch (overlap, or meet at a corner with
-    8-connectivity) are joined by label propagation over run pairs; the labels are then painted back onto the cells.
-    """
-    if connectivity not in _NEIGHBOURS:
+def grid_regions(mask: np.ndarray, connectivity: Connectivity = 8) -> Regions:
+    """Connected regions of a 2-D boolean grid, numbered in row-major order of their first cell."""
+    if connectivity not in (4, 8):
         raise ValueError(f"connectivity={connectivity!r} must be 4 or 8")
-    mask = np.asarray(mask, dtype=bool)
-    gh, gw = mask.shape
-    labels = np.full((gh, gw), -1, dtype=np.int64)
-    # runs: edges of the padded rows, row-major; a run is [start, stop) in row `rows`
-    padded = np.zeros((gh, gw + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    rows, cols = np.nonzero(np.diff(padded, axis=1))
-    if rows.size == 0:
-        return labels, 0
-    run_row, starts, stops = rows[0::2], cols[0::2], cols[1::2]
-    n_runs = run_row.size
-    # run pairs that touch: for each run b, the runs a of the row above with start_a < stop_b + reach and
-    # stop_a + reach > start_b form one contiguous range of run indices (runs of a row are sorted and disjoint)
-    reach = 1 if connectivity == 8 else 0
-    width = gw + 2
-    start_key = run_row * width + starts
-    stop_key = run_row * width + stops
-    above = run_row - 1
-    first = np.searchsorted(stop_key, above * width + starts - reach, side="right")
-    last = np.searchsorted(start_key, above * width + stops + reach, side="left") - 1
-    count = np.maximum(last - first + 1, 0)
-    b = np.repeat(np.arange(n_runs), count)
-    a = np.repeat(first - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
-    root = _components(n_runs, a, b)
-    _, region = np.unique(root, return_inverse=True)  # smallest run index first = row-major order of first cells
-    labels[mask] = np.repeat(region.reshape(-1), stops - starts)
-    return labels, int(region.max()) + 1
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=structure)
+    return Regions(labels=labels.astype(np.int64) - 1, n=int(n))
 
 
-def point_regions(mask: np.ndarray, centres: np.ndarray, *, link_factor: float = LINK_FACTOR) -> tuple[np.ndarray, int]:
-    """Regions of flagged atoms: ``(labels (N,), n)``; atoms join within ``link_factor`` × median NN distance.
+def point_regions(mask: np.ndarray, centres: np.ndarray, *, link_factor: float = LINK_FACTOR) -> Regions:
+    """Regions of flagged atoms; two join within ``link_factor`` × the frame's median nearest-neighbour distance.
 
-    Regions are numbered in the order of their first flagged atom. Neighbours are found through a grid of cells as
-    wide as the distance sought (a point meets only the 3×3 cells around its own), so a frame of thousands of atoms
-    costs about as many distances as atoms, not their square (a full distance matrix took 4 s for 8,000 atoms).
+    Numbered in the order of their first flagged atom.
     """
-    n_all = centres.shape[0]
-    labels = np.full(n_all, -1, dtype=np.int64)
-    flagged = np.nonzero(mask)[0]
+    pts = np.asarray(centres, np.float64).reshape(-1, 2)
+    labels = np.full(pts.shape[0], -1, dtype=np.int64)
+    flagged = np.nonzero(np.asarray(mask, dtype=bool))[0]
     if flagged.size == 0:
-        return labels, 0
-    pts = centres.astype(np.float64).reshape(n_all, 2)
-    if n_all >= 2:
-        link = link_factor * float(np.median(_nearest_distances(pts)))
-        sub = pts[flagged]
-        a, b, d = _pairs_within(sub, link)
-        near = d <= link
-        a, b = a[near], b[near]
-    else:
-        a = b = np.zeros(0, dtype=np.int64)
-    root = _components(flagged.size, a, b)
-    _, local = np.unique(root, return_inverse=True)  # smallest flagged index first = order of first atoms
-    labels[flagged] = local.reshape(-1)
-    return labels, int(local.max()) + 1
-
-
-def _distance(pts: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    return np.sqrt(((pts[i] - pts[j]) ** 2).sum(-1))
-
-
-def _pairs_within(pts: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair ``i < j`` of points in the same or neighbouring cells of a grid ``radius`` wide — a superset of
-    the pairs at most ``radius`` apart — and their distances."""
-    n = pts.shape[0]
-    empty = np.zeros(0, dtype=np.int64)
-    if n < 2:
-        return empty, empty, np.zeros(0)
-    width = radius if radius > 0 else 1.0  # radius 0: only coincident points, which share a cell anyway
-    cells = np.floor((pts - pts.min(axis=0)) / width).astype(np.int64)
-    ncol = int(cells[:, 1].max()) + 3
-    key = (cells[:, 0] + 1) * ncol + (cells[:, 1] + 1)  # margins: a neighbour's key is never negative
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    firsts, seconds = [], []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            other = key + dy * ncol + dx
-            lo = np.searchsorted(sorted_key, other, side="left")
-            count = np.searchsorted(sorted_key, other, side="right") - lo
-            firsts.append(np.repeat(np.arange(n), count))
-            seconds.append(order[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(int(count.sum()))])
-    i, j = np.concatenate(firsts), np.concatenate(seconds)
-    keep = i < j
-    i, j = i[keep], j[keep]
-    return i, j, _distance(pts, i, j)
-
-
-def _nearest_distances(pts: np.ndarray) -> np.ndarray:
-    """Each point's distance to its nearest other point (``n >= 2``), exactly as a full distance matrix gives it.
-
-    Pairs within a cell grid about one mean spacing wide settle most points; a point with no other that close has
-    its nearest found against all points, a chunk of such points at a time.
-    """
-    n = pts.shape[0]
-    extent = np.ptp(pts, axis=0)
-    spacing = float(np.sqrt(max(float(extent[0] * extent[1]), float(extent.max()) ** 2 / n, 1e-12) / n))
-    radius = 1.5 * spacing
-    i, j, d = _pairs_within(pts, radius)
-    nearest = np.full(n, np.inf)
-    np.minimum.at(nearest, i, d)
-    np.minimum.at(nearest, j, d)
-    unsure = np.nonzero(nearest > radius)[0]  # its nearest may sit beyond the neighbouring cells
-    for start in range(0, unsure.size, 1024):
-        rows = unsure[start : start + 1024]
-        d_rows = np.sqrt(((pts[rows, None, :] - pts[None, :, :]) ** 2).sum(-1))
-        d_rows[np.arange(rows.size), rows] = np.inf
-        nearest[rows] = d_rows.min(axis=1)
-    return nearest
-
-
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components of ``n`` nodes joined by the edges ``a[k]``–``b[k]``: each node's smallest node index
-    in its component. Each round hooks every root onto the smallest root it touches, then jumps pointers until each
-    node points at its root; labels only decrease, so this ends, in a few rounds for the shapes regions take."""
-    root = np.arange(n)
-    while a.size:
-        low = np.minimum(root[a], root[b])
-        new = root.copy()
-        np.minimum.at(new, root[a], low)
-        np.minimum.at(new, root[b], low)
-        new = new[new]
-        while True:
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, root):
-            break
-        root = new
-    return root
+        return Regions(labels=labels, n=0)
+    pairs = np.zeros((0, 2), np.int64)
+    if pts.shape[0] >= 2 and flagged.size >= 2:
+        nearest, _ = cKDTree(pts).query(pts, k=2)
+        link = link_factor * float(np.median(nearest[:, 1]))
+        pairs = cKDTree(pts[flagged]).query_pairs(link, output_type="ndarray")
+    m = flagged.size
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    _, first = np.unique(comp, return_index=True)  # renumber: by each component's first flagged atom
+    order = np.empty(first.size, np.int64)
+    order[np.argsort(first)] = np.arange(first.size)
+    labels[flagged] = order[comp]
+    return Regions(labels=labels, n=int(first.size))
 
 
 def grid_centres(
@@ -239,32 +136,56 @@ def grid_centres(
     return np.stack([yy, xx], axis=-1).astype(np.float32)
 
 
+def publishable(regions: Regions, max_share: float) -> tuple[np.ndarray, str | None]:
+    """``(keep (n,) bool, note)``: regions over ``max_share`` of the frame's patches are withheld — never one of at
+    most ``ALWAYS_PUBLISHED_AREA`` patches (a point defect on a patch corner lights a 2×2 block, which on a small frame
+    is over the share) — and the note says how many and why (``None``: all kept)."""
+    total = regions.labels.size
+    areas = np.bincount(regions.labels[regions.labels >= 0].reshape(-1), minlength=regions.n)
+    keep = (areas <= max_share * total) | (areas <= ALWAYS_PUBLISHED_AREA)
+    if keep.all():
+        return keep, None
+    big = areas[~keep]
+    return keep, (
+        f"{big.size} region(s) of {', '.join(str(int(a)) for a in big)} patches withheld: over max_share "
+        f"{max_share:g} of the frame's {total} patches; the score is not calibrated for this data (re-export from "
+        "training data like it) or the defect classes cover the frame"
+    )
+
+
 def regions_to_defects(
-    labels: np.ndarray, n: int, centres: np.ndarray, cls: np.ndarray, score: np.ndarray
+    regions: Regions,
+    centres: np.ndarray,
+    cls: np.ndarray,
+    score: np.ndarray,
+    *,
+    kind: str,
+    keep: np.ndarray | None = None,
 ) -> list[Defect]:
-    """One ``Defect`` per region label ``0..n-1``; ``centres`` is ``labels.shape + (2,)``."""
-    flat_labels = labels.reshape(-1)
-    flat_centres = centres.reshape(-1, 2).astype(np.float64)
+    """One ``Defect`` per region (those ``keep`` marks, when given); ``centres`` is ``labels.shape + (2,)``."""
+    flat = regions.labels.reshape(-1)
+    pts = centres.reshape(-1, 2).astype(np.float64)
+    w = score.reshape(-1).astype(np.float64)
     flat_cls = cls.reshape(-1).astype(np.int64)
-    flat_score = score.reshape(-1).astype(np.float64)
-    # the cells of each region as one slice of a stable sort (row-major within a region), not a scan per region
-    cells = np.nonzero(flat_labels >= 0)[0]
-    cells = cells[np.argsort(flat_labels[cells], kind="stable")]
-    bounds = np.searchsorted(flat_labels[cells], np.arange(n + 1))
+    # the cells of each region as one slice of a stable sort, not a scan of the frame per region
+    cells = np.nonzero(flat >= 0)[0]
+    cells = cells[np.argsort(flat[cells], kind="stable")]
+    bounds = np.searchsorted(flat[cells], np.arange(regions.n + 1))
     defects: list[Defect] = []
-    for region in range(n):
+    for region in range(regions.n):
+        if keep is not None and not keep[region]:
+            continue
         idx = cells[bounds[region] : bounds[region + 1]]
-        w = flat_score[idx]
-        pts = flat_centres[idx]
-        centroid = (w[:, None] * pts).sum(axis=0) / w.sum() if w.sum() > 0 else pts.mean(axis=0)
-        majority = int(np.bincount(flat_cls[idx]).argmax())
+        weights = w[idx]
+        centroid = (weights[:, None] * pts[idx]).sum(0) / weights.sum() if weights.sum() > 0 else pts[idx].mean(0)
         defects.append(
             Defect(
                 y=float(centroid[0]),
                 x=float(centroid[1]),
-                class_=majority,
-                score=float(w.max()),
+                class_=int(np.bincount(flat_cls[idx]).argmax()),
+                score=float(weights.max()),
                 area=int(idx.size),
+                kind=kind,
             )
         )
     return defects

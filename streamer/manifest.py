@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streamer.novelty import NoveltyStats
 from streamer.preprocess import Preprocessing
 
 __all__ = [
@@ -93,6 +94,7 @@ class Tiling(_Frozen):
     atom_sigma: float = Field(1.5, ge=0)
     atom_min_distance: int = Field(5, ge=1)
     atom_threshold: float = Field(0.2, ge=0, le=1)
+    atom_sublattice: Literal["all", "brightest"] = "all"
 
     @model_validator(mode="after")
     def _check(self) -> Tiling:
@@ -179,6 +181,8 @@ class Manifest(_Frozen):
     latent: LatentLayout
     class_names: tuple[str, ...]
     defect_classes: tuple[int, ...] = ()  # class indices the service flags as defects by default
+    # the class-free defect score's training statistics and calibration (streamer.novelty); None: not calibrated
+    novelty: NoveltyStats | None = None
     onnx_opset: int = Field(ge=17)
     parity: Parity
     class_health: ClassHealth | None = None  # None for models without classes or from before the diagnosis

@@ -96,6 +96,7 @@ class ModelLoader:
             defect_classes=self.defect_classes,
             defect_threshold=current.rule.threshold if current is not None else self.cfg.defect_threshold,
             connectivity=self.cfg.connectivity,
+            max_share=self.cfg.defect_max_share,
             max_batch_patches=self.cfg.max_batch_patches,
         )
 

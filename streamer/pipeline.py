@@ -34,16 +34,19 @@ import torch
 
 from streamer.atoms import find_atoms
 from streamer.defects import (
+    DEFAULT_MAX_SHARE,
     Connectivity,
     DefectRule,
+    class_score,
     defect_mask,
-    defect_score,
     grid_centres,
     grid_regions,
     point_regions,
+    publishable,
     regions_to_defects,
 )
 from streamer.manifest import Manifest
+from streamer.novelty import encoder_features, grid_neighbours, novelty_score, point_neighbours
 from streamer.preprocess import Preprocessing, prepare_frame, prepare_patches
 from streamer.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
 from streamer.tiling import TilingError, gather_points, patch_range, tile_grid
@@ -204,6 +207,7 @@ class FrameMaps:
     model: ModelRef
     arrays: dict[str, np.ndarray]
     defects: list[Defect]
+    defects_note: str | None = None
 
     def maps_message(
         self,
@@ -246,6 +250,7 @@ class FrameMaps:
             frame_id=frame_id,
             seq=seq,
             defects=self.defects,
+            note=self.defects_note,
             pixel_size=pixel_size,
             pixel_unit=pixel_unit,
         )
@@ -310,6 +315,7 @@ class Pipeline:
         defect_classes: Sequence[str | int] | None = None,
         defect_threshold: float = 0.5,
         connectivity: Connectivity = 8,
+        max_share: float = DEFAULT_MAX_SHARE,
         max_batch_patches: int = 1024,
     ) -> None:
         if max_batch_patches < 1:
@@ -318,6 +324,8 @@ class Pipeline:
             raise PipelineError(f"defect_threshold={defect_threshold} must be in [0, 1] (scores are probabilities)")
         if connectivity not in (4, 8):
             raise PipelineError(f"connectivity={connectivity!r} must be 4 or 8")
+        if not 0.0 < max_share <= 1.0:
+            raise PipelineError(f"max_share={max_share} must be in (0, 1]: largest share of a frame one region covers")
         m = encoder.manifest
         self.encoder = encoder
         self.manifest = m
@@ -336,6 +344,7 @@ class Pipeline:
             classes=classes if classes is not None else tuple(m.defect_classes),
             threshold=float(defect_threshold),
             connectivity=connectivity,
+            max_share=float(max_share),
         )
 
     def with_defects(self, *, classes: Sequence[str | int] | None, threshold: float | None) -> Pipeline:
@@ -345,6 +354,7 @@ class Pipeline:
             defect_classes=classes if classes is not None else self.rule.classes,
             defect_threshold=threshold if threshold is not None else self.rule.threshold,
             connectivity=self.rule.connectivity,
+            max_share=self.rule.max_share,
             max_batch_patches=self.max_batch_patches,
         )
 
@@ -372,6 +382,7 @@ class Pipeline:
                     sigma=tiling.atom_sigma,
                     min_distance=tiling.atom_min_distance,
                     threshold=tiling.atom_threshold,
+                    sublattice=tiling.atom_sublattice,
                 )
                 tiles, kept = gather_points(prepare_frame(x, spec), found, self.patch)
                 centers = found[kept].to("cpu", torch.float32).numpy()
@@ -444,8 +455,9 @@ class Pipeline:
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         k, d = self.n_classes, self.latent_dim
-        out = {"z_loc": np.zeros((0, d), np.float32)}
+        out = {"z_loc": np.zeros((0, d), np.float32), "z_scale": np.zeros((0, d), np.float32)}
         if k > 0:
+            out["class_logits"] = np.zeros((0, k), np.float32)
             out["class_prob"] = np.zeros((0, k), np.float32)
         if self.manifest.latent.rotation:
             out["angle"] = np.zeros((0,), np.float32)
@@ -465,7 +477,11 @@ class Pipeline:
         else:
             prob = np.zeros((n, 0), np.float32)
             cls = np.zeros(n, np.uint8)
-        score = defect_score(prob, self.rule.classes)
+        if prepared.grid is not None:
+            centres = grid_centres(prepared.grid, self.patch, self.stride, self.origin)
+        else:
+            centres = prepared.centers if prepared.centers is not None else np.zeros((0, 2), np.float32)
+        score, kind = self.score(outputs, prob, prepared.grid, centres)
         arrays: dict[str, np.ndarray] = {
             "class": cls.reshape(lead),
             "class_prob": prob.reshape((*lead, k)),
@@ -478,13 +494,12 @@ class Pipeline:
         arrays["defect_score"] = score.reshape(lead)
         mask = defect_mask(cls, score, self.rule)
         if prepared.grid is not None:
-            labels, n_regions = grid_regions(mask.reshape(prepared.grid), self.rule.connectivity)
-            centres = grid_centres(prepared.grid, self.patch, self.stride, self.origin)
+            regions = grid_regions(mask.reshape(prepared.grid), self.rule.connectivity)
         else:
-            centres = prepared.centers if prepared.centers is not None else np.zeros((0, 2), np.float32)
-            labels, n_regions = point_regions(mask, centres)
+            regions = point_regions(mask, centres)
             arrays["centers"] = centres.astype(np.float32)
-        defects = regions_to_defects(labels, n_regions, centres, cls.reshape(lead), score.reshape(lead))
+        keep, note = publishable(regions, self.rule.max_share)
+        defects = regions_to_defects(regions, centres, cls.reshape(lead), score.reshape(lead), kind=kind, keep=keep)
         return FrameMaps(
             layout=self.layout,
             grid=prepared.grid,
@@ -497,7 +512,23 @@ class Pipeline:
             model=self.model,
             arrays={name: np.ascontiguousarray(arrays[name]) for name in ARRAY_ORDER if name in arrays},
             defects=defects,
+            defects_note=note,
         )
+
+    def score(
+        self, outputs: dict[str, np.ndarray], prob: np.ndarray, grid: tuple[int, int] | None, centres: np.ndarray
+    ) -> tuple[np.ndarray, str]:
+        """``(defect score (n,), its kind)``: the defect classes' probability when classes are designated, else the
+        manifest's calibrated novelty score (``streamer.novelty``; self-calibrated contrast without statistics)."""
+        if self.rule.classes:
+            return class_score(prob, self.rule.classes), "class"
+        stats = self.manifest.novelty
+        if grid is not None:
+            neighbours = grid_neighbours(grid, stats.grid_step if stats is not None else 1)
+        else:
+            neighbours = point_neighbours(centres, stats.neighbours if stats is not None else 6)
+        features = encoder_features(outputs)
+        return novelty_score(features, neighbours, stats), stats.kind if stats is not None else "contrast"
 
     def process(self, frame: np.ndarray | torch.Tensor) -> FrameMaps:
         """One frame, all stages: the offline reference for the service."""

@@ -232,6 +232,11 @@ class Defect(BaseModel):
     class_: int = Field(alias="class", description="majority class of the region")
     score: float = Field(description="largest defect score in the region")
     area: int = Field(description="patches in the region")
+    kind: Literal["class", "contrast", "density", "combined"] = Field(
+        "class",
+        description="what the score is: the defect classes' probability, or the calibrated novelty score "
+        "(streamer.novelty) of that kind; 0.5 is its calibrated threshold",
+    )
 
 
 class Defects(_Msg):
@@ -240,6 +245,7 @@ class Defects(_Msg):
     frame_id: int = Field(ge=0)
     seq: int = Field(ge=0)
     defects: list[Defect]
+    note: str | None = Field(None, description="why regions were withheld (over the frame share a defect may cover)")
     pixel_size: float | None = Field(None, gt=0, description="frame pixel size in pixel_unit: y, x times this")
     pixel_unit: str | None = Field(None, description="unit of pixel_size, e.g. nm")
 

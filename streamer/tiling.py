@@ -97,21 +97,26 @@ def patch_range(tiles: torch.Tensor, start: int, stop: int) -> list[torch.Tensor
 
 
 def points_in_bounds(centers: torch.Tensor, frame_hw: tuple[int, int], patch: int | tuple[int, int]) -> torch.Tensor:
-    """Which centres (N×2, y and x) have their whole patch inside the frame."""
+    """Which centres (N×2, y and x) have their whole patch inside the frame (every sampled position, sub-pixel)."""
     ph, pw = _pair(patch, "patch")
     top, left = _corners(centers, ph, pw)
-    return (top >= 0) & (left >= 0) & (top + ph <= frame_hw[0]) & (left + pw <= frame_hw[1])
+    return (top >= 0) & (left >= 0) & (top + ph - 1 <= frame_hw[0] - 1) & (left + pw - 1 <= frame_hw[1] - 1)
 
 
 def _corners(centers: torch.Tensor, ph: int, pw: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rounded = torch.round(centers).to(torch.long)
-    return rounded[:, 0] - ph // 2, rounded[:, 1] - pw // 2
+    """Sub-pixel position of each patch's top-left sample: the centre sits on pixel ``(ph // 2, pw // 2)``."""
+    c = centers.to(torch.float64)
+    return c[:, 0] - ph // 2, c[:, 1] - pw // 2
 
 
 def gather_points(
     frame: torch.Tensor, centers: torch.Tensor, patch: int | tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches centred on the rounded ``centers`` (N×2, y and x): ``(patches (M, ph, pw), kept (N,) bool)``.
+    """Patches centred on the sub-pixel ``centers`` (N×2, y and x): ``(patches (M, ph, pw), kept (N,) bool)``.
+
+    Each patch is sampled by bilinear interpolation so that its centre column sits exactly on pixel
+    ``(ph // 2, pw // 2)``, not up to half a pixel off (rounding would add ±0.5 px of noise to a polarisation signal
+    of about that size); whole-pixel centres give the frame's pixels unchanged.
 
     Centres whose patch would cross the frame edge are skipped rather than padded: a padded patch looks like a
     different material to the encoder. ``kept`` says which centres the patches belong to.
@@ -124,6 +129,15 @@ def gather_points(
     centers = centers.to(frame.device)
     kept = points_in_bounds(centers, (frame.shape[0], frame.shape[1]), (ph, pw))
     top, left = _corners(centers[kept], ph, pw)
-    rows = top[:, None] + torch.arange(ph, device=frame.device)
-    cols = left[:, None] + torch.arange(pw, device=frame.device)
-    return frame[rows[:, :, None], cols[:, None, :]], kept
+    y0, x0 = torch.floor(top), torch.floor(left)
+    dtype = frame.dtype if frame.is_floating_point() else torch.float32
+    ty, tx = (top - y0).to(dtype)[:, None, None], (left - x0).to(dtype)[:, None, None]
+    h, w = int(frame.shape[0]), int(frame.shape[1])
+    rows = y0.to(torch.long)[:, None] + torch.arange(ph, device=frame.device)
+    cols = x0.to(torch.long)[:, None] + torch.arange(pw, device=frame.device)
+    r0, c0 = rows[:, :, None], cols[:, None, :]
+    r1, c1 = (r0 + 1).clamp(max=h - 1), (c0 + 1).clamp(max=w - 1)  # weight 0 wherever the clamp bites
+    f = frame.to(dtype)
+    top_row = f[r0, c0] * (1 - tx) + f[r0, c1] * tx
+    bottom_row = f[r1, c0] * (1 - tx) + f[r1, c1] * tx
+    return top_row * (1 - ty) + bottom_row * ty, kept

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from exporters.export import export_model
@@ -44,11 +45,13 @@ def make_artifact(
     defect_classes: Sequence[int] = (),
     encoder_hidden: tuple[int, ...] = (64, 64),
     fp16: bool = False,
+    calibrate_on: np.ndarray | None = None,
 ) -> Path:
     """Export a seeded untrained model to ``tmp_dir`` (created if needed) and return that artifact directory.
 
     Same arguments, same weights and outputs (the seed is applied inside ``torch.random.fork_rng``, so the global
-    RNG of the calling test is left as it was).
+    RNG of the calling test is left as it was). ``calibrate_on`` (frames ``(F, H, W)``) are cut as the data config
+    says and calibrate the defect score (``exporters.calibrate``); without them the manifest has no statistics.
     """
     model_cfg = ModelConfig(
         patch=patch,
@@ -72,6 +75,12 @@ def make_artifact(
         torch.manual_seed(seed)
         model = JTrVAE(model_cfg).eval()
     patches, described, _ = parity_patches(run, seed=seed)
+    novelty = None
+    if calibrate_on is not None:
+        from exporters.calibrate import calibrate_novelty
+        from models.data import scan_patches
+
+        novelty = calibrate_novelty(model, scan_patches(calibrate_on, data))
     out = Path(tmp_dir)
     export_model(
         model,
@@ -81,5 +90,6 @@ def make_artifact(
         parity_data=described,
         fp16=fp16,
         defect_classes=tuple(defect_classes),
+        novelty=novelty,
     )
     return out

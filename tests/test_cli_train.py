@@ -123,6 +123,14 @@ def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, caps
     assert np.asarray(report["confusion"]).sum() == 40
     assert set(report["spearman"]) == {"shear"}  # angle is absorbed by the rotation latent, so left out
 
+    # beside the trivial method on the same patches: PCA + GMM sorts bars from their transposes perfectly
+    assert main(["evaluate", str(run), "--data", str(stack), "--json", "--baseline"]) == 0
+    base = json.loads(capsys.readouterr().out)["baseline"]
+    assert base["n"] == 40 and base["accuracy"] == 1.0 and set(base["spearman"]) == {"shear"}
+    assert main(["evaluate", str(run), "--data", str(stack), "--baseline"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline on the same patches: PCA + GMM(2)" in printed and "accuracy" in printed.split("baseline")[-1]
+
     assert main(["plot", str(run), "--data", str(stack), "--out", str(tmp_path / "fig"), "--steps", "3"]) == 0
     written = {Path(line).name for line in capsys.readouterr().out.split()}
     assert written == {"traversals.png", "manifolds.png", "conditioned.png", "confusion.png"}

@@ -83,3 +83,53 @@ def test_smoothing_keeps_the_total_away_from_edges() -> None:
     assert out.shape == frame.shape
     assert abs(float(out.sum()) - 1.0) < 1e-5
     assert int(out.argmax()) == 15 * 31 + 15
+
+
+def _perovskite(shape: tuple[int, int], spacing: float, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A-site columns on a square lattice, dimmer B columns at the cell centres, one A column dimmed to B's level
+    (a light dopant on the A sublattice): (frame, A centres, B centres)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    ys, xs = np.meshgrid(np.arange(6.0, h - 6, spacing), np.arange(6.0, w - 6, spacing), indexing="ij")
+    a = np.stack([ys.ravel(), xs.ravel()], axis=1) + rng.uniform(-0.3, 0.3, (ys.size, 2))
+    b = a[(a[:, 0] + spacing < h - 6) & (a[:, 1] + spacing < w - 6)] + spacing / 2
+    yy, xx = np.mgrid[0:h, 0:w]
+    frame = rng.normal(0, 0.02, shape)
+    weights = np.ones(len(a))
+    weights[len(a) // 2] = 0.45  # the dopant: as dim as a B column
+    for (cy, cx), wt in zip(a, weights, strict=True):
+        frame += wt * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.3**2))
+    for cy, cx in b:
+        frame += 0.45 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.3**2))
+    return torch.from_numpy(frame.astype(np.float32)), a, b
+
+
+def test_brightest_sublattice_keeps_the_a_sites_and_a_dim_dopant_among_them() -> None:
+    frame, a, b = _perovskite((70, 90), spacing=10.0, seed=0)
+    everything = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.1).numpy()
+    assert len(everything) == len(a) + len(b)
+    kept = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.1, sublattice="brightest").numpy()
+    d = np.linalg.norm(a[:, None] - kept[None], axis=-1)
+    assert len(kept) == len(a) and d.min(axis=1).max() < 0.7  # every A site, the dim dopant included; no B site
+
+
+def test_one_sublattice_keeps_everything_when_intensities_are_not_bimodal() -> None:
+    frame, _ = _lattice((61, 83), spacing=8.0, sigma=1.4, seed=0)
+    assert len(find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3, sublattice="brightest")) == len(
+        find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3)
+    )
+    with pytest.raises(AtomFinderError, match="sublattice"):
+        find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3, sublattice="dimmest")  # type: ignore[arg-type]
+
+
+def test_atom_patches_are_interpolated_onto_the_subpixel_centre() -> None:
+    from streamer.tiling import gather_points
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    frame = torch.from_numpy((0.5 * yy + 2.0 * xx).astype(np.float32))  # a plane: bilinear sampling is exact
+    centres = torch.tensor([[10.25, 12.75], [15.0, 16.0], [1.0, 1.0]])
+    patches, kept = gather_points(frame, centres, (5, 5))
+    assert kept.tolist() == [True, True, False]  # the third one's patch would cross the edge
+    np.testing.assert_allclose(patches[0, 2, 2].item(), 0.5 * 10.25 + 2.0 * 12.75, atol=1e-4)
+    np.testing.assert_allclose(patches[0, 0, 0].item(), 0.5 * 8.25 + 2.0 * 10.75, atol=1e-4)
+    assert torch.equal(patches[1], frame[13:18, 14:19])  # whole-pixel centres: the frame's own pixels

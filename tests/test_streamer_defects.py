@@ -1,30 +1,51 @@
-"""Defect scores and regions on hand-made maps, where the right answer is known by construction."""
+"""Defect scores and regions: hand-made maps where the answer is known by construction, and a real exported encoder
+calibrated on a defect-free synthetic scan (a clean frame publishes nothing, a foreign one never becomes a region)."""
 
 from __future__ import annotations
 
-import math
+from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import ndimage
+from artifact_factory import make_artifact
 
+from sim.lattice import LatticeConfig, synth_scan
 from streamer.defects import (
+    LINK_FACTOR,
     DefectRule,
+    Regions,
+    class_score,
     defect_mask,
-    defect_score,
     grid_centres,
     grid_regions,
     point_regions,
+    publishable,
     regions_to_defects,
 )
+from streamer.encoder import load
+from streamer.novelty import (
+    contrast,
+    fit_novelty,
+    grid_neighbours,
+    novelty_score,
+    point_neighbours,
+)
+from streamer.pipeline import Pipeline
 
 PATCH, STRIDE, ORIGIN = (16, 16), (8, 8), (4, 2)
 
 
 def _centre(i: int, j: int) -> tuple[float, float]:
     return ORIGIN[0] + i * STRIDE[0] + 7.5, ORIGIN[1] + j * STRIDE[1] + 7.5
+
+
+def _defects(mask: np.ndarray, cls: np.ndarray, score: np.ndarray, connectivity: int = 8) -> list:
+    regions = grid_regions(mask, connectivity)  # type: ignore[arg-type]
+    return regions_to_defects(regions, grid_centres(mask.shape, PATCH, STRIDE, ORIGIN), cls, score, kind="class")
+
+
+# ------------------------------------------------------------------ regions
 
 
 def test_two_blobs_of_a_defect_class_give_two_regions_with_their_centroids_and_areas() -> None:
@@ -34,83 +55,196 @@ def test_two_blobs_of_a_defect_class_give_two_regions_with_their_centroids_and_a
     cls[5, 0] = 1  # another class, not a defect
     score = np.full(cls.shape, 0.1, np.float32)  # below the threshold: only the class flags
     rule = DefectRule(classes=(2,), threshold=0.5, connectivity=8)
-    labels, n = grid_regions(defect_mask(cls, score, rule), rule.connectivity)
-    defects = regions_to_defects(labels, n, grid_centres(cls.shape, PATCH, STRIDE, ORIGIN), cls, score)
-
-    assert n == 2
+    defects = _defects(defect_mask(cls, score, rule), cls, score)
     a, b = sorted(defects, key=lambda d: d.y)
     assert (a.area, b.area) == (6, 6)
     assert (a.y, a.x) == pytest.approx((_centre(1, 1)[0] + 4.0, _centre(1, 2)[1]))  # rows 1-2, columns 1-3
     assert (b.y, b.x) == pytest.approx((_centre(7, 8)[0], _centre(7, 8)[1] + 4.0))  # rows 6-8, columns 8-9
-    assert a.class_ == b.class_ == 2
+    assert a.class_ == b.class_ == 2 and a.kind == "class"
     assert a.score == pytest.approx(0.1)
 
 
 def test_centroid_is_score_weighted_and_the_region_reports_max_score_and_majority_class() -> None:
     cls = np.array([[1, 1, 2]], np.uint8)
     score = np.array([[0.6, 0.6, 0.9]], np.float32)
-    rule = DefectRule(classes=(), threshold=0.5)
-    labels, n = grid_regions(defect_mask(cls, score, rule), 8)
-    (d,) = regions_to_defects(labels, n, grid_centres(cls.shape, PATCH, STRIDE, ORIGIN), cls, score)
+    (d,) = _defects(defect_mask(cls, score, DefectRule(threshold=0.5)), cls, score)
     xs = [_centre(0, j)[1] for j in range(3)]
     assert d.x == pytest.approx((0.6 * xs[0] + 0.6 * xs[1] + 0.9 * xs[2]) / 2.1)
     assert d.area == 3 and d.class_ == 1 and d.score == pytest.approx(0.9)
 
 
+def test_many_small_regions_each_get_their_own_defect_in_row_major_order() -> None:
+    gh, gw = 9, 11
+    mask = (np.add.outer(np.arange(gh), np.arange(gw)) % 2) == 0  # 4-connected: one region per cell
+    cls = np.arange(gh * gw).reshape(gh, gw) % 3
+    score = np.linspace(0.5, 1.0, gh * gw, dtype=np.float32).reshape(gh, gw)
+    defects = _defects(mask, cls, score, connectivity=4)
+    centres = grid_centres((gh, gw), PATCH, STRIDE, ORIGIN)
+    cells = list(zip(*np.nonzero(mask), strict=True))
+    assert len(defects) == len(cells)
+    for d, (i, j) in zip(defects, cells, strict=True):
+        assert (d.y, d.x) == pytest.approx((float(centres[i, j, 0]), float(centres[i, j, 1])))
+        assert d.area == 1 and d.class_ == cls[i, j] and d.score == pytest.approx(float(score[i, j]))
+
+
 def test_diagonal_neighbours_join_with_8_connectivity_only() -> None:
-    mask = np.eye(4, dtype=bool)
-    assert grid_regions(mask, 8)[1] == 1
-    assert grid_regions(mask, 4)[1] == 4
+    mask = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], bool)
+    assert grid_regions(mask, 8).n == 2
+    r = grid_regions(mask, 4)
+    assert r.n == 3 and r.labels.tolist() == [[0, -1, -1], [-1, 1, -1], [-1, -1, -1], [2, 2, -1]]
     with pytest.raises(ValueError, match="connectivity"):
         grid_regions(mask, 6)  # type: ignore[arg-type]
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 9).flatmap(
-        lambda h: st.integers(1, 9).flatmap(
-            lambda w: st.lists(st.booleans(), min_size=h * w, max_size=h * w).map(
-                lambda v: np.array(v, dtype=bool).reshape(h, w)
-            )
-        )
-    ),
-    st.sampled_from([4, 8]),
-)
-def test_grid_regions_partition_the_mask_like_scipy_label(mask: np.ndarray, connectivity: int) -> None:
-    labels, n = grid_regions(mask, connectivity)  # type: ignore[arg-type]
-    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-    reference, n_ref = ndimage.label(mask, structure=structure)
-    assert n == n_ref
-    assert ((labels >= 0) == mask).all()
-    # the same partition: a one-to-one map between our labels and scipy's
-    pairs = {(int(a), int(b)) for a, b in zip(labels[mask], reference[mask], strict=True)}
-    assert len(pairs) == n
+def test_a_region_over_the_frame_share_is_withheld_and_the_note_says_why() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[:6, :] = True  # 60 % of the frame
+    mask[9, 9] = True  # a small one stays
+    regions = grid_regions(mask)
+    keep, note = publishable(regions, 0.05)
+    assert keep.tolist() == [False, True]
+    assert note is not None and "60 patches" in note and "max_share 0.05" in note
+    corner = Regions(labels=np.array([0, 0, 0, 0] + [-1] * 12), n=1)  # a 2×2 block on a 4×4 grid: 25 %, yet kept
+    assert publishable(corner, 0.05) == (np.array([True]), None)
 
 
-def test_scores_mass_on_defect_classes_or_normalised_entropy() -> None:
+def test_class_score_is_the_mass_on_the_defect_classes() -> None:
     prob = np.array([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], np.float32)
-    np.testing.assert_allclose(defect_score(prob, (1, 2)), [2 / 3, 0.0, 0.8], atol=1e-6)
-    entropy = defect_score(prob, ())
-    expected = -(0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5)) / math.log(3)
-    np.testing.assert_allclose(entropy, [1.0, 0.0, expected], atol=1e-6)
-    assert defect_score(np.ones((4, 1), np.float32), ()).tolist() == [0.0] * 4  # one class: nothing is uncertain
+    np.testing.assert_allclose(class_score(prob, (1, 2)), [2 / 3, 0.0, 0.8], atol=1e-6)
 
 
-def test_atom_regions_link_nearest_and_diagonal_neighbours_of_the_lattice() -> None:
-    yy, xx = np.meshgrid(np.arange(8) * 10.0, np.arange(8) * 10.0, indexing="ij")
-    centres = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float32)
-    flagged = np.zeros((8, 8), bool)
-    flagged[1, 1] = flagged[2, 2] = True  # diagonal neighbours: one region
-    flagged[6, 5] = flagged[6, 6] = flagged[5, 6] = True  # an L: one region
-    flagged[4, 0] = True  # alone
-    mask = flagged.ravel()
-    labels, n = point_regions(mask, centres)
-    assert n == 3
-    cls = np.where(mask, 3, 0)
-    defects = regions_to_defects(labels, n, centres, cls, np.where(mask, 1.0, 0.0))
-    by_area = sorted(defects, key=lambda d: d.area)
-    assert [d.area for d in by_area] == [1, 2, 3]
-    assert (by_area[0].y, by_area[0].x) == pytest.approx((40.0, 0.0))
-    assert (by_area[1].y, by_area[1].x) == pytest.approx((15.0, 15.0))
-    assert all(d.class_ == 3 for d in defects)
-    assert point_regions(np.zeros(0, bool), np.zeros((0, 2), np.float32))[1] == 0
+def _reference_points(mask: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, int]:
+    """The full distance matrix and a search from each unlabelled flagged atom in index order."""
+    pts = pts.astype(np.float64)
+    labels = np.full(len(pts), -1, dtype=np.int64)
+    d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    link = LINK_FACTOR * float(np.median(d.min(axis=1))) if len(pts) >= 2 else 0.0
+    n = 0
+    for start in np.nonzero(mask)[0]:
+        if labels[start] >= 0:
+            continue
+        labels[start] = n
+        todo = deque([start])
+        while todo:
+            a = todo.popleft()
+            for b in np.nonzero(mask & (d[a] <= link) & (labels < 0))[0]:
+                labels[b] = n
+                todo.append(b)
+        n += 1
+    return labels, n
+
+
+def test_point_regions_match_a_full_distance_matrix_search() -> None:
+    rng = np.random.default_rng(5)
+    k = np.stack(np.meshgrid(np.arange(14), np.arange(11), indexing="ij"), -1).reshape(-1, 2)
+    sets = [
+        np.zeros((1, 2)),
+        np.array([[0.0, 0.0], [0.0, 3.0]]),
+        rng.random((150, 2)) * 100,
+        k * 9.7 + rng.normal(0, 0.8, k.shape),  # a jittered lattice, as atoms are
+        np.round(rng.random((80, 2)) * 12),  # coincident centres
+        np.concatenate([rng.random((40, 2)) * 5, rng.random((30, 2)) * 400 + 1000]),  # two far clusters
+    ]
+    for pts in sets:
+        for density in (0.0, 0.2, 0.6, 1.0):
+            mask = rng.random(len(pts)) < density
+            got = point_regions(mask, pts.astype(np.float32))
+            want, n_want = _reference_points(mask, pts.astype(np.float32))
+            assert got.n == n_want and np.array_equal(got.labels, want), (len(pts), density)
+
+
+# ------------------------------------------------------------------ the score
+
+
+def _lattice_features(gh: int, gw: int, seed: int) -> np.ndarray:
+    """Features of a grid where every cell is alike up to noise, plus a slow gradient (an interface, a dose drift)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 3, gh)[:, None, None] * np.ones((gh, gw, 1))
+    return (rng.normal(0, 0.1, (gh, gw, 5)) + ramp).reshape(gh * gw, 5)
+
+
+def test_contrast_finds_the_odd_patch_and_ignores_a_slow_gradient() -> None:
+    f = _lattice_features(20, 20, seed=0)
+    f[7 * 20 + 11] += 1.0  # one patch unlike its neighbours
+    nb = grid_neighbours((20, 20), 1)
+    c = contrast(f, nb, np.full(5, 0.1))
+    assert int(c.argmax()) == 7 * 20 + 11
+    assert np.sort(c)[-2] < 0.5 * c.max()
+
+
+def test_calibrated_score_is_robust_to_defects_in_training_and_clean_frames_stay_below() -> None:
+    nb = grid_neighbours((30, 30), 1)
+    train = np.concatenate([_lattice_features(30, 30, seed=s) for s in range(4)])
+    nb_train = np.concatenate([np.where(nb >= 0, nb + 900 * s, -1) for s in range(4)])
+    train[::50] += 2.0  # 2 % of the training patches are defects: the threshold must not rise to them
+    stats = fit_novelty(train, nb_train, kind="combined")
+    s_train = novelty_score(train, nb_train, stats)
+    assert (s_train[::50] >= 0.5).all()
+    share = float(np.mean(s_train >= 0.5))
+    assert share < 0.06 and stats.train_share_over["combined"] == pytest.approx(share)
+    clean = novelty_score(_lattice_features(30, 30, seed=9), nb, stats)
+    assert (clean < 0.5).mean() > 0.99
+    odd = _lattice_features(30, 30, seed=9)
+    odd[100] += 2.0
+    assert novelty_score(odd, nb, stats)[100] > 0.8  # far over the threshold (0.5)
+
+
+def test_point_neighbours_are_the_nearest_others_and_pad_when_few() -> None:
+    pts = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    assert point_neighbours(pts, 1).ravel().tolist() == [1, 0, 1]
+    assert point_neighbours(pts, 3).tolist()[0] == [1, 2, -1]
+
+
+# ------------------------------------------------------------------ served, calibrated on training frames
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LatticeConfig]:
+    """An encoder calibrated on a defect-free 16-px lattice cut at a 16-px stride (one lattice period)."""
+    lattice = LatticeConfig(shape=(128, 128), n_defects=0, interface=False, drift=(0.0, 0.0), lattice_constant=16.0)
+    frames, _ = synth_scan(lattice, 4, seed=3)
+    path = make_artifact(
+        tmp_path_factory.mktemp("calibrated"), stride=(16, 16), translation=True, calibrate_on=frames, seed=4
+    )
+    return path, lattice
+
+
+def _later_looks(lattice: LatticeConfig, n: int, **update: object) -> tuple[np.ndarray, list]:
+    """Frames 4.. of the calibration scan's sample: the same material seen again, with fresh noise."""
+    frames, truths = synth_scan(lattice.model_copy(update=update), 4 + n, seed=3)
+    return frames[4:], truths[4:]
+
+
+def test_a_clean_frame_publishes_no_defect_and_a_foreign_one_no_frame_sized_region(
+    calibrated: tuple[Path, LatticeConfig],
+) -> None:
+    path, lattice = calibrated
+    pipeline = Pipeline(load(path, backend="onnx", device="cpu", batch_sizes=(1,)))
+    assert pipeline.manifest.novelty is not None and pipeline.manifest.novelty.grid_step == 1
+    clean, _ = _later_looks(lattice, 3)
+    for frame in clean:
+        maps = pipeline.process(frame)
+        assert maps.defects == [] and maps.defects_note is None
+    foreign = np.random.default_rng(0).random((128, 128)).astype(np.float32) * clean.max()  # noise, no lattice
+    maps = pipeline.process(foreign)
+    assert all(d.area <= 0.05 * maps.arrays["defect_score"].size for d in maps.defects)
+    if (maps.arrays["defect_score"] >= 0.5).mean() > 0.05:
+        assert maps.defects_note is not None and "withheld" in maps.defects_note
+
+
+def test_bright_and_missing_columns_are_published_near_where_they_are(calibrated: tuple[Path, LatticeConfig]) -> None:
+    path, lattice = calibrated
+    pipeline = Pipeline(load(path, backend="onnx", device="cpu", batch_sizes=(1,)))
+    frames, truths = _later_looks(lattice, 1, n_defects=6, defect_kinds=("bright", "vacancy"))
+    maps = pipeline.process(frames[0])
+    found = np.array([[d.y, d.x] for d in maps.defects]).reshape(-1, 2)
+    truth = truths[0].defects
+    assert len(found) >= 1 and all(d.kind == "contrast" for d in maps.defects)
+    d = np.hypot(found[:, None, 0] - truth[None, :, 0], found[:, None, 1] - truth[None, :, 1])
+    assert (d.min(axis=1) <= 16).all()  # every published defect is within a lattice period of a true one
+    score = maps.arrays["defect_score"]
+    cells = np.clip((truth // 16).astype(int), 0, np.array(score.shape) - 1)
+    on_defects = score[cells[:, 0], cells[:, 1]]
+    assert np.median(on_defects) >= 0.5  # most patches holding a defect are over the calibrated threshold
+    assert (score >= 0.5).mean() < 0.15  # and few others are

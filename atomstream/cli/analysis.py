@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flag(ev, "--batch-size", type=int, where=_ENCODE, field="batch_size", help="patches per encoder call")
     config_flag(ev, "--device", choices=("cpu", "cuda"), where=_ENCODE, field="device", help="where to encode")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also score a trivial method on the same patches (PCA + GMM classes, PCA components as z)",
+    )
     ev.set_defaults(func=_evaluate)
 
     pl = subparsers.add_parser("plot", help="latent traversals, manifolds, conditioned generation, maps")
@@ -81,8 +86,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         result = evaluate_encodings(enc, labels=patches.labels, factors=patches.factors, factor_names=names)
     except ValueError as exc:
         raise CommandError(f"--factors {args.factors}: {exc}") from None
+    baseline = None
+    if args.baseline:
+        from models.baselines import baseline_encodings
+
+        trivial = baseline_encodings(
+            patches.images, n_classes=cfg.model.n_classes, latent_dim=cfg.model.latent_dim, seed=cfg.train.seed
+        )
+        baseline = evaluate_encodings(trivial, labels=patches.labels, factors=patches.factors, factor_names=names)
     if args.json:
-        print(json.dumps({"run": str(args.run), "data": str(args.data), **result.to_dict()}))
+        extra = {} if baseline is None else {"baseline": baseline.to_dict()}
+        print(json.dumps({"run": str(args.run), "data": str(args.data), **result.to_dict(), **extra}))
         return 0
     print(f"{cfg.model.variant} on {result.n} patches of {args.data}")
     if result.accuracy is not None:
@@ -96,7 +110,45 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("class counts " + " ".join(str(int(c)) for c in result.class_counts) + " (no labels in the data)")
     for factor, (dim, rho) in result.spearman.items():
         print(f"|Spearman| {factor} ~ z{dim}: {rho:.3f}")
+    if baseline is not None:
+        _print_baseline(result, baseline, cfg.model.n_classes)
     return 0
+
+
+def _print_baseline(model: Any, baseline: Any, k: int) -> None:
+    """The model's figures beside the trivial method's, and a plain warning where the trivial method does better."""
+    print(f"baseline on the same patches: PCA + GMM({k}) classes, the first PCA components as z")
+    rows = []
+    if model.accuracy is not None and baseline.accuracy is not None:
+        rows += [("accuracy", model.accuracy, baseline.accuracy), ("NMI", model.nmi, baseline.nmi)]
+    for factor, (_, rho) in model.spearman.items():
+        if factor in baseline.spearman:
+            rows.append((f"|Spearman| {factor}", rho, baseline.spearman[factor][1]))
+    print(f"  {'figure':<24s} {'model':>8s} {'baseline':>9s}")
+    for name, m, b in rows:
+        flag = "  <- the trivial method does better" if b > m + 0.02 else ""
+        print(f"  {name:<24s} {m:8.4f} {b:9.4f}{flag}")
+
+
+def _centres_figure(args: argparse.Namespace, patches: Any, out: Path) -> Path:
+    """The atom centres the run's finder picks on frame ``--frame``, drawn on that frame."""
+    import numpy as np
+
+    from models.centres_plot import plot_atom_centres
+    from models.data import load_frames
+
+    if args.data.suffix.lower() == ".npy":
+        frames = load_frames(args.data)
+    else:
+        from sim.formats import read_scan
+
+        frames = np.asarray(read_scan(args.data).frames).reshape(-1, *patches.frame_shape)
+    if not 0 <= args.frame < frames.shape[0]:
+        raise CommandError(f"--frame {args.frame}: the scan has frames 0..{frames.shape[0] - 1}")
+    sel = patches.positions[:, 0] == args.frame
+    return plot_atom_centres(
+        frames[args.frame], patches.centres[sel], out / f"atoms_frame{args.frame}.png", title=f"frame {args.frame}:"
+    )
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -150,6 +202,8 @@ def _data_figures(args: argparse.Namespace, model: Any, cfg: Any, given: dict[st
                 lambda: plots.plot_confusion(result.confusion, out / "confusion.png", class_names=patches.class_names),
             )
         )
+    if patches.frame_shape is not None and cfg.data.kind == "atoms":
+        tasks.append(("atom centres", lambda: _centres_figure(args, patches, out)))
     if patches.frame_shape is not None:
         sel = patches.positions[:, 0] == args.frame
         if not sel.any():

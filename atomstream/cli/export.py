@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CLASS",
         help="a class (name or index) the service flags as defect by default; repeatable",
     )
+    p.add_argument(
+        "--defect-score",
+        choices=("contrast", "density", "combined"),
+        default="contrast",
+        help="the class-free defect score the server publishes (docs/real-data.md compares them; default: %(default)s)",
+    )
     p.set_defaults(func=_export)
 
 
@@ -69,6 +75,29 @@ def _defect_classes(given: list[str], names: tuple[str, ...]) -> tuple[int, ...]
                 f"--defect-class {item!r} is neither a class name {list(names)} nor an index below {len(names)}"
             )
     return tuple(dict.fromkeys(out))
+
+
+def _calibration(model: object, run: object, kind: str) -> tuple[object, str]:
+    """The defect score's statistics from the run's own training scan, and a line saying what was done; ``None``
+    without a scan to re-cut (the server then calibrates on each frame)."""
+    from exporters.calibrate import calibrate_novelty, training_patches
+    from models.data import DataError
+
+    source = run.data.source  # type: ignore[attr-defined]
+    try:
+        patches = training_patches(source, run.data)  # type: ignore[attr-defined]
+    except DataError as exc:
+        return None, f"warning: cannot re-cut the training scan {source!r} ({exc}); the server calibrates per frame"
+    if patches is None:
+        return None, (
+            "warning: no training scan to calibrate the defect score on; the server will calibrate it on each frame "
+            "instead (weaker)"
+        )
+    stats = calibrate_novelty(model, patches, kind=kind)  # type: ignore[arg-type]
+    return stats, (
+        f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
+        f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
+    )
 
 
 def _check_target(out: Path, *, force: bool) -> None:
@@ -126,6 +155,7 @@ def _export(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"atomstream export: warning: {note.replace('parity_data', '--parity-data')}", file=sys.stderr)
     bar.write(f"parity data: {described}")
+    novelty, calibrated = _calibration(model, run, args.defect_score)
     bar.update(1)
     bar.set_description("exporting ONNX + TorchScript, checking parity")
     try:
@@ -137,6 +167,7 @@ def _export(args: argparse.Namespace) -> int:
             parity_data=described,
             fp16=args.fp16,
             defect_classes=defects,
+            novelty=novelty,
             class_health=health,
             **from_config(args, {"opset": "opset"}),
         )
@@ -145,6 +176,10 @@ def _export(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {str(args.out)!r}: {exc}") from None
     bar.update(1)
+    if novelty is not None:
+        bar.write(calibrated)
+    else:
+        print(f"atomstream export: {calibrated}", file=sys.stderr)
     for r in manifest.parity.backends:
         worst = max(r.max_abs_diff, key=lambda k: r.max_abs_diff[k])
         agree = "" if r.argmax_agreement is None else f", class argmax agreement {r.argmax_agreement:.4f}"

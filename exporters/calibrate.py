@@ -1,0 +1,108 @@
+"""The defect score's training statistics and calibration, computed from the training patches at export.
+
+Serving scores a patch by how unlike its neighbours (and the training patches) its encoder outputs are
+(``streamer.novelty``); what "unlike" means — the features' spread, their covariance, the threshold about one
+training patch in a thousand exceeds — comes from here and travels in the manifest. The features are computed from
+the inference wrapper's outputs, the very tensors the exported encoder gives the server.
+
+For grid patches the neighbour distance (``grid_step``, in grid cells) is chosen here too: the smallest step whose
+patches do not overlap (a defect must not be compared with patches that hold it too), or up to three cells more when
+that makes training neighbours clearly more alike (median contrast under 0.8× — the step that lands on the lattice's
+registration).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.data import DataError, PatchSet, patches_from_config
+from models.jtrvae import JTrVAE
+from streamer.novelty import (
+    TRAIN_K,
+    NoveltyKind,
+    NoveltyStats,
+    contrast,
+    encoder_features,
+    fit_novelty,
+    grid_neighbours,
+    point_neighbours,
+)
+
+__all__ = ["DEFAULT_KIND", "calibrate_novelty", "encoder_outputs", "patch_neighbours", "training_patches"]
+
+#: chosen by measurement (benchmarks/real_data.py; docs/real-data.md has the table)
+DEFAULT_KIND: NoveltyKind = "contrast"
+_POINT_NEIGHBOURS = 6
+_CLEARLY_BETTER = 0.8
+
+
+def encoder_outputs(model: JTrVAE, images: np.ndarray, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """The exported wrapper's outputs by manifest name for ``(N, H, W)`` encoder-ready patches (CPU, eval)."""
+    from exporters.export import build_wrapper
+
+    wrapper = build_wrapper(model)
+    names = wrapper.output_names
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            batch = torch.as_tensor(images[start : start + batch_size], dtype=torch.float32)[:, None]
+            for name, value in zip(names, wrapper(batch), strict=True):
+                parts[name].append(value.numpy())
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def patch_neighbours(patches: PatchSet, *, grid_step: int = 1, k: int = _POINT_NEIGHBOURS) -> np.ndarray:
+    """Each patch's neighbours within its own frame, as global indices (``-1`` none): grid cells ``grid_step``
+    away, or the ``k`` nearest atoms."""
+    frames = patches.positions[:, 0]
+    out: list[np.ndarray] = []
+    for f in np.unique(frames):
+        idx = np.nonzero(frames == f)[0]
+        if patches.grid is not None:
+            local = grid_neighbours(patches.grid, grid_step)
+        else:
+            local = point_neighbours(patches.centres[idx], k)
+        if local.shape[0] != idx.size:
+            raise DataError(f"frame {int(f)} has {idx.size} patches but its layout has {local.shape[0]}")
+        out.append(np.where(local >= 0, idx[np.clip(local, 0, None)], -1))
+    return np.concatenate(out) if out else np.zeros((0, 8), np.int64)
+
+
+def _grid_step(patches: PatchSet, features: np.ndarray) -> int:
+    ph, pw = patches.images.shape[1:]
+    sy, sx = patches.data.stride
+    first = max(1, math.ceil(max(ph / sy, pw / sx)))
+    gh, gw = patches.grid if patches.grid is not None else (0, 0)
+    candidates = [s for s in range(first, first + 4) if 2 * s < min(gh, gw)] or [1]
+    scale = np.maximum(1.4826 * np.median(np.abs(features - np.median(features, 0)), 0), 1e-6)
+    medians = [float(np.median(contrast(features, patch_neighbours(patches, grid_step=s), scale))) for s in candidates]
+    best = int(np.argmin(medians))
+    # a farther step only when clearly better (it lands on the lattice's registration), not by noise: nearer
+    # neighbours keep the score local
+    return candidates[best] if medians[best] < _CLEARLY_BETTER * medians[0] else candidates[0]
+
+
+def calibrate_novelty(
+    model: JTrVAE, patches: PatchSet, *, kind: NoveltyKind = DEFAULT_KIND, k: float = TRAIN_K
+) -> NoveltyStats:
+    """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept)."""
+    if patches.data.kind == "stack":
+        raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
+    features = encoder_features(encoder_outputs(model, patches.images))
+    step = _grid_step(patches, features) if patches.grid is not None else 1
+    neighbours = patch_neighbours(patches, grid_step=step)
+    return fit_novelty(features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step)
+
+
+def training_patches(source: str, patches_data: object) -> PatchSet | None:
+    """The run's training scan re-cut as in training, or ``None`` when it is a stack or no longer on disk."""
+    from models.config import DataConfig
+
+    data = patches_data if isinstance(patches_data, DataConfig) else None
+    if data is None or data.kind == "stack" or not source or not Path(source).is_file():
+        return None
+    return patches_from_config(source, data)

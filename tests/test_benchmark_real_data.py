@@ -1,0 +1,35 @@
+"""``benchmarks/real_data.py --quick``: every case runs end to end (train, export calibrated, serve through the ONNX
+pipeline, score against truths built independently, baselines beside) and prints its table. The real scans are
+evaluation data, never committed: their cases are skipped when the files are absent (the demo case always runs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ATOMSTREAM_REAL_DATA", "/work/shared/data"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_data  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_every_case_beside_its_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert real_data.main(["--quick", "--data-dir", str(DATA), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "### demo lattice, seed 0" in out and "model contrast" in out and "PCA5+GMM3 likelihood" in out
+    assert "clean frames publishing a defect" in out and "demo lattice over 1 seed(s)" in out
+    for name, (filename, _) in real_data.CASES.items():
+        if (DATA / str(filename)).is_file():
+            assert f"### {name}: skipped" not in out
+        else:
+            assert f"### {name}: skipped" in out
+    if (DATA / "haadf_PbTiO3_SrRuO3.npy").is_file():
+        assert "film/substrate balanced accuracy: PCA2 + k-means" in out
+    assert (tmp_path / "r.json").read_text().startswith("[")
