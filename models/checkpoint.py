@@ -144,7 +144,12 @@ def load_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: pass a run directory written by `atomstream train` (models.fit)")
-    return RunConfig.model_validate_json(path.read_text())
+    data = json.loads(path.read_text())
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("n_classes", 0) > 0 and "class_head" not in model:
+        # A run saved before the invariant class head existed read its class from the pixel trunk: load it as such.
+        model["class_head"] = "pixels"
+    return RunConfig.model_validate(data)
 
 
 def rename_classes(run_dir: str | Path, names: tuple[str, ...]) -> RunConfig:

@@ -64,3 +64,21 @@ def test_a_run_whose_classes_carry_the_shapes_exports_with_its_health_recorded(
     assert main(["export", str(run), "--out", str(tmp_path / "a")]) == 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["class_health"]["collapsed"] is False
+
+
+def test_a_run_saved_before_the_invariant_class_head_loads_as_a_pixel_head(tmp_path: Path) -> None:
+    import torch
+
+    from models.checkpoint import load_run, save_run
+    from models.config import ModelConfig, RunConfig
+    from models.jtrvae import JTrVAE
+
+    cfg = RunConfig(model=ModelConfig(patch=(8, 8), n_classes=2, class_head="pixels", decoder_hidden=(8,)))
+    save_run(tmp_path, JTrVAE(cfg.model), cfg, epoch=1, history=[])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["class_head"]  # what a run from before the field was written looks like
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model, loaded = load_run(tmp_path)
+    assert loaded.model.class_head == "pixels" and model.encoder.class_head is None
+    x = torch.rand(3, 1, 8, 8)
+    assert model.encode(x)["class_prob"].shape == (3, 2)
