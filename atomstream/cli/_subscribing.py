@@ -9,7 +9,24 @@ from typing import Any
 
 from atomstream.cli import CommandError
 
-__all__ = ["subscriber_curve", "underlay_frames"]
+__all__ = ["add_subscriber_flags", "subscriber_curve", "underlay_frames"]
+
+
+def add_subscriber_flags(parser: argparse.ArgumentParser) -> None:
+    """``--proxy``, ``--curve-secret`` and ``--curve-server-key``: how every subscribing command reaches the service."""
+    parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
+    parser.add_argument(
+        "--curve-secret",
+        type=Path,
+        default=None,
+        help="this client's *.key_secret (default: none, CURVE off)",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        type=Path,
+        default=None,
+        help="the service's public key (default: none, CURVE off)",
+    )
 
 
 def subscriber_curve(args: argparse.Namespace) -> Any:

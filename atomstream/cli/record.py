@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from atomstream.cli import CommandError
+from atomstream.cli._subscribing import add_subscriber_flags
 
 __all__ = ["register"]
 
@@ -50,19 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=60.0,
         help="seconds to wait for the service (default: %(default)s)",
     )
-    parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
-    parser.add_argument(
-        "--curve-secret",
-        type=Path,
-        default=None,
-        help="this client's *.key_secret (default: none, CURVE off)",
-    )
-    parser.add_argument(
-        "--curve-server-key",
-        type=Path,
-        default=None,
-        help="the service's public key (default: none, CURVE off)",
-    )
+    add_subscriber_flags(parser)
     parser.set_defaults(func=_record)
 
 

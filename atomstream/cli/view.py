@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from atomstream.cli import CommandError
+from atomstream.cli._subscribing import add_subscriber_flags
 
 __all__ = ["register"]
 
@@ -44,19 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=300,
         help="frames in the class-fraction chart (default: %(default)s)",
     )
-    parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
-    parser.add_argument(
-        "--curve-secret",
-        type=Path,
-        default=None,
-        help="this client's *.key_secret (default: none, CURVE off)",
-    )
-    parser.add_argument(
-        "--curve-server-key",
-        type=Path,
-        default=None,
-        help="the service's public key (default: none, CURVE off)",
-    )
+    add_subscriber_flags(parser)
     parser.set_defaults(func=_view)
 
 

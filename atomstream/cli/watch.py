@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from atomstream.cli import CommandError
+from atomstream.cli._subscribing import add_subscriber_flags
 
 __all__ = ["WatchTable", "register"]
 
@@ -45,13 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--interval", type=float, default=1.0, help="seconds between table refreshes (default: %(default)s)"
     )
-    parser.add_argument("--proxy", action="store_true", help="several workers behind a proxy: no seq gap tracking")
-    parser.add_argument(
-        "--curve-secret", type=Path, default=None, help="this client's *.key_secret (CURVE) (default: none, plain TCP)"
-    )
-    parser.add_argument(
-        "--curve-server-key", type=Path, default=None, help="the service's public key (CURVE) (default: none)"
-    )
+    add_subscriber_flags(parser)
     parser.set_defaults(func=_watch)
 
 
