@@ -82,11 +82,9 @@ def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
 
     from models.nets import InvariantFeatures
 
-    x = torch.from_numpy(images)[:, None]
     features = InvariantFeatures(images.shape[1:], rotation=True, translation=True)
-    features.calibrate(x)
     with torch.no_grad():
-        return cluster_classes(features(x).numpy(), k, seed=seed).labels
+        return cluster_classes(features.calibrate(torch.from_numpy(images)[:, None]).numpy(), k, seed=seed).labels
 
 
 def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:

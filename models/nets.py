@@ -159,8 +159,9 @@ class InvariantFeatures(nn.Module):
         return (self.raw(x) - self.mean) / self.scale
 
     @torch.no_grad()
-    def calibrate(self, x: Tensor, batch_size: int = 1024) -> None:
-        """Set ``mean``/``scale`` to the per-feature mean and standard deviation over the patches ``x``."""
+    def calibrate(self, x: Tensor, batch_size: int = 1024) -> Tensor:
+        """Set ``mean``/``scale`` to the per-feature mean and standard deviation over the patches ``x``, and return
+        the standardised features of ``x`` ``(N, F)`` (what ``forward`` now gives, without computing them twice)."""
         feats = torch.cat([self.raw(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
         std = feats.std(dim=0) if feats.shape[0] > 1 else torch.ones_like(feats[0])
         self.mean.copy_(feats.mean(dim=0))
@@ -168,6 +169,7 @@ class InvariantFeatures(nn.Module):
         # patch) carries only float rounding, which dividing by its own tiny spread would blow up into the logits —
         # and into differences between the ONNX and eager encoders far above the export's 1e-4 parity tolerance.
         self.scale.copy_(std.clamp_min(0.05 * float(std.mean().clamp_min(1e-6))))
+        return (feats - self.mean) / self.scale
 
 
 class InvariantClassHead(nn.Module):

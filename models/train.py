@@ -22,7 +22,7 @@ from pyro.optim import Adam
 from torch import Tensor
 
 from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
-from models.config import RunConfig
+from models.config import ModelConfig, RunConfig
 from models.evaluate import diagnose_classes, normalized_mutual_info
 from models.jtrvae import JTrVAE
 from models.warm_start import cluster_classes
@@ -164,10 +164,11 @@ def fit(
 
     anchor = None
     head = getattr(model.encoder, "class_head", None)
-    if head is not None and not resume:
-        head.features.calibrate(model._flat(x_train))
+    features = None if resume or head is None else head.features.calibrate(model._flat(x_train))
     if not resume and cfg.model.n_classes > 1 and tc.class_init == "invariant_gmm":
-        init = cluster_classes(_class_features(model, x_train), cfg.model.n_classes, seed=tc.seed)
+        if features is None:  # a pixel class head: cluster in the invariant features all the same
+            features = _invariant_features(cfg.model, model._flat(x_train))
+        init = cluster_classes(features.cpu().numpy(), cfg.model.n_classes, seed=tc.seed)
         anchor = torch.as_tensor(init.responsibilities, device=device, dtype=dtype)
         _fit_class_head(model, x_train, anchor, lr=tc.lr, batch_size=tc.batch_size, seed=tc.seed)
 
@@ -258,20 +259,12 @@ def _diagnose(model: JTrVAE, x: Tensor, anchor: Tensor | None, *, batch_size: in
 
 
 @torch.no_grad()
-def _class_features(model: JTrVAE, x: Tensor, batch_size: int = 1024) -> np.ndarray:
-    """The standardised invariant features the class head reads (computed for the clustering when it reads pixels)."""
-    head = getattr(model.encoder, "class_head", None)
-    if head is not None:
-        features = head.features
-    else:
-        from models.nets import InvariantFeatures
+def _invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
+    """Standardised invariant features of patches ``x`` ``(N, 1, H, W)`` for a model whose class head reads pixels."""
+    from models.nets import InvariantFeatures
 
-        cfg = model.cfg
-        features = InvariantFeatures(cfg.patch, rotation=cfg.rotation, translation=cfg.translation)
-        features = features.to(x.device, x.dtype)
-        features.calibrate(model._flat(x))
-    chunks = [features(model._flat(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(chunks).cpu().numpy()
+    features = InvariantFeatures(model_cfg.patch, rotation=model_cfg.rotation, translation=model_cfg.translation)
+    return features.to(x.device, x.dtype).calibrate(x)
 
 
 def _anchor_fraction(ramp_fraction: float, epoch: int, n_epochs: int) -> float:
