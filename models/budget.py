@@ -20,6 +20,7 @@ from pyro.optim import Adam
 
 from models.config import RunConfig
 from models.jtrvae import JTrVAE
+from models.train import make_elbo
 
 __all__ = ["EpochPlan", "plan_epochs"]
 
@@ -76,8 +77,6 @@ def plan_epochs(
         with torch.random.fork_rng():
             torch.manual_seed(tc.seed)
             model = JTrVAE(cfg.model)
-            from models.train import make_elbo  # train imports this module's users, not this module
-
             svi = SVI(model.model, model.guide, Adam({"lr": tc.lr}), loss=make_elbo(model))
             beta = tc.annealing.at(0, tc.epochs)
             svi.step(batch, beta)
