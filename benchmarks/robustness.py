@@ -80,9 +80,11 @@ def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
     """What the default recipe starts from, fitted on these images: the invariant features' PCA + GMM clusters."""
     import torch
 
+    from models.config import ModelConfig
     from models.nets import InvariantFeatures
 
-    features = InvariantFeatures(images.shape[1:], rotation=True, translation=True)
+    quantiles = ModelConfig.model_fields["class_quantiles"].default
+    features = InvariantFeatures(images.shape[1:], rotation=True, translation=True, quantiles=quantiles)
     with torch.no_grad():
         return cluster_classes(features.calibrate(torch.from_numpy(images)[:, None]).numpy(), k, seed=seed).labels
 

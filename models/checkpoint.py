@@ -149,6 +149,9 @@ def load_config(run_dir: str | Path) -> RunConfig:
     if isinstance(model, dict) and model.get("n_classes", 0) > 0 and "class_head" not in model:
         # A run saved before the invariant class head existed read its class from the pixel trunk: load it as such.
         model["class_head"] = "pixels"
+    if isinstance(model, dict) and "class_quantiles" not in model:
+        # ... and one saved before the intensity quantiles read only the spectral invariants.
+        model["class_quantiles"] = 0
     return RunConfig.model_validate(data)
 
 

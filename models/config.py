@@ -53,6 +53,14 @@ class ModelConfig(_Frozen):
         "(models.nets.InvariantFeatures), so the class cannot follow angle, shift or lattice registration; pixels = "
         "the paper's shared encoder trunk",
     )
+    class_quantiles: int = Field(
+        16,
+        ge=0,
+        le=256,
+        description="with the invariant class head, how many quantiles of the patch's own intensity distribution it "
+        "also reads (sorted pixel values: unchanged by any rotation or shift); they carry the brightness that tells "
+        "a heavy-cation film from its substrate, which the mean-free spectrum does not (docs/training.md); 0 = none",
+    )
     encoder_hidden: tuple[_Width, ...] = (256, 256)
     decoder_hidden: tuple[_Width, ...] = Field(
         (64, 64, 64),

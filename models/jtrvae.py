@@ -130,6 +130,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         "rotation": cfg.rotation,
         "translation": cfg.translation,
         "invariant_class": cfg.class_head == "invariant",
+        "class_quantiles": cfg.class_quantiles,
     }
     if cfg.encoder == "mlp":
         return MLPEncoder(cfg.patch, hidden=cfg.encoder_hidden, **common)

@@ -263,7 +263,12 @@ def _invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
     """Standardised invariant features of patches ``x`` ``(N, 1, H, W)`` for a model whose class head reads pixels."""
     from models.nets import InvariantFeatures
 
-    features = InvariantFeatures(model_cfg.patch, rotation=model_cfg.rotation, translation=model_cfg.translation)
+    features = InvariantFeatures(
+        model_cfg.patch,
+        rotation=model_cfg.rotation,
+        translation=model_cfg.translation,
+        quantiles=model_cfg.class_quantiles,
+    )
     return features.to(x.device, x.dtype).calibrate(x)
 
 

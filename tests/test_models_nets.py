@@ -14,7 +14,7 @@ import torch
 
 from models.coords import pixel_grid, transform_grid
 from models.fused_likelihood import pixel_log_likelihood
-from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder
+from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, InvariantFeatures, MLPEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +132,25 @@ def test_dense_decoder_refuses_a_grid_of_another_size() -> None:
     dec = DenseDecoder(30, latent_dim=2, n_classes=0, hidden=(8,))
     with pytest.raises(ValueError, match="draws 30 pixels, the grid has 20"):
         dec(torch.zeros(1, 20, 2), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("quantiles", [0, 16])
+def test_invariant_features_ignore_a_shift_and_a_quarter_turn_but_not_brightness(quantiles: int) -> None:
+    """The class head's features must not move when the model's own transforms act (a circular shift; a quarter
+    turn, which maps the sampling rings onto themselves), and must move when the content does: a brighter patch of
+    the same shape is what tells a heavy-cation film from its substrate."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    features = InvariantFeatures((16, 16), rotation=True, translation=True, quantiles=quantiles)
+    assert features.n_features == 8 * 9 + quantiles
+    base = features.raw(x)
+    shifted = features.raw(torch.roll(x, shifts=(3, -5), dims=(-2, -1)))
+    turned = features.raw(torch.rot90(x, 1, dims=(-2, -1)))
+    torch.testing.assert_close(shifted, base, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(turned, base, atol=1e-4, rtol=1e-4)
+    brighter = features.raw(x + 0.3)
+    moved = (brighter - base).abs().amax(dim=1)
+    if quantiles:
+        assert bool((moved > 0.25).all()), "the intensity quantiles must see a brighter patch"
+    else:
+        assert bool((moved < 1e-4).all()), "the mean-free spectrum alone is blind to a uniform offset"
