@@ -78,10 +78,10 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     from models.train import fit
     from sim.lattice import LatticeConfig, synth_scan
     from sim.replay import Replayer
-    from streamer.client import Subscriber
-    from streamer.config import ServiceConfig
-    from streamer.preprocess import Preprocessing
-    from streamer.service import Service
+    from streamer.maps.preprocess import Preprocessing
+    from streamer.service.config import ServiceConfig
+    from streamer.service.facade import Service
+    from streamer.wire.client import Subscriber
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     train_input = torch.from_numpy(patches.images)[:, None]
     shares = class_usage(model.encode(train_input)["class_prob"].numpy())
     # No class is designated a defect class: whatever the classes came out as, the service scores each patch against
-    # its neighbours one lattice period away, calibrated on the training frames (streamer.novelty).
+    # its neighbours one lattice period away, calibrated on the training frames (streamer.maps.novelty).
     defect_classes: list[int] = []
     novelty = calibrate_novelty(model, patches)
     # Parity on every patch position of the whole scan (a 1-px stride): the training distribution, and >= 1024.

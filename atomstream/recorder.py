@@ -165,7 +165,7 @@ class _ScanGroup:
 
 
 class Recorder:
-    """Writes published messages (``streamer.client.Received``) into one HDF5 file; a context manager."""
+    """Writes published messages (``streamer.wire.client.Received``) into one HDF5 file; a context manager."""
 
     def __init__(
         self,

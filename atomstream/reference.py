@@ -75,7 +75,7 @@ def _row(cells: list[str]) -> str:
 
 
 def protocol_reference() -> str:
-    from streamer import protocol as p
+    from streamer.wire import protocol as p
 
     sections = [
         ("Ingest (PUSH → service PULL): `[header, *buffers]`", [p.ScanStart, p.Frame, p.ScanEnd]),
@@ -89,7 +89,7 @@ def protocol_reference() -> str:
         ),
     ]
     out = [
-        "# Wire protocol v1 (generated from `streamer/protocol.py` — do not edit)",
+        "# Wire protocol v1 (generated from `streamer/wire/protocol.py` — do not edit)",
         "",
         (p.__doc__ or "").strip(),
         "",
@@ -107,7 +107,7 @@ def protocol_reference() -> str:
 def config_reference() -> str:
     out = ["# Configuration (generated from the pydantic models — do not edit)", ""]
     try:
-        from streamer.config import ServiceConfig
+        from streamer.service.config import ServiceConfig
     except ImportError:  # pragma: no cover - the service is optional in a partial install
         ServiceConfig = None  # type: ignore[assignment,misc]
     if ServiceConfig is not None:
@@ -125,7 +125,7 @@ def config_reference() -> str:
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     out.append(render_model(arg, env_prefix=f"{prefix}{name.upper()}__"))
     from models.config import Annealing, DataConfig, ModelConfig, RunConfig, TrainConfig
-    from streamer.preprocess import Preprocessing
+    from streamer.maps.preprocess import Preprocessing
 
     out += ["## Training runs (`config.json` of a run directory)", ""]
     out += [render_model(m) for m in (RunConfig, ModelConfig, TrainConfig, Annealing, DataConfig, Preprocessing)]

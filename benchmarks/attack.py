@@ -39,8 +39,8 @@ import numpy as np
 import zmq
 from soak import _make_artifact, start_service
 
-from streamer.client import Subscriber
-from streamer.protocol import ScanStart, encode, frame_message
+from streamer.wire.client import Subscriber
+from streamer.wire.protocol import ScanStart, encode, frame_message
 
 VICTIM_FPS = 20.0
 VICTIM_SHAPE = (256, 256)

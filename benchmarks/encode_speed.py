@@ -4,9 +4,9 @@ The baseline is ``JTrVAE.encode`` in eager PyTorch — the Pyro guide's posterio
 encoder network, what ``atomstream encode`` runs. A second reference row, ``pyro guide trace``, runs the guide
 itself under ``poutine.trace`` (samples every latent site; the cost of going through Pyro at inference).
 Every backend gets the same float32 patches already in memory; the exported backends go through
-``streamer.encoder.load`` exactly as the service calls them (for ONNX on the CPU that includes the tensor→numpy→tensor
-hand-over). When CUDA is present the same backends run on the GPU (ONNX Runtime's CUDA provider with IOBinding, if
-installed), with inputs already on the device.
+``streamer.maps.encoder.load`` exactly as the service calls them (for ONNX on the CPU that includes the
+tensor→numpy→tensor hand-over). When CUDA is present the same backends run on the GPU (ONNX Runtime's CUDA provider with
+IOBinding, if installed), with inputs already on the device.
 
 The model is the paper's architecture (MLP encoder 2×256 tanh, K=4, D=2, rotation and translation) and *untrained*:
 speed does not depend on the weights. Each cell is the median of ``--repeats`` timed calls after two warm-up calls.
@@ -31,7 +31,7 @@ from exporters.export import export_model
 from exporters.verify import parity_patches
 from models.config import DataConfig, ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
-from streamer.encoder import load
+from streamer.maps.encoder import load
 
 Runner = Callable[[torch.Tensor], object]
 

@@ -44,7 +44,7 @@ from models.evaluate import encode_images, evaluate_encodings, matched_class_nam
 from models.jtrvae import JTrVAE
 from models.train import fit
 from sim.cards import CLASS_NAMES, make_cards
-from streamer.preprocess import Preprocessing
+from streamer.maps.preprocess import Preprocessing
 
 VARIANTS = ("jtrVAE", "jVAE", "pyroVED-jVAE")
 REFERENCE = "pyroVED-jVAE"

@@ -4,7 +4,7 @@ Every case trains with one recipe (``recipe``): exactly what ``atomstream train 
 CLI's own ``run_config`` on the case's patches, and, unless ``--epochs`` is given, as many epochs as fit in the CLI's
 default ``--budget`` (``models.budget.plan_epochs``, timed warm-up steps on this machine). It then exports through
 the real exporter with the defect score calibrated on the training patches (``exporters.calibrate``), loads the ONNX
-artifact the way the server does and runs the frames through ``streamer.pipeline.Pipeline`` — so "published" means
+artifact the way the server does and runs the frames through ``streamer.maps.pipeline.Pipeline`` — so "published" means
 what a controller subscribed to ``defects`` would get. Truths are built here, independently of the model:
 
 * **demo lattice** (``sim.lattice``, N seeds): the simulator's defect sites. Train on 5 frames, stream 3 held-out
@@ -66,11 +66,11 @@ from models.config import DataConfig, RunConfig  # noqa: E402
 from models.data import PatchSet, scan_patches  # noqa: E402
 from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
-from streamer.atoms import find_atoms, gaussian_smooth  # noqa: E402
-from streamer.encoder import load  # noqa: E402
-from streamer.novelty import NoveltyKind, contrast, encoder_features, novelty_score  # noqa: E402
-from streamer.pipeline import FrameMaps, Pipeline  # noqa: E402
-from streamer.preprocess import Preprocessing  # noqa: E402
+from streamer.maps.atoms import find_atoms, gaussian_smooth  # noqa: E402
+from streamer.maps.encoder import load  # noqa: E402
+from streamer.maps.novelty import NoveltyKind, contrast, encoder_features, novelty_score  # noqa: E402
+from streamer.maps.pipeline import FrameMaps, Pipeline  # noqa: E402
+from streamer.maps.preprocess import Preprocessing  # noqa: E402
 
 __all__ = ["CASES", "Case", "main", "recipe"]
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from streamer.client import Subscriber
-from streamer.protocol import ScanEnd, ScanStart, encode, frame_message
+from streamer.wire.client import Subscriber
+from streamer.wire.protocol import ScanEnd, ScanStart, encode, frame_message
 
 __all__ = ["BAD_KINDS", "SoakResult", "bad_message", "make_frames", "run_soak", "scrape_counts"]
 
@@ -301,8 +301,8 @@ def _make_artifact(out: Path) -> Path:
 
 
 def _offline_fps(artifact: Path, frames: list[np.ndarray], n: int) -> float:
-    from streamer.encoder import load
-    from streamer.pipeline import Pipeline
+    from streamer.maps.encoder import load
+    from streamer.maps.pipeline import Pipeline
 
     pipeline = Pipeline(load(artifact, backend="onnx", device="cpu", batch_sizes=(1,)))
     pipeline.process(frames[0])

@@ -4,13 +4,13 @@ For each frame size three figures, measured in the same process on the **same lo
 session, so the same intra-op thread count everywhere), in interleaved rounds:
 
 * **encoder** — the bare encoder on patches already cut, at the service's batch size (``--batch``): the ceiling;
-* **in-process** — the service's worker without sockets: a ``streamer.batching.Batcher`` thread takes the frames
+* **in-process** — the service's worker without sockets: a ``streamer.service.batching.Batcher`` thread takes the frames
   from a ``FrameQueue`` (read-only arrays, as decoded from a message) and does everything the service's worker
   does — frame normalisation, cutting patches into the batch buffer, cross-frame batches, encoding, assembling maps
   and defects. The gap to *encoder* is the cost of preprocessing and assembly;
 * **end-to-end** — one in-process ``Service`` (its own I/O and worker threads, real loopback TCP sockets) receives
   ``--frames`` frames from a ``sim.replay`` producer thread sending as fast as the service takes them, and a
-  ``streamer.client.Subscriber`` on the main thread collects the maps: from the first send to the last map. The gap
+  ``streamer.wire.client.Subscriber`` on the main thread collects the maps: from the first send to the last map. The gap
   to *in-process* is the cost of the sockets, the I/O thread, decoding and publishing (and of the producer and
   subscriber, which share the process and its cores).
 
@@ -50,14 +50,14 @@ from exporters.verify import parity_patches
 from models.config import DataConfig, ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
 from sim.replay import Replayer
-from streamer.batching import Batcher
-from streamer.client import Subscriber
-from streamer.config import ServiceConfig
-from streamer.encoder import Encoder, load
-from streamer.frame_queue import FrameQueue, FrameResult, QueuedFrame
-from streamer.metrics import ServiceMetrics
-from streamer.pipeline import Pipeline
-from streamer.service import Service
+from streamer.maps.encoder import Encoder, load
+from streamer.maps.pipeline import Pipeline
+from streamer.service.batching import Batcher
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
+from streamer.service.metrics import ServiceMetrics
+from streamer.wire.client import Subscriber
 
 PATCH, STRIDE = 32, 8
 _SAME_LOAD_CORES = 0.25  # rounds whose other load is within this of the quietest round's are medianed together

@@ -1,7 +1,7 @@
 """The defect score's training statistics and calibration, computed from the training patches at export.
 
 Serving scores a patch by how unlike its neighbours (and the training patches) its encoder outputs are
-(``streamer.novelty``); what "unlike" means — the features' spread, their covariance, the threshold about one
+(``streamer.maps.novelty``); what "unlike" means — the features' spread, their covariance, the threshold about one
 training patch in a thousand exceeds — comes from here and travels in the manifest. The features are computed from
 the inference wrapper's outputs, the very tensors the exported encoder gives the server.
 
@@ -21,7 +21,7 @@ import torch
 
 from models.data import DataError, PatchSet, patches_from_config
 from models.jtrvae import JTrVAE
-from streamer.novelty import (
+from streamer.maps.novelty import (
     TRAIN_K,
     NoveltyKind,
     NoveltyStats,

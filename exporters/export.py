@@ -26,7 +26,7 @@ from exporters.verify import check_parity
 from exporters.wrapper import InferenceWrapper
 from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
-from streamer.manifest import (
+from streamer.maps.manifest import (
     INPUT_NAME,
     MANIFEST_NAME,
     MODEL_FILES,
@@ -40,7 +40,7 @@ from streamer.manifest import (
     sha256_file,
     write_manifest,
 )
-from streamer.novelty import NoveltyStats
+from streamer.maps.novelty import NoveltyStats
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -81,7 +81,7 @@ def _example(wrapper: InferenceWrapper) -> Tensor:
 
 
 def export_torchscript(wrapper: InferenceWrapper, path: str | Path) -> Path:
-    """Trace and save, embedding the I/O description (``TS_METADATA``) that ``streamer.encoder`` checks."""
+    """Trace and save, embedding the I/O description (``TS_METADATA``) that ``streamer.maps.encoder`` checks."""
     meta = {"input": INPUT_NAME, "outputs": list(wrapper.output_names), "patch": list(wrapper.patch)}
     with quiet_export_warnings(), torch.no_grad():
         traced = torch.jit.trace(wrapper, (_example(wrapper),), check_trace=False)

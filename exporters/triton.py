@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamer.manifest import MODEL_FILES, Manifest, TensorSpec
+from streamer.maps.manifest import MODEL_FILES, Manifest, TensorSpec
 
 __all__ = ["TritonError", "config_pbtxt", "triton_model_name", "write_triton_model"]
 

@@ -25,7 +25,7 @@ from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import ParityReference
 from models.config import RunConfig
 from models.data import DataError, patches_from_config
-from streamer.manifest import INPUT_NAME, BackendParity, LatentLayout, Parity, expected_outputs
+from streamer.maps.manifest import INPUT_NAME, BackendParity, LatentLayout, Parity, expected_outputs
 
 __all__ = [
     "FP16_MIN_ARGMAX_AGREEMENT",

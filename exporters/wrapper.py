@@ -3,7 +3,7 @@
 At inference the guide's posterior means are deterministic functions of the encoder network's heads, computed by
 ``models.nets.posterior_means`` — the same function ``JTrVAE.encode`` calls, so serving and the model cannot drift.
 
-The forward pass returns a *tuple* in ``streamer.manifest.OUTPUT_ORDER`` (entries the model lacks are omitted),
+The forward pass returns a *tuple* in ``streamer.maps.manifest.OUTPUT_ORDER`` (entries the model lacks are omitted),
 because tuples survive tracing and ONNX export with their order intact; the names go into the manifest.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from models.nets import posterior_means
-from streamer.manifest import LatentLayout, TensorSpec, expected_outputs
+from streamer.maps.manifest import LatentLayout, TensorSpec, expected_outputs
 
 __all__ = ["InferenceWrapper", "ParityReference"]
 

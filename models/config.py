@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from streamer.manifest import Tiling
-from streamer.preprocess import Preprocessing
+from streamer.maps.manifest import Tiling
+from streamer.maps.preprocess import Preprocessing
 
 __all__ = ["Annealing", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"]
 
@@ -192,7 +192,7 @@ class DataConfig(_Frozen):
     atom_threshold: float = _TILING["atom_threshold"]
     atom_sublattice: Literal["all", "brightest"] = Field(
         _TILING["atom_sublattice"].default,
-        description="brightest: keep one sublattice so classes do not split by sublattice (streamer.atoms)",
+        description="brightest: keep one sublattice so classes do not split by sublattice (streamer.maps.atoms)",
     )
 
 

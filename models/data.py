@@ -1,9 +1,9 @@
 """Training data: image stacks and patches cut from scans, with each patch's position and the config that made it.
 
-Scans are cut and transformed by ``streamer.preprocess`` (grid or atom-centred patches, optional log-magnitude FFT),
-the very functions serving runs on live frames, and the ``DataConfig`` returned with the patches records every
-choice, so ``config.json`` of a run tells the exporter — and ``patches_from_config`` on new data — exactly what
-training saw.
+Scans are cut and transformed by ``streamer.maps.preprocess`` (grid or atom-centred patches, optional log-magnitude
+FFT), the very functions serving runs on live frames, and the ``DataConfig`` returned with the patches records every
+choice, so ``config.json`` of a run tells the exporter — and ``patches_from_config`` on new data — exactly what training
+saw.
 
 Positions: ``PatchSet.positions[i] = (frame, y, x)`` is the **top-left corner** of patch ``i`` in frame pixels, for
 every kind of data, so ``frames[f, y:y+ph, x:x+pw]`` is always the raw region the patch came from. Atom-centred
@@ -23,9 +23,9 @@ import torch
 from pydantic import ValidationError
 
 from models.config import DataConfig
-from streamer.atoms import find_atoms
-from streamer.preprocess import Preprocessing, grid_patches, point_patches, prepare_frame, prepare_patches
-from streamer.tiling import TilingError, grid_shape
+from streamer.maps.atoms import find_atoms
+from streamer.maps.preprocess import Preprocessing, grid_patches, point_patches, prepare_frame, prepare_patches
+from streamer.maps.tiling import TilingError, grid_shape
 
 __all__ = [
     "DataError",
@@ -307,7 +307,7 @@ def build_patches(
     ``.npz`` is a stack (each image one patch; ``patch`` if given must equal the image size; no ``stride`` or
     ``atoms``). Anything else is a scan (``frames`` if the caller read it, else an ``.npy``): patches on a grid
     (``patch``, ``stride``, default ``DataConfig.patch`` and patch // 4) or, with ``atoms``, centred on the atoms
-    ``streamer.atoms.find_atoms`` finds (``atom_*`` None: ``DataConfig``'s defaults). ``fft`` turns each patch into
+    ``streamer.maps.atoms.find_atoms`` finds (``atom_*`` None: ``DataConfig``'s defaults). ``fft`` turns each patch into
     its centred log-magnitude spectrum, min-max scaled.
     """
     p = Path(path)

@@ -68,7 +68,7 @@ def _as_images(images: np.ndarray | Tensor, patch: tuple[int, int], what: str) -
     if x.shape[0] == 0:
         raise FitError(f"{what} are empty; give at least one image")
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise FitError(f"{what} must be finite and scaled to [0, 1]; normalise them first (streamer.preprocess)")
+        raise FitError(f"{what} must be finite and scaled to [0, 1]; normalise them first (streamer.maps.preprocess)")
     return x
 
 

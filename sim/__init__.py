@@ -1,8 +1,8 @@
 """Synthetic data and recorded scans: the cards set, lattice scans with ground truth, readers, the replay producer.
 
 Names are imported lazily (PEP 562) so ``import sim`` stays cheap and ``sim.cards`` works without ZeroMQ or the
-streamer installed; ``sim.replay`` alone needs ``zmq`` and ``streamer.protocol``. The one-call ``replay`` function is
-``sim.replay.replay`` (at package level the name ``sim.replay`` is the module).
+streamer installed; ``sim.replay`` alone needs ``zmq`` and ``streamer.wire.protocol``. The one-call ``replay`` function
+is ``sim.replay.replay`` (at package level the name ``sim.replay`` is the module).
 """
 
 from __future__ import annotations

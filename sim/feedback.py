@@ -66,7 +66,7 @@ class ServiceFeedback:
     """A subscriber to the service's ``error`` and ``scan_summary`` topics; open it before sending the scan."""
 
     def __init__(self, endpoint: str, *, curve: Any = None, connect_timeout: float = 5.0) -> None:
-        from streamer.client import Subscriber
+        from streamer.wire.client import Subscriber
 
         self.endpoint = endpoint
         self.connect_timeout = connect_timeout

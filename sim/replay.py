@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from streamer.protocol import SUPPORTED_DTYPES, Frame, ScanEnd, ScanStart, encode
+from streamer.wire.protocol import SUPPORTED_DTYPES, Frame, ScanEnd, ScanStart, encode
 
 __all__ = ["ReplayError", "ReplaySummary", "Replayer", "replay", "wire_dtype"]
 

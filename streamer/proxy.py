@@ -27,8 +27,8 @@ from types import TracebackType
 
 import zmq
 
-from streamer.security import is_loopback
-from streamer.sockets import SUBSCRIPTION_BYTES, bind_endpoint
+from streamer.wire.security import is_loopback
+from streamer.wire.sockets import SUBSCRIPTION_BYTES, bind_endpoint
 
 __all__ = ["Proxy", "ProxyError"]
 

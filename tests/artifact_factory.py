@@ -21,7 +21,7 @@ from exporters.export import export_model
 from exporters.verify import parity_patches
 from models.config import DataConfig, ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
-from streamer.preprocess import Preprocessing
+from streamer.maps.preprocess import Preprocessing
 
 __all__ = ["make_artifact"]
 

@@ -22,7 +22,14 @@ import atheris
 import numpy as np
 
 with atheris.instrument_imports(include=["streamer", "json"]):  # coverage feedback from the decoder (and JSON)
-    from streamer.protocol import REASONS, SUPPORTED_DTYPES, ProtocolError, decode, decode_control, decode_published
+    from streamer.wire.protocol import (
+        REASONS,
+        SUPPORTED_DTYPES,
+        ProtocolError,
+        decode,
+        decode_control,
+        decode_published,
+    )
 
 MAX_FRAME_BYTES = 1 << 20
 SEPARATOR = b"\x00|\x00"  # splits the fuzzer's input into message parts
@@ -31,7 +38,7 @@ KNOWN_BUGS: tuple[type[BaseException], ...] = (RecursionError,)  # reported: dee
 
 def seed_corpus() -> list[bytes]:
     """Valid frames of every dtype, joined the way ``one_input`` splits them."""
-    from streamer.protocol import encode, frame_message
+    from streamer.wire.protocol import encode, frame_message
 
     seeds = []
     for dtype in SUPPORTED_DTYPES:

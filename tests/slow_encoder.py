@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from streamer.encoder import Encoder
+from streamer.maps.encoder import Encoder
 
 
 class SlowEncoder:

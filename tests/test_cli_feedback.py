@@ -12,7 +12,7 @@ from zmq_helpers import TIMEOUT_S, service_config
 
 from atomstream.cli import main
 from sim.formats import read_scan
-from streamer.service import Service
+from streamer.service.facade import Service
 
 
 @pytest.fixture(scope="module")

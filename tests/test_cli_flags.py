@@ -40,7 +40,7 @@ def test_every_flag_has_help_and_every_optional_value_a_default() -> None:
 
 def test_config_flags_default_to_none_and_show_the_configs_default() -> None:
     from models.config import DataConfig, ModelConfig, TrainConfig
-    from streamer.config import ServiceConfig
+    from streamer.service.config import ServiceConfig
 
     parser = build_parser()
     train = parser.parse_args(["train", "--data", "x.npz", "--out", "run"])

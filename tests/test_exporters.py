@@ -17,9 +17,9 @@ from models.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from models.jtrvae import JTrVAE
 from models.train import fit
 from sim.cards import CLASS_NAMES, make_cards, save_npz
-from streamer.encoder import load
-from streamer.manifest import read_manifest, sha256_file
-from streamer.preprocess import Preprocessing
+from streamer.maps.encoder import load
+from streamer.maps.manifest import read_manifest, sha256_file
+from streamer.maps.preprocess import Preprocessing
 
 PATCH = (16, 16)
 

@@ -50,7 +50,11 @@ def test_models_nets_are_pure_torch() -> None:
 
 def test_streamer_imports_without_pyro_installed() -> None:
     """The serving install has no Pyro: every streamer module must import with pyro made unimportable."""
-    modules = sorted(f"streamer.{p.stem}" for p in (ROOT / "streamer").glob("*.py") if p.stem != "__init__")
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for p in (ROOT / "streamer").rglob("*.py")
+        if p.stem != "__init__"
+    )
     code = "import sys\nsys.modules['pyro'] = None\n" + "".join(f"import {m}\n" for m in modules)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

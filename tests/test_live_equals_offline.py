@@ -11,11 +11,11 @@ from artifact_factory import make_artifact
 
 from sim.lattice import LatticeConfig, synth_frame
 from sim.replay import Replayer
-from streamer.client import Subscriber
-from streamer.config import ServiceConfig
-from streamer.encoder import load
-from streamer.pipeline import Pipeline
-from streamer.service import Service
+from streamer.maps.encoder import load
+from streamer.maps.pipeline import Pipeline
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.client import Subscriber
 
 T = 20.0
 ATOL = 1e-5

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.data import DataError, build_patches, patches_from_config
-from streamer.atoms import find_atoms
-from streamer.preprocess import prepare_frame
-from streamer.spectral import log_magnitude
+from streamer.maps.atoms import find_atoms
+from streamer.maps.preprocess import prepare_frame
+from streamer.maps.spectral import log_magnitude
 
 
 def _scan(path: Path, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -17,9 +17,9 @@ from zmq_helpers import TIMEOUT_S, service_config
 from atomstream.cli import main
 from sim.lattice import LatticeConfig, synth_frame
 from sim.replay import replay
-from streamer.encoder import load
-from streamer.pipeline import Pipeline
-from streamer.service import Service
+from streamer.maps.encoder import load
+from streamer.maps.pipeline import Pipeline
+from streamer.service.facade import Service
 
 CLASS_NAMES = ("substrate", "film", "edge")
 PIXEL_NM = 0.0195
@@ -93,7 +93,7 @@ def test_record_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytes
 
 
 def test_a_frame_with_a_nonsense_pixel_size_is_refused_by_name() -> None:
-    from streamer.protocol import Frame
+    from streamer.wire.protocol import Frame
 
     with pytest.raises(ValueError, match="pixel_size"):
         Frame(scan_id="s", frame_id=0, dtype="float32", shape=[4, 4], meta={"pixel_size": -1})
@@ -105,7 +105,7 @@ def test_atom_centred_maps_are_stored_flat_with_offsets(tmp_path: Path) -> None:
     """Points layout: a different number of patches per frame, rows of frame k at offsets[k]:offsets[k+1]."""
     from atomstream.recorder import Recorder
     from sim.replay import Replayer
-    from streamer.client import Subscriber
+    from streamer.wire.client import Subscriber
 
     artifact = make_artifact(tmp_path / "points-artifact", layout="points", seed=2, class_names=CLASS_NAMES)
     frames = _frames()[:3]

@@ -20,8 +20,8 @@ import pytest
 from artifact_factory import make_artifact
 from zmq_helpers import service_config
 
-from streamer.config import ServiceConfig
-from streamer.service import Service
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 500

@@ -37,14 +37,14 @@ from zmq_helpers import (
 )
 
 from atomstream.cli import main
-from streamer.client import Controller, Subscriber
-from streamer.config import ServiceConfig
-from streamer.encoder import Encoder, load
-from streamer.frame_queue import FrameQueue, QueuedFrame
-from streamer.manifest import ArtifactError, sha256_file
-from streamer.protocol import ScanEnd, ScanStart, encode
-from streamer.security import ClientCurve, CurveConfig, generate_keys
-from streamer.service import Service, ServiceError
+from streamer.maps.encoder import Encoder, load
+from streamer.maps.manifest import ArtifactError, sha256_file
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service, ServiceError
+from streamer.service.frame_queue import FrameQueue, QueuedFrame
+from streamer.wire.client import Controller, Subscriber
+from streamer.wire.protocol import ScanEnd, ScanStart, encode
+from streamer.wire.security import ClientCurve, CurveConfig, generate_keys
 
 T = 20.0
 FRAME = np.linspace(0, 1, 40 * 40, dtype=np.float32).reshape(40, 40)

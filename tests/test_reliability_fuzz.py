@@ -31,9 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zmq_helpers import Sockets, control, service_config, sockets, subscribe
 
-from streamer.config import ServiceConfig
-from streamer.encoder import Encoder, load
-from streamer.protocol import (
+from streamer.maps.encoder import Encoder, load
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.protocol import (
     REASONS,
     SUPPORTED_DTYPES,
     ArraySpec,
@@ -47,7 +48,6 @@ from streamer.protocol import (
     encode,
     frame_message,
 )
-from streamer.service import Service
 
 TIMEOUT_S = 10.0
 MAX_FRAME_BYTES = 1 << 20  # the fuzzed service's limit: small, so "too large" is reachable with modest shapes

@@ -20,11 +20,11 @@ from artifact_factory import make_artifact
 from zmq.utils.monitor import recv_monitor_message
 from zmq_helpers import Sockets, collect, control, service_config, slow_subscriber, subscribe
 
-from streamer.config import ServiceConfig
-from streamer.encoder import Encoder, load
-from streamer.protocol import decode_published, encode, frame_message
-from streamer.security import CurveConfig, generate_keys, secure_client_socket
-from streamer.service import Service
+from streamer.maps.encoder import Encoder, load
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.protocol import decode_published, encode, frame_message
+from streamer.wire.security import CurveConfig, generate_keys, secure_client_socket
 
 TIMEOUT_S = 30.0
 

@@ -20,11 +20,11 @@ from artifact_factory import make_artifact
 from slow_encoder import SlowEncoder
 
 from sim.replay import replay
-from streamer.client import ControlError, Controller, Subscriber
-from streamer.config import ServiceConfig
-from streamer.encoder import load
-from streamer.pipeline import Pipeline
-from streamer.service import Service
+from streamer.maps.encoder import load
+from streamer.maps.pipeline import Pipeline
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.client import ControlError, Controller, Subscriber
 
 TIMEOUT_S = 30.0
 N_FRAMES = 150

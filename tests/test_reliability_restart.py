@@ -33,8 +33,8 @@ from artifact_factory import make_artifact
 from zmq.utils.monitor import recv_monitor_message
 from zmq_helpers import Sockets, control
 
-from streamer.client import Subscriber
-from streamer.protocol import ScanEnd, ScanStart, encode, frame_message
+from streamer.wire.client import Subscriber
+from streamer.wire.protocol import ScanEnd, ScanStart, encode, frame_message
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60.0

@@ -13,11 +13,11 @@ import pytest
 import torch
 from artifact_factory import make_artifact
 
-from streamer.encode_stage import EncodeStage
-from streamer.encoder import Encoder, load
-from streamer.frame_queue import FrameResult, QueuedFrame
-from streamer.metrics import ServiceMetrics
-from streamer.pipeline import Pipeline, PipelineError, PreparedFrame
+from streamer.maps.encoder import Encoder, load
+from streamer.maps.pipeline import Pipeline, PipelineError, PreparedFrame
+from streamer.service.encode_stage import EncodeStage
+from streamer.service.frame_queue import FrameResult, QueuedFrame
+from streamer.service.metrics import ServiceMetrics
 
 TIMEOUT_S = 30.0
 FRAMES = [

@@ -13,12 +13,12 @@ import zmq
 from artifact_factory import make_artifact
 from zmq_helpers import TIMEOUT_S, Sockets, push_frame, recv_published, service_config, subscribe
 
-from streamer.encoder import Encoder, load
-from streamer.io_loop import WakePipe
-from streamer.ledger import Ledger
-from streamer.metrics import ServiceMetrics
-from streamer.service import Service
-from streamer.sockets import SocketError, open_sockets
+from streamer.maps.encoder import Encoder, load
+from streamer.service.facade import Service
+from streamer.service.io_loop import WakePipe
+from streamer.service.ledger import Ledger
+from streamer.service.metrics import ServiceMetrics
+from streamer.wire.sockets import SocketError, open_sockets
 
 
 @pytest.fixture(scope="module")

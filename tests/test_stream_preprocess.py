@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.preprocess import Preprocessing, _normalise, _quantiles, prepare_frame, prepare_patches
-from streamer.tiling import TilingError, patch_range, tile_grid
+from streamer.maps.preprocess import Preprocessing, _normalise, _quantiles, prepare_frame, prepare_patches
+from streamer.maps.tiling import TilingError, patch_range, tile_grid
 
 SPECS = {
     "plain": Preprocessing(frame_norm="none"),

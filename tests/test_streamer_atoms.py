@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.atoms import AtomFinderError, find_atoms, gaussian_smooth
+from streamer.maps.atoms import AtomFinderError, find_atoms, gaussian_smooth
 
 
 def _lattice(shape: tuple[int, int], spacing: float, sigma: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -123,7 +123,7 @@ def test_one_sublattice_keeps_everything_when_intensities_are_not_bimodal() -> N
 
 
 def test_atom_patches_are_interpolated_onto_the_subpixel_centre() -> None:
-    from streamer.tiling import gather_points
+    from streamer.maps.tiling import gather_points
 
     yy, xx = np.mgrid[0:32, 0:32]
     frame = torch.from_numpy((0.5 * yy + 2.0 * xx).astype(np.float32))  # a plane: bilinear sampling is exact

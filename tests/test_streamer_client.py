@@ -18,10 +18,10 @@ from zmq_helpers import push_frame, sockets
 
 from atomstream.cli import main
 from sim.replay import Replayer
-from streamer.client import ControlError, Controller, ControlTimeoutError, Gap, Subscriber
-from streamer.config import ServiceConfig
-from streamer.protocol import ArraySpec, Maps, ModelRef, Status, encode_published
-from streamer.service import Service
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.client import ControlError, Controller, ControlTimeoutError, Gap, Subscriber
+from streamer.wire.protocol import ArraySpec, Maps, ModelRef, Status, encode_published
 
 T = 20.0
 

@@ -11,7 +11,7 @@ import pytest
 from artifact_factory import make_artifact
 
 from sim.lattice import LatticeConfig, synth_scan
-from streamer.defects import (
+from streamer.maps.defects import (
     LINK_FACTOR,
     DefectRule,
     Regions,
@@ -23,15 +23,15 @@ from streamer.defects import (
     publishable,
     regions_to_defects,
 )
-from streamer.encoder import load
-from streamer.novelty import (
+from streamer.maps.encoder import load
+from streamer.maps.novelty import (
     contrast,
     fit_novelty,
     grid_neighbours,
     novelty_score,
     point_neighbours,
 )
-from streamer.pipeline import Pipeline
+from streamer.maps.pipeline import Pipeline
 
 PATCH, STRIDE, ORIGIN = (16, 16), (8, 8), (4, 2)
 

@@ -1,4 +1,4 @@
-"""``streamer.encoder.load``: real exported artifacts, both backends, and every way an artifact can be refused."""
+"""``streamer.maps.encoder.load``: real exported artifacts, both backends, and every way an artifact can be refused."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from artifact_factory import make_artifact
 
-from streamer.encoder import ArtifactError, Encoder, EncoderError, load
-from streamer.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from streamer.maps.encoder import ArtifactError, Encoder, EncoderError, load
+from streamer.maps.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_loader_needs_no_pyro_nor_training_code(artifact: Path) -> None:
         "for m in ('pyro', 'models', 'exporters', 'onnx'):\n"
         "    sys.modules[m] = None\n"
         "import torch\n"
-        "from streamer.encoder import load\n"
+        "from streamer.maps.encoder import load\n"
         f"enc = load({str(artifact)!r}, backend='onnx', device='cpu')\n"
         "out = enc(torch.rand(3, 1, 12, 20))\n"
         f"enc2 = load({str(artifact)!r}, backend='torchscript', device='cpu')\n"

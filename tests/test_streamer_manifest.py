@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from streamer.manifest import (
+from streamer.maps.manifest import (
     MANIFEST_NAME,
     OUTPUT_ORDER,
     ArtifactError,
@@ -26,7 +26,7 @@ from streamer.manifest import (
     sha256_file,
     write_manifest,
 )
-from streamer.preprocess import Preprocessing
+from streamer.maps.preprocess import Preprocessing
 
 
 def _manifest(tmp: Path, *, n_classes: int = 3, rotation: bool = True, translation: bool = False) -> Manifest:

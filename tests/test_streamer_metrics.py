@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from artifact_factory import make_artifact
 
-from streamer.config import ServiceConfig
-from streamer.metrics import MetricsServer, ServiceMetrics
-from streamer.protocol import ModelRef
-from streamer.service import Service
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.service.metrics import MetricsServer, ServiceMetrics
+from streamer.wire.protocol import ModelRef
 
 DESIGN_NAMES = [
     "atomstream_frames_received_total",

@@ -10,10 +10,10 @@ import torch
 from artifact_factory import make_artifact
 
 from sim.lattice import LatticeConfig, synth_frame
-from streamer.atoms import find_atoms
-from streamer.encoder import Encoder, load
-from streamer.pipeline import ARRAY_ORDER, FrameError, Pipeline, PipelineError, slice_outputs
-from streamer.preprocess import Preprocessing, grid_patches, point_patches
+from streamer.maps.atoms import find_atoms
+from streamer.maps.encoder import Encoder, load
+from streamer.maps.pipeline import ARRAY_ORDER, FrameError, Pipeline, PipelineError, slice_outputs
+from streamer.maps.preprocess import Preprocessing, grid_patches, point_patches
 
 ATOL = 1e-5
 

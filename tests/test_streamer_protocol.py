@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from streamer.protocol import (
+from streamer.wire.protocol import (
     REASONS,
     SUPPORTED_DTYPES,
     ArraySpec,

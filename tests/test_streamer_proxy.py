@@ -18,11 +18,11 @@ from zmq.utils.monitor import recv_monitor_message
 from zmq_helpers import push_frame, sockets
 
 from atomstream.cli import main
-from streamer.client import Subscriber
-from streamer.config import ConfigError, ServiceConfig
-from streamer.protocol import ScanEnd, ScanStart, encode
 from streamer.proxy import Proxy, ProxyError
-from streamer.service import Service
+from streamer.service.config import ConfigError, ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.client import Subscriber
+from streamer.wire.protocol import ScanEnd, ScanStart, encode
 
 T = 20.0
 

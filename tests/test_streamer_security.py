@@ -17,10 +17,10 @@ from artifact_factory import make_artifact
 from zmq_helpers import Sockets, handshake_succeeds, push_frame, push_scan, sockets
 
 from atomstream.cli import main
-from streamer.client import Controller, ControlTimeoutError, Subscriber
-from streamer.config import ServiceConfig
-from streamer.security import ClientCurve, CurveConfig, SecurityError, generate_keys, secure_client_socket
-from streamer.service import Service
+from streamer.service.config import ServiceConfig
+from streamer.service.facade import Service
+from streamer.wire.client import Controller, ControlTimeoutError, Subscriber
+from streamer.wire.security import ClientCurve, CurveConfig, SecurityError, generate_keys, secure_client_socket
 
 T = 20.0
 

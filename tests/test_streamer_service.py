@@ -37,12 +37,12 @@ from zmq_helpers import (
 from atomstream.cli import main
 from sim.lattice import LatticeConfig, synth_frame
 from sim.replay import replay
-from streamer.config import ConfigError, ServiceConfig
-from streamer.encoder import Encoder, load
-from streamer.pipeline import FrameMaps, Pipeline
-from streamer.protocol import ScanEnd, encode, frame_message
-from streamer.security import CurveConfig, generate_keys, secure_client_socket
-from streamer.service import Service, ServiceError
+from streamer.maps.encoder import Encoder, load
+from streamer.maps.pipeline import FrameMaps, Pipeline
+from streamer.service.config import ConfigError, ServiceConfig
+from streamer.service.facade import Service, ServiceError
+from streamer.wire.protocol import ScanEnd, encode, frame_message
+from streamer.wire.security import CurveConfig, generate_keys, secure_client_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5

@@ -20,7 +20,7 @@ from zmq_helpers import TIMEOUT_S, service_config
 from atomstream.view.snapshot import decode_snapshot, encode_snapshot
 from sim.lattice import LatticeConfig, synth_frame
 from sim.replay import replay
-from streamer.service import Service
+from streamer.service.facade import Service
 
 CLASS_NAMES = ("substrate", "film", "edge")
 N_FRAMES = 6

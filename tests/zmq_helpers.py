@@ -16,8 +16,8 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamer.config import ServiceConfig
-from streamer.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
+from streamer.service.config import ServiceConfig
+from streamer.wire.protocol import ScanEnd, ScanStart, decode_published, encode, frame_message
 
 __all__ = [
     "TIMEOUT_S",

@@ -1,9 +1,9 @@
 """Flag helpers shared by the commands: defaults shown from the config models, and the nearest flag for a typo.
 
-Defaults live in one place, the frozen pydantic configs (``models.config``, ``streamer.config``). A flag that sets a
-config field defaults to ``None`` — "not given", so the config's own default applies — and its help shows that
+Defaults live in one place, the frozen pydantic configs (``models.config``, ``streamer.service.config``). A flag that
+sets a config field defaults to ``None`` — "not given", so the config's own default applies — and its help shows that
 default, read from the model when the help is printed. The read is lazy because the configs import torch (through
-``streamer.preprocess``), which ``atomstream --help`` or ``atomstream serve`` on a CPU install should not pay for.
+``streamer.maps.preprocess``), which ``atomstream --help`` or ``atomstream serve`` on a CPU install should not pay for.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def add_subscriber_flags(parser: argparse.ArgumentParser) -> None:
 
 def subscriber_curve(args: argparse.Namespace) -> Any:
     """The client's CURVE keys from ``--curve-secret`` and ``--curve-server-key`` (both or neither), or None."""
-    from streamer.security import ClientCurve
+    from streamer.wire.security import ClientCurve
 
     if (args.curve_secret is None) != (args.curve_server_key is None):
         raise CommandError("CURVE needs both --curve-secret (this client's key) and --curve-server-key")

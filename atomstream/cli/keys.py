@@ -1,6 +1,6 @@
 """``atomstream keys``: make a CurveZMQ keypair for the service or one of its clients.
 
-Run it once for the server and once per client; see ``streamer.security`` for where each file goes.
+Run it once for the server and once per client; see ``streamer.wire.security`` for where each file goes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from streamer.security import SecurityError, generate_keys
+    from streamer.wire.security import SecurityError, generate_keys
 
     try:
         public, secret = generate_keys(args.out, args.name)

@@ -74,7 +74,7 @@ def _record(args: argparse.Namespace) -> int:
     from atomstream.cli._endpoints import checked_endpoint
     from atomstream.cli._subscribing import subscriber_curve
     from atomstream.recorder import Recorder, RecorderError
-    from streamer.client import Subscriber
+    from streamer.wire.client import Subscriber
 
     endpoint = checked_endpoint(args.endpoint, "--endpoint")
     for flag, value in (("--frames", args.frames), ("--scans", args.scans)):

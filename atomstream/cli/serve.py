@@ -36,7 +36,7 @@ def _port(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0: a free port; none: no metrics)") from None
 
 
-_SERVICE = "streamer.config:ServiceConfig"
+_SERVICE = "streamer.service.config:ServiceConfig"
 
 
 def _defect_classes(text: str) -> list[int | str]:
@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``ServiceConfig`` fields given as flags: every namespace entry named like a field and not None
     (``metrics_port`` is present only when given, and then may be None: off)."""
-    from streamer.config import ServiceConfig
+    from streamer.service.config import ServiceConfig
 
     given = vars(args)
     return {
@@ -125,8 +125,8 @@ def _ready_line(service: Any) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from streamer.config import ConfigError, ServiceConfig
-    from streamer.service import Service, ServiceError
+    from streamer.service.config import ConfigError, ServiceConfig
+    from streamer.service.facade import Service, ServiceError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

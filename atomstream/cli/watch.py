@@ -182,7 +182,7 @@ def _render(lines: list[str], stream: TextIO, *, tty: bool, previous: int) -> in
 def _watch(args: argparse.Namespace) -> int:
     from atomstream.cli._endpoints import checked_endpoint
     from atomstream.cli._subscribing import subscriber_curve, underlay_frames
-    from streamer.client import Subscriber
+    from streamer.wire.client import Subscriber
 
     args.endpoint = checked_endpoint(args.endpoint, "--endpoint")
     if args.frames is not None and args.frames < 1:

@@ -217,7 +217,7 @@ class ViewFeed:
         self._thread = threading.Thread(target=self._run, name="atomstream-view-feed", daemon=True)
 
     def _run(self) -> None:
-        from streamer.client import Subscriber
+        from streamer.wire.client import Subscriber
 
         try:
             with Subscriber(self.state.endpoint, curve=self._curve, rcvtimeo_ms=200, track_seq=self._track_seq) as sub:

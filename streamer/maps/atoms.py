@@ -1,7 +1,7 @@
 """Atomic columns in a frame: smoothed local maxima, optionally refined to sub-pixel centres.
 
 Atom-centred patches (the paper's STEM case) need the same centres in training (``models.data``) and serving
-(``streamer.pipeline``), so the finder lives here, in pure torch, and runs on the frame's device.
+(``streamer.maps.pipeline``), so the finder lives here, in pure torch, and runs on the frame's device.
 
 Steps: Gaussian smoothing (separable, reflect-padded, so noise does not make spurious maxima) → normalise the smoothed
 frame to [0, 1] (so ``threshold`` is relative and survives gain changes) → a pixel is a peak when it equals the maximum

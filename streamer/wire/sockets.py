@@ -4,7 +4,7 @@ Everything here runs on the I/O thread, the sockets' only owner (ZeroMQ sockets 
 socket: the ingest PULL's receive high-water mark (``recv_hwm``: with ``overload=block`` this is what pushes back on
 the producer), the publishing sockets' send high-water mark and ``linger_ms`` (so subscribers receive the tail at
 shutdown; the others close at once), CURVE on all of them when configured, each socket in the ZAP domain of its
-role (``streamer.security``). ``tcp://host:0`` binds a free port and the endpoints come back as actually bound.
+role (``streamer.wire.security``). ``tcp://host:0`` binds a free port and the endpoints come back as actually bound.
 
 ``ZMQ_MAXMSGSIZE`` on every socket: libzmq reads each frame's length before its bytes and drops a peer that
 announces more than the limit, so an oversized message is never held in memory (the ingest limit is
@@ -14,20 +14,56 @@ announces more than the limit, so an oversized message is never held in memory (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
-from streamer.config import ServiceConfig
-from streamer.protocol import MAX_HEADER_BYTES
+from streamer.wire.protocol import MAX_HEADER_BYTES
+from streamer.wire.security import CurveConfig, secure_server_socket, server_auth
 
-__all__ = ["SUBSCRIPTION_BYTES", "SocketError", "SocketSet", "bind_endpoint", "bindable", "open_sockets"]
+__all__ = [
+    "SUBSCRIPTION_BYTES",
+    "SocketError",
+    "SocketSet",
+    "SocketSettings",
+    "bind_endpoint",
+    "bindable",
+    "open_sockets",
+]
 
-#: ``ServiceConfig`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
+#: ``SocketSettings`` field of each socket's endpoint, in binding order; also the names of ``SocketSet.endpoints``.
 NAMES = ("ingest", "publish", "control", "publish_reliable")
 #: The CURVE role (ZAP domain) of each socket: who may connect to it.
 ROLE_OF = {"ingest": "ingest", "publish": "publish", "control": "control", "publish_reliable": "publish"}
 SUBSCRIPTION_BYTES = 4096  # a subscription frame is a topic prefix: the longest topic is 12 bytes
+
+
+class SocketSettings(Protocol):
+    """What ``open_sockets`` reads: the service's ``ServiceConfig`` has these fields (the wire does not import the
+    service, so it names only what it needs)."""
+
+    @property
+    def ingest(self) -> str: ...
+    @property
+    def publish(self) -> str: ...
+    @property
+    def control(self) -> str: ...
+    @property
+    def publish_reliable(self) -> str | None: ...
+    @property
+    def publish_connect(self) -> bool: ...
+    @property
+    def recv_hwm(self) -> int: ...
+    @property
+    def send_hwm(self) -> int: ...
+    @property
+    def max_frame_bytes(self) -> int: ...
+    @property
+    def max_control_bytes(self) -> int: ...
+    @property
+    def linger_ms(self) -> int: ...
+    @property
+    def curve(self) -> CurveConfig | None: ...
 
 
 class SocketError(RuntimeError):
@@ -80,7 +116,7 @@ class SocketSet:
         self.context.term()
 
 
-def open_sockets(cfg: ServiceConfig) -> SocketSet:
+def open_sockets(cfg: SocketSettings) -> SocketSet:
     """A new context with the service's sockets configured and bound (or, for ``publish_connect``, connected).
 
     On failure everything opened so far is closed again and ``SocketError`` says which endpoint failed.
@@ -105,8 +141,6 @@ def open_sockets(cfg: ServiceConfig) -> SocketSet:
             if s is not None:
                 s.setsockopt(zmq.LINGER, cfg.linger_ms)
         if cfg.curve is not None:
-            from streamer.security import secure_server_socket, server_auth
-
             sockets.auth = server_auth(ctx, cfg.curve)
             for name, s in zip(NAMES, sockets.all, strict=False):
                 secure_server_socket(s, cfg.curve, ROLE_OF[name])  # type: ignore[arg-type]
@@ -118,7 +152,7 @@ def open_sockets(cfg: ServiceConfig) -> SocketSet:
     return sockets
 
 
-def _attach(name: str, s: zmq.Socket[bytes], cfg: ServiceConfig) -> str:
+def _attach(name: str, s: zmq.Socket[bytes], cfg: SocketSettings) -> str:
     endpoint: str = getattr(cfg, name)
     if name == "publish" and cfg.publish_connect:
         try:

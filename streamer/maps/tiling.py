@@ -6,7 +6,7 @@ Grid convention (DESIGN.md, "maps"): patch (i, j) covers rows ``y0 + i*sy … y0
 encoder needs, and keeps the map a plain grid; a caller who wants the far edge covered moves ``origin``.
 
 These are pure tensor functions that run on whatever device the frame is on: the same code cuts patches for
-training (``models.data``) and for serving (``streamer.pipeline``).
+training (``models.data``) and for serving (``streamer.maps.pipeline``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Defects as connected regions of flagged patches, each published with its score, area, class and the score's kind.
 
-**Score** (``defect_score``, float32 in [0, 1], one per patch), computed by ``streamer.pipeline``:
+**Score** (``defect_score``, float32 in [0, 1], one per patch), computed by ``streamer.maps.pipeline``:
 
 * ``class`` — with defect classes configured, the probability mass the encoder puts on them (``class_score``);
-* otherwise the calibrated novelty score of ``streamer.novelty`` (``contrast``, ``density`` or ``combined``), which
+* otherwise the calibrated novelty score of ``streamer.maps.novelty`` (``contrast``, ``density`` or ``combined``), which
   does not depend on how the classes came out; 0.5 is the threshold calibrated on the training patches.
 
 **Flagged** patches are those whose argmax class is a defect class, or whose score is at least the threshold.
@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from streamer.protocol import Defect
+from streamer.wire.protocol import Defect
 
 __all__ = [
     "ALWAYS_PUBLISHED_AREA",

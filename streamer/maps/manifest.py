@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from streamer.novelty import NoveltyStats
-from streamer.preprocess import Preprocessing
+from streamer.maps.novelty import NoveltyStats
+from streamer.maps.preprocess import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
@@ -181,7 +181,7 @@ class Manifest(_Frozen):
     latent: LatentLayout
     class_names: tuple[str, ...]
     defect_classes: tuple[int, ...] = ()  # class indices the service flags as defects by default
-    # the class-free defect score's training statistics and calibration (streamer.novelty); None: not calibrated
+    # the class-free defect score's training statistics and calibration (streamer.maps.novelty); None: not calibrated
     novelty: NoveltyStats | None = None
     onnx_opset: int = Field(ge=17)
     parity: Parity

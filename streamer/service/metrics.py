@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from streamer.protocol import REASONS, ModelRef
+from streamer.wire.protocol import REASONS, ModelRef
 
 __all__ = ["DROP_REASONS", "REJECT_REASONS", "STAGES", "MetricsServer", "ServiceMetrics"]
 

@@ -2,11 +2,11 @@
 
 Why a second thread: on the CPU the encoder keeps every core busy while it runs, and the rest of the per-frame work
 — cutting patches into the batch buffer, assembling maps and defects — would otherwise run in series with it, all
-cores but one idle meanwhile. Here the worker (``streamer.batching``) writes the next chunk of a batch's patches into
-one buffer while the encoder reads the other, and the encoder thread assembles a batch's maps once its last chunk is
-encoded, while the worker already prepares the next batch; the operating system shares the cores between the two.
-The worker starts a new batch only when the encoder is idle (``wait_idle``), so no more frames are out of the queue
-than before (``queue_size`` still bounds the frames waiting).
+cores but one idle meanwhile. Here the worker (``streamer.service.batching``) writes the next chunk of a batch's patches
+into one buffer while the encoder reads the other, and the encoder thread assembles a batch's maps once its last chunk
+is encoded, while the worker already prepares the next batch; the operating system shares the cores between the two. The
+worker starts a new batch only when the encoder is idle (``wait_idle``), so no more frames are out of the queue than
+before (``queue_size`` still bounds the frames waiting).
 
 Order is kept: chunks are encoded and batches assembled in the order the worker submitted them, and the worker's own
 results (a frame it could not prepare) pass through the same queue, so frames leave in the order they were taken.
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from streamer.frame_queue import FrameResult, QueuedFrame
-from streamer.metrics import ServiceMetrics
-from streamer.pipeline import BatchOutputs, PatchWriter, Pipeline, PreparedFrame, slice_outputs
+from streamer.maps.pipeline import BatchOutputs, PatchWriter, Pipeline, PreparedFrame, slice_outputs
+from streamer.service.frame_queue import FrameResult, QueuedFrame
+from streamer.service.metrics import ServiceMetrics
 
 __all__ = ["N_BUFFERS", "EncodeStage"]
 

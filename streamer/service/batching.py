@@ -1,15 +1,15 @@
 """The service's batching worker: it takes frames off the queue and batches their patches **across frames**.
 
-No sockets here (they belong to the I/O thread, ``streamer.io_loop``). The I/O thread puts decoded frames into a
-``FrameQueue`` (``streamer.frame_queue``); the ``Batcher`` thread takes them, prepares each with the current
+No sockets here (they belong to the I/O thread, ``streamer.service.io_loop``). The I/O thread puts decoded frames into a
+``FrameQueue`` (``streamer.service.frame_queue``); the ``Batcher`` thread takes them, prepares each with the current
 ``Pipeline`` (frame normalisation, patch grid), and hands a batch to the encoder once it holds
 ``max_batch_patches`` patches or ``max_wait_ms`` have passed since the batch's first frame — whichever comes first,
 so a trickle of small frames still shares encoder calls while a lone frame waits at most ``max_wait_ms``. Handing
 over means writing the batch's patches into the encoder's batch buffers, chunk by chunk, for the encoder's own
-thread (``streamer.encode_stage``), which encodes, assembles and emits while this thread writes the next chunk or
-prepares the next batch. A new batch starts only once the encoder is idle, so the frames out of the queue are those
-of one batch, as ``queue_size`` and the overload policy promise. Every frame taken leaves as exactly one
-``FrameResult`` (maps, or a reason why not) through ``emit``, in the order taken; nothing is lost silently.
+thread (``streamer.service.encode_stage``), which encodes, assembles and emits while this thread writes the next chunk
+or prepares the next batch. A new batch starts only once the encoder is idle, so the frames out of the queue are those
+of one batch, as ``queue_size`` and the overload policy promise. Every frame taken leaves as exactly one ``FrameResult``
+(maps, or a reason why not) through ``emit``, in the order taken; nothing is lost silently.
 
 A reload swaps the pipeline between batches: the batch being collected keeps the pipeline it started with, so
 frames in flight finish on the old model and the next batch uses the new one.
@@ -21,10 +21,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from streamer.encode_stage import EncodeStage
-from streamer.frame_queue import FrameQueue, FrameResult, QueuedFrame
-from streamer.metrics import ServiceMetrics
-from streamer.pipeline import FrameError, Pipeline, PreparedFrame
+from streamer.maps.pipeline import FrameError, Pipeline, PreparedFrame
+from streamer.service.encode_stage import EncodeStage
+from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
+from streamer.service.metrics import ServiceMetrics
 
 __all__ = ["Batcher"]
 

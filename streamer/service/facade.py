@@ -2,25 +2,25 @@
 
 Threads, and the module holding each one's work:
 
-* **I/O thread** (``atomstream-io``, ``streamer.io_loop``) owns *every* socket (``streamer.sockets``): ingest PULL,
-  publish PUB (+ the optional reliable XPUB, ``streamer.publisher``), control REP. It decodes and validates ingest,
-  queues frames, answers control requests, publishes everything (maps, defects, errors, status heartbeats, scan
-  summaries) and keeps the counts (``streamer.ledger``) — so ``seq`` numbering and per-scan accounting need no
-  locks. Other threads wake it through a local socket pair (``io_loop.WakePipe``).
-* **Worker thread** (``atomstream-worker``, ``streamer.batching``) takes frames from the bounded ``FrameQueue``
-  (``streamer.frame_queue``), batches patches across frames and writes them into the encoder's batch buffers;
-* **Encoder thread** (``atomstream-encode``, ``streamer.encode_stage``) encodes those buffers, assembles maps and
-  hands each result to the I/O thread through a thread-safe outbox.
-* **Loader threads** (short-lived, ``streamer.model_loader``) load an artifact at start and on ``reload``, so a slow
-  load never stalls ingest.
-* the metrics HTTP server runs in its own thread (``streamer.metrics``).
+* **I/O thread** (``atomstream-io``, ``streamer.service.io_loop``) owns *every* socket (``streamer.wire.sockets``):
+  ingest PULL, publish PUB (+ the optional reliable XPUB, ``streamer.service.publisher``), control REP. It decodes and
+  validates ingest, queues frames, answers control requests, publishes everything (maps, defects, errors, status
+  heartbeats, scan summaries) and keeps the counts (``streamer.service.ledger``) — so ``seq`` numbering and per-scan
+  accounting need no locks. Other threads wake it through a local socket pair (``io_loop.WakePipe``).
+* **Worker thread** (``atomstream-worker``, ``streamer.service.batching``) takes frames from the bounded ``FrameQueue``
+  (``streamer.service.frame_queue``), batches patches across frames and writes them into the encoder's batch buffers;
+* **Encoder thread** (``atomstream-encode``, ``streamer.service.encode_stage``) encodes those buffers, assembles maps
+  and hands each result to the I/O thread through a thread-safe outbox.
+* **Loader threads** (short-lived, ``streamer.service.model_loader``) load an artifact at start and on ``reload``, so a
+  slow load never stalls ingest.
+* the metrics HTTP server runs in its own thread (``streamer.service.metrics``).
 
 An exception that escapes a thread's loop is kept and re-raised, wrapped in ``ServiceError``, by ``wait_ready``,
 ``check`` and ``stop`` on the owner's thread; per-frame failures are ``error`` messages instead and the service
 goes on. Accounting (what counts as received, published, rejected, dropped; when a ``scan_summary`` goes out) is
-documented in ``streamer.ledger``, publishing and its reliable socket in ``streamer.publisher``, the shutdown drain in
-``streamer.io_loop``. ``stop`` (SIGTERM in ``atomstream serve``) stops ingest, publishes everything accepted, then
-closes the sockets with ``linger_ms`` so subscribers receive the tail.
+documented in ``streamer.service.ledger``, publishing and its reliable socket in ``streamer.service.publisher``, the
+shutdown drain in ``streamer.service.io_loop``. ``stop`` (SIGTERM in ``atomstream serve``) stops ingest, publishes
+everything accepted, then closes the sockets with ``linger_ms`` so subscribers receive the tail.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from streamer.batching import Batcher
-from streamer.config import ServiceConfig
-from streamer.frame_queue import FrameQueue, FrameResult
-from streamer.io_loop import IOLoop, WakePipe
-from streamer.ledger import Ledger
-from streamer.metrics import MetricsServer, ServiceMetrics
-from streamer.model_loader import ModelLoader
-from streamer.pipeline import EncoderLike, Pipeline, PipelineError
-from streamer.protocol import ModelRef, Status
-from streamer.security import SecurityError, is_loopback
-from streamer.sockets import SocketError, open_sockets
+from streamer.maps.pipeline import EncoderLike, Pipeline, PipelineError
+from streamer.service.batching import Batcher
+from streamer.service.config import ServiceConfig
+from streamer.service.frame_queue import FrameQueue, FrameResult
+from streamer.service.io_loop import IOLoop, WakePipe
+from streamer.service.ledger import Ledger
+from streamer.service.metrics import MetricsServer, ServiceMetrics
+from streamer.service.model_loader import ModelLoader
+from streamer.wire.protocol import ModelRef, Status
+from streamer.wire.security import SecurityError, is_loopback
+from streamer.wire.sockets import SocketError, open_sockets
 
 __all__ = ["Service", "ServiceError"]
 

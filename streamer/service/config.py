@@ -23,8 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from streamer.protocol import MAX_CONTROL_BYTES, MAX_FRAME_BYTES
-from streamer.security import CurveConfig, is_loopback
+from streamer.wire.protocol import MAX_CONTROL_BYTES, MAX_FRAME_BYTES
+from streamer.wire.security import CurveConfig, is_loopback
 
 __all__ = ["ConfigError", "ServiceConfig"]
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from streamer.pipeline import FrameMaps
+from streamer.maps.pipeline import FrameMaps
 
 __all__ = ["FrameQueue", "FrameResult", "QueuedFrame"]
 

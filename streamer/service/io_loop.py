@@ -8,14 +8,14 @@ results in the outbox, answer a control request, read a burst of ingest, finish 
 
 Ingest is decoded and validated here (``protocol.decode``); accepted frames go to the ``FrameQueue``. Reading stops
 while the queue is full under ``overload=block`` or a reliable subscriber is behind, so ZeroMQ's high-water marks
-push back on the producer. Publishing (``streamer.publisher``) and the accounting (``streamer.ledger``) happen here
-too, so ``seq`` numbering and per-scan counts need no locks.
+push back on the producer. Publishing (``streamer.service.publisher``) and the accounting (``streamer.service.ledger``)
+happen here too, so ``seq`` numbering and per-scan counts need no locks.
 
 Nothing one message does may end this loop, because the loop serves everyone: ``decode``/``decode_control`` are
 total (any malformed input is a ``ProtocolError``), and a guard around each message and each turn catches whatever
 else escapes — the message gets an ``internal`` error (or a control refusal), the exception is logged (rate-limited)
 and counted in ``atomstream_internal_errors_total``, and the loop goes on. Rejections, refusals and overload are
-logged rate-limited (``streamer.throttled_log``); reloads are logged.
+logged rate-limited (``streamer.service.throttled_log``); reloads are logged.
 
 Shutdown (``stop``): read what the ingest socket already holds — until it has been quiet for ``_DRAIN_QUIET_S`` (so
 messages still arriving from libzmq's TCP buffers are taken too), bounded by ``drain_timeout_s`` — queueing what fits
@@ -37,14 +37,16 @@ from typing import Any
 
 import zmq
 
-from streamer.batching import Batcher
-from streamer.config import ServiceConfig
-from streamer.frame_queue import FrameQueue, FrameResult, QueuedFrame
-from streamer.ledger import Ledger
-from streamer.metrics import DROP_REASONS, ServiceMetrics
-from streamer.model_loader import ModelLoader, ReloadJob, ReloadRefusedError
-from streamer.pipeline import Pipeline, PipelineError
-from streamer.protocol import (
+from streamer.maps.pipeline import Pipeline, PipelineError
+from streamer.service.batching import Batcher
+from streamer.service.config import ServiceConfig
+from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
+from streamer.service.ledger import Ledger
+from streamer.service.metrics import DROP_REASONS, ServiceMetrics
+from streamer.service.model_loader import ModelLoader, ReloadJob, ReloadRefusedError
+from streamer.service.publisher import Publisher
+from streamer.service.throttled_log import ThrottledLog
+from streamer.wire.protocol import (
     ControlReply,
     Error,
     Frame,
@@ -59,9 +61,7 @@ from streamer.protocol import (
     encode_control,
     encode_published,
 )
-from streamer.publisher import Publisher
-from streamer.sockets import SocketSet
-from streamer.throttled_log import ThrottledLog
+from streamer.wire.sockets import SocketSet
 
 __all__ = ["IOLoop", "WakePipe"]
 

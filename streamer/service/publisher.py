@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 from prometheus_client import Counter
 
-from streamer.protocol import encode_published
+from streamer.wire.protocol import encode_published
 
 __all__ = ["Publisher"]
 

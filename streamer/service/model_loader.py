@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamer.batching import Batcher
-from streamer.config import ServiceConfig
-from streamer.metrics import ServiceMetrics
-from streamer.pipeline import EncoderLike, Pipeline
+from streamer.maps.pipeline import EncoderLike, Pipeline
+from streamer.service.batching import Batcher
+from streamer.service.config import ServiceConfig
+from streamer.service.metrics import ServiceMetrics
 
 __all__ = ["ModelLoader", "ReloadJob", "ReloadRefusedError", "under_roots"]
 
@@ -101,7 +101,7 @@ class ModelLoader:
         )
 
     def load(self, artifact: str) -> EncoderLike:
-        from streamer.encoder import load
+        from streamer.maps.encoder import load
 
         return load(
             artifact,

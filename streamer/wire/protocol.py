@@ -235,7 +235,7 @@ class Defect(BaseModel):
     kind: Literal["class", "contrast", "density", "combined"] = Field(
         "class",
         description="what the score is: the defect classes' probability, or the calibrated novelty score "
-        "(streamer.novelty) of that kind; 0.5 is its calibrated threshold",
+        "(streamer.maps.novelty) of that kind; 0.5 is its calibrated threshold",
     )
 
 

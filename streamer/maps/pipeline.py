@@ -11,14 +11,13 @@ small frames, several calls for one huge frame):
    the only one a patch ever gets. Outputs come back to the host once, as numpy. (``encode(patches)`` takes patches
    already cut, e.g. ``PreparedFrame.patches``.)
 3. ``assemble(prepared, outputs)`` — one frame's slice of the outputs → ``FrameMaps``: the arrays of DESIGN.md in
-   their published order and the defect regions (``streamer.defects`` documents the score and the connectivity).
+   their published order and the defect regions (``streamer.maps.defects`` documents the score and the connectivity).
 
 ``process(frame)`` chains the three for one frame, cutting the patches the plain way (``prepare_patches`` without a
 buffer), so the buffered path of the service is checked against it. Preprocessing goes through the same
-``streamer.preprocess`` and ``streamer.atoms`` functions training used, with the parameters the manifest recorded,
-so nothing is re-guessed here.
-A ``Pipeline`` is immutable: ``with_defects`` returns a new one sharing the encoder, which lets the service swap
-settings (or a reloaded model) between batches without locks.
+``streamer.maps.preprocess`` and ``streamer.maps.atoms`` functions training used, with the parameters the manifest
+recorded, so nothing is re-guessed here. A ``Pipeline`` is immutable: ``with_defects`` returns a new one sharing the
+encoder, which lets the service swap settings (or a reloaded model) between batches without locks.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from streamer.atoms import find_atoms
-from streamer.defects import (
+from streamer.maps.atoms import find_atoms
+from streamer.maps.defects import (
     DEFAULT_MAX_SHARE,
     Connectivity,
     DefectRule,
@@ -45,11 +44,11 @@ from streamer.defects import (
     publishable,
     regions_to_defects,
 )
-from streamer.manifest import Manifest
-from streamer.novelty import encoder_features, grid_neighbours, novelty_score, point_neighbours
-from streamer.preprocess import Preprocessing, prepare_frame, prepare_patches
-from streamer.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
-from streamer.tiling import TilingError, gather_points, patch_range, tile_grid
+from streamer.maps.manifest import Manifest
+from streamer.maps.novelty import encoder_features, grid_neighbours, novelty_score, point_neighbours
+from streamer.maps.preprocess import Preprocessing, prepare_frame, prepare_patches
+from streamer.maps.tiling import TilingError, gather_points, patch_range, tile_grid
+from streamer.wire.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
 
 __all__ = [
     "ARRAY_ORDER",
@@ -78,7 +77,7 @@ class FrameError(PipelineError):
 
 
 class EncoderLike(Protocol):
-    """What the pipeline needs from ``streamer.encoder.Encoder`` (a wrapper — e.g. one adding a delay — will do)."""
+    """What the pipeline needs from ``streamer.maps.encoder.Encoder`` (a wrapper, e.g. one adding a delay, will do)."""
 
     manifest: Manifest
     backend: str
@@ -519,7 +518,7 @@ class Pipeline:
         self, outputs: dict[str, np.ndarray], prob: np.ndarray, grid: tuple[int, int] | None, centres: np.ndarray
     ) -> tuple[np.ndarray, str]:
         """``(defect score (n,), its kind)``: the defect classes' probability when classes are designated, else the
-        manifest's calibrated novelty score (``streamer.novelty``; self-calibrated contrast without statistics)."""
+        manifest's calibrated novelty score (``streamer.maps.novelty``; self-calibrated contrast without statistics)."""
         if self.rule.classes:
             return class_score(prob, self.rule.classes), "class"
         stats = self.manifest.novelty

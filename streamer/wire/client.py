@@ -2,9 +2,9 @@
 
 ``Subscriber`` hides three things every consumer of the stream would otherwise get wrong:
 
-* **Decoding** — each ``[topic, header, *buffers]`` message becomes a ``Received`` holding the ``streamer.protocol``
-  model and, for ``maps``, its arrays by name (read-only views on the received buffers: no copy). A malformed
-  message is counted in ``stats.bad_messages`` and skipped, so a viewer never dies on one bad packet.
+* **Decoding** — each ``[topic, header, *buffers]`` message becomes a ``Received`` holding the
+  ``streamer.wire.protocol`` model and, for ``maps``, its arrays by name (read-only views on the received buffers: no
+  copy). A malformed message is counted in ``stats.bad_messages`` and skipped, so a viewer never dies on one bad packet.
 * **Loss** — ``seq`` counts messages per topic from 0 on each service instance. A jump forward is a ``Gap`` (recorded,
   counted, and passed to ``on_gap``): PUB drops messages for a slow subscriber at its high-water mark, and this is how
   a consumer finds out.
@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamer.protocol import (
+from streamer.wire.protocol import (
     PUBLISH_TOPICS,
     ControlReply,
     ProtocolError,
@@ -48,7 +48,7 @@ from streamer.protocol import (
     decode_published,
     encode_control,
 )
-from streamer.security import ClientCurve
+from streamer.wire.security import ClientCurve
 
 __all__ = [
     "ControlError",

@@ -1,7 +1,7 @@
 """The one preprocessing path shared by training and serving.
 
 ``models.data`` builds training patches with these functions and the exporter writes the ``Preprocessing`` it used
-into the artifact's manifest; ``streamer.pipeline`` reads it back and calls the same functions on live frames. So a
+into the artifact's manifest; ``streamer.maps.pipeline`` reads it back and calls the same functions on live frames. So a
 change here changes both halves together, which is the point.
 
 Order: frame normalisation → cut patches (grid or points) → optional FFT (log magnitude) → optional per-patch
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from streamer.spectral import Window, log_magnitude
-from streamer.tiling import gather_points, tile_grid
+from streamer.maps.spectral import Window, log_magnitude
+from streamer.maps.tiling import gather_points, tile_grid
 
 __all__ = ["Preprocessing", "grid_patches", "point_patches", "prepare_frame", "prepare_patches"]
 

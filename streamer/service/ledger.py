@@ -23,8 +23,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from streamer.metrics import DROP_REASONS, ServiceMetrics
-from streamer.protocol import ProtocolError, ScanSummary
+from streamer.service.metrics import DROP_REASONS, ServiceMetrics
+from streamer.wire.protocol import ProtocolError, ScanSummary
 
 __all__ = ["Ledger", "ScanCounts"]
 

@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from streamer.manifest import (
+from streamer.maps.manifest import (
     INPUT_NAME,
     MODEL_FILES,
     TS_METADATA,
