@@ -61,6 +61,7 @@ __all__ = [
     "PipelineError",
     "PreparedFrame",
     "resolve_classes",
+    "slice_outputs",
 ]
 
 #: The order of the published arrays (DESIGN.md); absent ones are skipped.
@@ -116,14 +117,12 @@ class PreparedFrame:
         return prepare_patches(self.tiles, self.spec)
 
     def write(self, start: int, stop: int, out: torch.Tensor) -> None:
-        """Patches ``start:stop`` (row-major), encoder-ready, into ``out`` (``(stop - start, 1, ph, pw)``); the work
-        is finished on the device when this returns, so the caller's timing of it is true."""
+        """Patches ``start:stop`` (row-major), encoder-ready, into ``out`` (``(stop - start, 1, ph, pw)``)."""
         offset = 0
         for piece in patch_range(self.tiles, start, stop):
             k = piece.numel() // (piece.shape[-2] * piece.shape[-1])
             prepare_patches(piece, self.spec, out=out[offset : offset + k])
             offset += k
-        _sync(out.device)
 
 
 @dataclass(frozen=True)
@@ -211,6 +210,11 @@ def resolve_classes(classes: Sequence[str | int], class_names: Sequence[str]) ->
         else:
             raise PipelineError(f"defect class {c!r} is not one of the model's classes {list(class_names)}")
     return tuple(sorted(out))
+
+
+def slice_outputs(outputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """The rows ``start:stop`` of every output: one frame's share of a cross-frame batch."""
+    return {name: value[start:stop] for name, value in outputs.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -325,7 +329,7 @@ class Pipeline:
     def encode(
         self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
     ) -> dict[str, np.ndarray]:
-        """Encoder outputs for ``(N, 1, ph, pw)`` patches, as host numpy arrays, in calls of ``max_batch_patches``.
+        """Encoder outputs for ``(N, 1, ph, pw)`` patches, as host numpy arrays, in chunks of ``max_batch_patches``.
 
         ``observe(batch_size, seconds)`` is called after every encoder call (the service's metrics).
         """
@@ -360,7 +364,7 @@ class Pipeline:
         if rows != {total}:
             raise PipelineError(f"outputs of {sorted(rows)} rows do not hold the {total} patches of these frames")
         ends = np.cumsum([0] + [f.n for f in frames]).tolist()
-        return [{name: v[a:b] for name, v in outputs.items()} for a, b in itertools.pairwise(ends)]
+        return [slice_outputs(outputs, a, b) for a, b in itertools.pairwise(ends)]
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         k, d = self.n_classes, self.latent_dim

@@ -52,6 +52,8 @@ class PatchWriter:
             if take > 0:
                 t0 = time.perf_counter()
                 frame.write(self._offset, self._offset + take, out[filled : filled + take])
+                if out.device.type == "cuda":  # else the fft stage's timing would be of kernel launches only
+                    torch.cuda.synchronize(out.device)
                 self.seconds[self._index] += time.perf_counter() - t0
             filled += take
             self._offset += take
