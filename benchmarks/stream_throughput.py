@@ -57,6 +57,7 @@ from streamer.service.config import ServiceConfig
 from streamer.service.facade import Service
 from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
+from streamer.service.model_slot import ModelSlot
 from streamer.wire.client import Subscriber
 
 PATCH, STRIDE = 32, 8
@@ -133,10 +134,10 @@ def in_process_rate(enc: Encoder, data: np.ndarray, *, batch: int) -> float:
             done.set()
 
     def run() -> float:
-        queue = FrameQueue(len(frames), "block")
-        batcher = Batcher(queue, emit=emit, on_take=lambda: None, metrics=ServiceMetrics(), max_batch_patches=batch,
-                          max_wait_ms=2.0)  # fmt: skip
-        batcher.set_pipeline(pipeline)
+        queue, slot = FrameQueue(len(frames), "block"), ModelSlot()
+        batcher = Batcher(queue, slot, emit=emit, on_take=lambda: None, metrics=ServiceMetrics(),
+                          max_batch_patches=batch, max_wait_ms=2.0)  # fmt: skip
+        slot.install(pipeline)
         t0 = time.perf_counter()
         for frame in frames:
             queue.put(frame)

@@ -14,7 +14,8 @@ import torch
 from artifact_factory import make_artifact
 
 from streamer.maps.encoder import Encoder, load
-from streamer.maps.pipeline import Pipeline, PipelineError, PreparedFrame
+from streamer.maps.pipeline import Pipeline, PreparedFrame
+from streamer.service.batch_buffers import PatchWriter, batch_buffer
 from streamer.service.encode_stage import EncodeStage
 from streamer.service.frame_queue import FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
@@ -62,24 +63,30 @@ def _batch(pipe: Pipeline, ids: list[int]) -> list[tuple[QueuedFrame, PreparedFr
     return [(_queued(i), pipe.prepare(FRAMES[i % len(FRAMES)])) for i in ids]
 
 
-def test_encode_frames_through_a_reused_buffer_equals_encode_of_the_cut_patches(encoder: Encoder) -> None:
-    pipe = Pipeline(encoder, max_batch_patches=7)  # calls straddle frames
+def test_patches_written_through_reused_buffers_equal_the_cut_patches_bit_for_bit(encoder: Encoder) -> None:
+    """The service's one-copy path (``PatchWriter`` into a reused ``batch_buffer``, chunks straddling frames) gives
+    the encoder exactly the patches ``Pipeline.process`` cuts, so its outputs, joined, are ``Pipeline.encode``'s."""
+    pipe = Pipeline(encoder, max_batch_patches=7)
     prepared = [pipe.prepare(f) for f in FRAMES]
-    buffer = pipe.batch_buffer()
-    calls: list[int] = []
+    cut = torch.cat([p.patches for p in prepared])
+    want = pipe.encode(cut)
+    buffer = batch_buffer(pipe)
+    assert tuple(buffer.shape) == (7, 1, 16, 16)
+    sizes: list[int] = []
     for _ in range(2):  # the second pass reuses the buffer the first one filled
-        calls.clear()
-        got, fill_s = pipe.encode_frames(prepared, buffer=buffer, observe=lambda n, s: calls.append(n))
-        want = pipe.encode(torch.cat([p.patches for p in prepared]))
+        writer, calls = PatchWriter(prepared), []
+        sizes.clear()
+        while writer.written < writer.total:
+            chunk = buffer[: min(7, writer.total - writer.written)]
+            writer.write(chunk)
+            assert torch.equal(chunk, cut[writer.written - len(chunk) : writer.written])
+            calls.append(pipe.call_encoder(chunk, observe=lambda n, s: sizes.append(n)))
+        got = pipe.join(calls)
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-        assert sum(calls) == sum(p.n for p in prepared) == 52 and max(calls) == 7
-        assert len(fill_s) == len(FRAMES) and all(s >= 0 for s in fill_s)
-
-
-def test_a_buffer_that_does_not_fit_the_pipeline_is_refused(encoder: Encoder) -> None:
-    pipe = Pipeline(encoder, max_batch_patches=8)
-    with pytest.raises(PipelineError, match=r"needs \(8, 1, 16, 16\) float32"):
-        pipe.encode_frames([pipe.prepare(FRAMES[0])], buffer=torch.empty(8, 1, 8, 8))
+        assert sum(sizes) == len(cut) == 52 and max(sizes) == 7
+        assert len(writer.seconds) == len(FRAMES) and all(s > 0 for s in writer.seconds)
+    with pytest.raises(ValueError, match="asked for 7 patches but only 0 are left"):
+        writer.write(buffer)
 
 
 def _run_stage(stage: EncodeStage, work: list[object], pipe: Pipeline) -> None:

@@ -12,7 +12,7 @@ from artifact_factory import make_artifact
 from sim.lattice import LatticeConfig, synth_frame
 from streamer.maps.atoms import find_atoms
 from streamer.maps.encoder import Encoder, load
-from streamer.maps.pipeline import ARRAY_ORDER, FrameError, Pipeline, PipelineError, slice_outputs
+from streamer.maps.pipeline import ARRAY_ORDER, FrameError, Pipeline, PipelineError
 from streamer.maps.preprocess import Preprocessing, grid_patches, point_patches
 
 ATOL = 1e-5
@@ -119,14 +119,15 @@ def test_cross_frame_batch_gives_each_frame_its_own_maps(grid_encoder: Encoder) 
     calls: list[int] = []
     outputs = pipe.encode(torch.cat([p.patches for p in prepared]), observe=lambda n, s: calls.append(n))
     assert sum(calls) == sum(p.n for p in prepared) and max(calls) == 7
-    start = 0
-    for frame, p in zip(frames, prepared, strict=True):
-        batched = pipe.assemble(p, slice_outputs(outputs, start, start + p.n))
+    for frame, p, rows in zip(frames, prepared, pipe.split(outputs, prepared), strict=True):
+        batched = pipe.assemble(p, rows)
         alone = pipe.process(frame)
-        start += p.n
         assert batched.arrays.keys() == alone.arrays.keys()
         for name in alone.arrays:
             np.testing.assert_allclose(batched.arrays[name], alone.arrays[name], atol=ATOL, err_msg=name)
+    total, first = sum(p.n for p in prepared), prepared[0].n
+    with pytest.raises(PipelineError, match=rf"outputs of \[{total}\] rows do not hold the {first} patches"):
+        pipe.split(outputs, prepared[:1])
 
 
 def test_defect_classes_by_name_set_the_score_to_their_probability_mass(grid_encoder: Encoder) -> None:

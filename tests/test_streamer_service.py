@@ -492,7 +492,7 @@ def test_intra_op_threads_reach_the_onnx_session(artifact: Path) -> None:
         ServiceConfig.load(overrides={"intra_op_threads": 0})
     with Service(_config(artifact=artifact, intra_op_threads=1)) as svc:
         svc.wait_ready(30)
-        pipeline = svc._models.pipeline
+        pipeline = svc._slot.pipeline
         assert pipeline is not None and pipeline.encoder.intra_op_threads == 1
 
 

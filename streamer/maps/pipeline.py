@@ -4,17 +4,18 @@ The work is split in three so the service can batch **across frames** (one encod
 small frames, several calls for one huge frame):
 
 1. ``prepare(frame)`` — move the frame to the encoder's device once, normalise it and lay the patch grid over it
-   (views, no copy; atom-centred patches are gathered): a ``PreparedFrame`` that knows where each patch comes from.
-2. ``encode_frames(prepared)`` — the encoder on the frames' patches in order, in calls of at most
-   ``max_batch_patches``. Each call's input is written straight into one batch buffer, reused from call to call:
-   cutting a patch out of the frame, its patch transforms (FFT …) and the batching across frames are a single copy,
-   the only one a patch ever gets. Outputs come back to the host once, as numpy. (``encode(patches)`` takes patches
-   already cut, e.g. ``PreparedFrame.patches``.)
-3. ``assemble(prepared, outputs)`` — one frame's slice of the outputs → ``FrameMaps``: the arrays of DESIGN.md in
-   their published order and the defect regions (``streamer.maps.defects`` documents the score and the connectivity).
+   (views, no copy; atom-centred patches are gathered): a ``PreparedFrame`` that knows where each patch comes from,
+   and writes any run of its patches, encoder-ready, wherever it is told (``PreparedFrame.write``).
+2. ``encode(patches)`` — the encoder in calls of at most ``max_batch_patches`` (``call_encoder``), outputs back on
+   the host once, as numpy, and joined in order (``join``).
+3. ``assemble(prepared, outputs)`` — one frame's rows of the outputs (``split`` cuts a cross-frame batch's outputs
+   into them) → ``FrameMaps``: the arrays of DESIGN.md in their published order and the defect regions
+   (``streamer.maps.defects`` documents the score and the connectivity).
 
-``process(frame)`` chains the three for one frame, cutting the patches the plain way (``prepare_patches`` without a
-buffer), so the buffered path of the service is checked against it. Preprocessing goes through the same
+``process(frame)`` chains them for one frame, cutting the patches the plain way (``PreparedFrame.patches``). The
+service runs the same methods — ``prepare``, ``call_encoder`` per chunk, ``join``, ``split``, ``assemble`` — with
+the patches of several frames written into its reused batch buffers (``streamer.service.batch_buffers``) instead of
+cut one frame at a time, so the published maps are checked against ``process``. Preprocessing goes through the same
 ``streamer.maps.preprocess`` and ``streamer.maps.atoms`` functions training used, with the parameters the manifest
 recorded, so nothing is re-guessed here. A ``Pipeline`` is immutable: ``with_defects`` returns a new one sharing the
 encoder, which lets the service swap settings (or a reloaded model) between batches without locks.
@@ -22,6 +23,7 @@ encoder, which lets the service swap settings (or a reloaded model) between batc
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -52,11 +54,9 @@ from streamer.wire.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
 
 __all__ = [
     "ARRAY_ORDER",
-    "BatchOutputs",
     "EncoderLike",
     "FrameError",
     "FrameMaps",
-    "PatchWriter",
     "Pipeline",
     "PipelineError",
     "PreparedFrame",
@@ -123,72 +123,6 @@ class PreparedFrame:
             k = piece.numel() // (piece.shape[-2] * piece.shape[-1])
             prepare_patches(piece, self.spec, out=out[offset : offset + k])
             offset += k
-
-
-class PatchWriter:
-    """The patches of a sequence of prepared frames, in order, written chunk by chunk into encoder batch buffers.
-
-    ``seconds[i]`` accumulates the time spent writing frame ``i``'s patches (the service's ``fft`` stage: cutting
-    the patches and their patch-level transforms).
-    """
-
-    def __init__(self, frames: Sequence[PreparedFrame] = ()) -> None:
-        self.frames: list[PreparedFrame] = []
-        self.total = self.written = 0
-        self.seconds: list[float] = []
-        self._index = 0  # the next patch: frame index, and patch within that frame
-        self._offset = 0
-        for frame in frames:
-            self.append(frame)
-
-    def append(self, frame: PreparedFrame) -> None:
-        """One more frame, after those already given (its patches are written after theirs)."""
-        self.frames.append(frame)
-        self.seconds.append(0.0)
-        self.total += frame.n
-
-    def write(self, out: torch.Tensor) -> None:
-        """The next ``out.shape[0]`` patches into ``out``; the work is finished on the device when this returns."""
-        size = int(out.shape[0])
-        if size > self.total - self.written:
-            raise PipelineError(f"asked for {size} patches but only {self.total - self.written} are left to write")
-        filled = 0
-        while filled < size:
-            frame = self.frames[self._index]
-            take = min(frame.n - self._offset, size - filled)
-            if take > 0:
-                t0 = time.perf_counter()
-                frame.write(self._offset, self._offset + take, out[filled : filled + take])
-                _sync(out.device)
-                self.seconds[self._index] += time.perf_counter() - t0
-            filled += take
-            self._offset += take
-            if self._offset == frame.n:
-                self._index, self._offset = self._index + 1, 0
-        self.written += size
-
-
-class BatchOutputs:
-    """The encoder outputs of a batch, put together call by call (in order) and joined once at the end.
-
-    Joined into new arrays, never reused: a frame's maps are views into them.
-    """
-
-    def __init__(self) -> None:
-        self._calls: list[dict[str, np.ndarray]] = []
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def put(self, host: dict[str, np.ndarray]) -> None:
-        """The outputs of the batch's next encoder call."""
-        self._calls.append(host)
-        self._arrays = None
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray] | None:
-        """Every call's outputs, concatenated; ``None`` before the first call."""
-        if self._arrays is None and self._calls:
-            self._arrays = {name: np.concatenate([c[name] for c in self._calls]) for name in self._calls[0]}
-        return self._arrays
 
 
 @dataclass(frozen=True)
@@ -392,10 +326,6 @@ class Pipeline:
             tiles=tiles, spec=spec, grid=grid, centers=centers, frame_shape=(h, w), tile_s=time.perf_counter() - t0
         )
 
-    def batch_buffer(self) -> torch.Tensor:
-        """An input buffer for ``encode_frames``: one encoder call's worth of patches on the device."""
-        return torch.empty((self.max_batch_patches, 1, *self.patch), dtype=torch.float32, device=self.device)
-
     def encode(
         self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
     ) -> dict[str, np.ndarray]:
@@ -403,43 +333,9 @@ class Pipeline:
 
         ``observe(batch_size, seconds)`` is called after every encoder call (the service's metrics).
         """
-        outputs = BatchOutputs()
-        for start in range(0, int(patches.shape[0]), self.max_batch_patches):
-            outputs.put(self.call_encoder(patches[start : start + self.max_batch_patches], observe=observe))
-        return outputs.arrays if outputs.arrays is not None else self.empty_outputs()
-
-    def encode_frames(
-        self,
-        frames: Sequence[PreparedFrame],
-        *,
-        buffer: torch.Tensor | None = None,
-        observe: Callable[[int, float], None] | None = None,
-    ) -> tuple[dict[str, np.ndarray], list[float]]:
-        """Encoder outputs for the patches of ``frames``, concatenated in order (rows as in ``encode``).
-
-        Each encoder call's input is written into ``buffer`` (``batch_buffer()``; a new one when ``None``), so the
-        caller can reuse one buffer for every batch. Also returns, per frame, the seconds spent writing its patches
-        (the patch-level preprocessing: the cut, FFT, min-max). ``observe`` as in ``encode``. The service's worker
-        does the same with two buffers, writing one while the encoder reads the other.
-        """
-        writer = PatchWriter(frames)
-        buffer = self.batch_buffer() if buffer is None else self.check_buffer(buffer)
-        outputs = BatchOutputs()
-        for start in range(0, writer.total, self.max_batch_patches):
-            chunk = buffer[: min(self.max_batch_patches, writer.total - start)]
-            writer.write(chunk)
-            outputs.put(self.call_encoder(chunk, observe=observe))
-        return (outputs.arrays if outputs.arrays is not None else self.empty_outputs()), writer.seconds
-
-    def check_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
-        """``buffer`` if it can serve as this pipeline's batch buffer, else ``PipelineError``."""
-        want = (self.max_batch_patches, 1, *self.patch)
-        if tuple(buffer.shape) != want or buffer.dtype != torch.float32 or buffer.device != self.device:
-            raise PipelineError(
-                f"batch buffer {tuple(buffer.shape)} {buffer.dtype} on {buffer.device} does not fit this pipeline: "
-                f"it needs {want} float32 on {self.device}; make it with batch_buffer()"
-            )
-        return buffer
+        step = self.max_batch_patches
+        chunks = [patches[i : i + step] for i in range(0, len(patches), step)]
+        return self.join([self.call_encoder(chunk, observe=observe) for chunk in chunks])
 
     def call_encoder(
         self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
@@ -451,6 +347,24 @@ class Pipeline:
         if observe is not None:
             observe(int(patches.shape[0]), time.perf_counter() - t0)
         return host
+
+    def join(self, calls: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The outputs of consecutive encoder calls as one batch's, in order (empty arrays for no call at all).
+
+        Joined into new arrays, never reused: a frame's maps are views into them.
+        """
+        if not calls:
+            return self.empty_outputs()
+        return {name: np.concatenate([c[name] for c in calls]) for name in calls[0]}
+
+    def split(self, outputs: dict[str, np.ndarray], frames: Sequence[PreparedFrame]) -> list[dict[str, np.ndarray]]:
+        """A cross-frame batch's outputs → each frame's rows, in order (views)."""
+        total = sum(f.n for f in frames)
+        rows = {len(v) for v in outputs.values()}
+        if rows != {total}:
+            raise PipelineError(f"outputs of {sorted(rows)} rows do not hold the {total} patches of these frames")
+        ends = np.cumsum([0] + [f.n for f in frames]).tolist()
+        return [slice_outputs(outputs, a, b) for a, b in itertools.pairwise(ends)]
 
     def empty_outputs(self) -> dict[str, np.ndarray]:
         k, d = self.n_classes, self.latent_dim

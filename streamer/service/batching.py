@@ -11,13 +11,15 @@ or prepares the next batch. A new batch starts only once the encoder is idle, so
 of one batch, as ``queue_size`` and the overload policy promise. Every frame taken leaves as exactly one ``FrameResult``
 (maps, or a reason why not) through ``emit``, in the order taken; nothing is lost silently.
 
-A reload swaps the pipeline between batches: the batch being collected keeps the pipeline it started with, so
-frames in flight finish on the old model and the next batch uses the new one.
+The pipeline comes from the model slot (``streamer.service.model_slot``), read at the start of each batch: a reload
+swaps it there between batches, the batch being collected keeps the pipeline it started with, so frames in flight
+finish on the old model and the next batch uses the new one.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,6 +27,7 @@ from streamer.maps.pipeline import FrameError, Pipeline, PreparedFrame
 from streamer.service.encode_stage import EncodeStage
 from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
+from streamer.service.model_slot import ModelSlot
 
 __all__ = ["Batcher"]
 
@@ -38,6 +41,7 @@ class Batcher:
     def __init__(
         self,
         queue: FrameQueue,
+        slot: ModelSlot,
         *,
         emit: Callable[[FrameResult], None],
         on_take: Callable[[], None],
@@ -46,35 +50,21 @@ class Batcher:
         max_wait_ms: float,
     ) -> None:
         self.queue = queue
+        self.slot = slot
         self.emit = emit
         self.on_take = on_take
         self.metrics = metrics
         self.max_batch_patches = max_batch_patches
         self.max_wait_s = max_wait_ms / 1000.0
-        self._pipeline: Pipeline | None = None
         self._stage = EncodeStage(emit=emit, metrics=metrics)
-        self.abort = False
-
-    @property
-    def pipeline(self) -> Pipeline | None:
-        return self._pipeline
-
-    def set_pipeline(self, pipeline: Pipeline) -> None:
-        """Used from the next batch on (a batch being collected keeps its pipeline)."""
-        with self.queue.cond:
-            self._pipeline = pipeline
-            self.queue.cond.notify_all()
+        self._abort = threading.Event()
 
     def stop_now(self) -> None:
-        """Give up on queued frames (the drain timed out): the current batch finishes, nothing new starts."""
-        with self.queue.cond:
-            self.abort = True
-            self.queue.cond.notify_all()
+        """Give up on queued frames (the drain timed out): the current batch finishes, nothing new starts.
 
-    def _wait_for_pipeline(self) -> Pipeline | None:
-        with self.queue.cond:
-            self.queue.cond.wait_for(lambda: self._pipeline is not None or self.queue.closed or self.abort)
-            return None if self.abort else self._pipeline
+        Called once the queue and the slot are closed, so nothing this thread waits on can block it for long.
+        """
+        self._abort.set()
 
     def run(self) -> None:
         """Until the queue is closed and empty (or ``stop_now``); returns once every frame taken has left."""
@@ -86,7 +76,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            pipeline = self._wait_for_pipeline()
+            pipeline = self.slot.wait()  # returns without one once the service stops
+            if self._abort.is_set():
+                return  # the I/O thread answers what is left in the queue
             if pipeline is None:
                 for frame in self.queue.drain():
                     self._stage.pass_through(
@@ -95,7 +87,7 @@ class Batcher:
                 return
             self._stage.wait_idle()
             first = self.queue.take(None)
-            if first is None or self.abort:
+            if first is None or self._abort.is_set():
                 if first is not None:
                     self._stage.pass_through(
                         FrameResult(first, reason="internal", detail="the service stopped before encoding it")
@@ -103,14 +95,14 @@ class Batcher:
                 return
             next_first: QueuedFrame | None = first
             while next_first is not None:  # a frame taken after a reload starts the new model's batch
-                next_first = self._one_batch(self._pipeline or pipeline, next_first)
+                next_first = self._one_batch(self.slot.pipeline or pipeline, next_first)
 
     def _one_batch(self, pipeline: Pipeline, first: QueuedFrame) -> QueuedFrame | None:
         """Collect one batch on ``pipeline`` and hand it to the encoder thread; returns a frame taken after a
         reload, for the next batch.
 
-        Frames the queue hands over after ``set_pipeline`` were accepted after the reload, so they must not join a
-        batch of the old model.
+        Frames the queue hands over after a new pipeline was installed in the slot were accepted after the reload, so
+        they must not join a batch of the old model.
         """
         batch: list[tuple[QueuedFrame, PreparedFrame]] = []
         n_patches = 0
@@ -123,10 +115,10 @@ class Batcher:
             if prepared is not None:
                 batch.append((item, prepared))
                 n_patches += prepared.n
-            if n_patches >= self.max_batch_patches or self.abort:
+            if n_patches >= self.max_batch_patches or self._abort.is_set():
                 break
             item = self.queue.take(deadline)
-            if item is not None and self._pipeline is not pipeline:
+            if item is not None and self.slot.pipeline is not pipeline:
                 leftover = item
                 break
         if batch:

@@ -8,6 +8,10 @@ is encoded, while the worker already prepares the next batch; the operating syst
 worker starts a new batch only when the encoder is idle (``wait_idle``), so no more frames are out of the queue than
 before (``queue_size`` still bounds the frames waiting).
 
+The buffers and what fills them are ``streamer.service.batch_buffers``; everything else is the reference
+``Pipeline``'s own methods — ``call_encoder`` on each chunk, ``join`` and ``split`` of a batch's outputs, ``assemble``
+per frame — so what the service publishes is what ``Pipeline.process`` computes.
+
 Order is kept: chunks are encoded and batches assembled in the order the worker submitted them, and the worker's own
 results (a frame it could not prepare) pass through the same queue, so frames leave in the order they were taken.
 Every frame submitted leaves as exactly one ``FrameResult``. ``close`` waits for everything submitted to leave, then
@@ -23,9 +27,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from streamer.maps.pipeline import BatchOutputs, PatchWriter, Pipeline, PreparedFrame, slice_outputs
+from streamer.maps.pipeline import Pipeline, PreparedFrame
+from streamer.service.batch_buffers import PatchWriter, batch_buffer
 from streamer.service.frame_queue import FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
 
@@ -42,7 +48,7 @@ class _Batch:
     pipeline: Pipeline
     frames: list[tuple[QueuedFrame, PreparedFrame]]
     writer: PatchWriter  # the worker's
-    outputs: BatchOutputs = field(default_factory=BatchOutputs)  # the encoder thread's
+    calls: list[dict[str, np.ndarray]] = field(default_factory=list)  # the encoder thread's: each call's outputs
     error: str | None = None  # set by whichever thread failed first; its frames then leave as ``internal`` errors
 
 
@@ -148,7 +154,7 @@ class EncodeStage:
             self._cond.wait_for(lambda: len(self._free) == N_BUFFERS or self._failure is not None)
             self._raise_failure()
             self._buffers = []  # let the old ones go before allocating (device memory)
-            self._buffers = [pipeline.batch_buffer() for _ in range(N_BUFFERS)]
+            self._buffers = [batch_buffer(pipeline) for _ in range(N_BUFFERS)]
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -186,7 +192,7 @@ class EncodeStage:
             return
         if batch.error is None:
             try:
-                batch.outputs.put(batch.pipeline.call_encoder(job.buffer[: job.size], observe=self._observe_call))
+                batch.calls.append(batch.pipeline.call_encoder(job.buffer[: job.size], observe=self._observe_call))
             except Exception as exc:
                 log.exception("encoding a chunk of %d patches failed", job.size)
                 batch.error = f"encoding a batch of {batch.writer.total} patches failed: {type(exc).__name__}: {exc}"
@@ -204,16 +210,21 @@ class EncodeStage:
             for item, _ in batch.frames:
                 self.emit(FrameResult(item, reason="internal", detail=batch.error))
             return
-        outputs = batch.outputs.arrays if batch.outputs.arrays is not None else batch.pipeline.empty_outputs()
-        start = 0
-        for item, prepared in batch.frames:
+        pipeline = batch.pipeline
+        try:
+            per_frame = pipeline.split(pipeline.join(batch.calls), [prepared for _, prepared in batch.frames])
+        except Exception as exc:
+            log.exception("joining the outputs of a batch of %d frames failed", len(batch.frames))
+            for item, _ in batch.frames:
+                self.emit(FrameResult(item, reason="internal", detail=f"assembly failed: {type(exc).__name__}: {exc}"))
+            return
+        for (item, prepared), outputs in zip(batch.frames, per_frame, strict=True):
             t0 = time.perf_counter()
             try:
-                maps = batch.pipeline.assemble(prepared, slice_outputs(outputs, start, start + prepared.n))
+                maps = pipeline.assemble(prepared, outputs)
             except Exception as exc:
                 log.exception("assembling frame %s/%s failed", item.scan_id, item.frame_id)
                 self.emit(FrameResult(item, reason="internal", detail=f"assembly failed: {type(exc).__name__}: {exc}"))
             else:
                 self.metrics.stage_seconds.labels(stage="assemble").observe(time.perf_counter() - t0)
                 self.emit(FrameResult(item, maps=maps))
-            start += prepared.n

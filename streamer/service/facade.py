@@ -36,11 +36,12 @@ from streamer.maps.pipeline import EncoderLike, Pipeline, PipelineError
 from streamer.service.batching import Batcher
 from streamer.service.config import ServiceConfig
 from streamer.service.frame_queue import FrameQueue, FrameResult
-from streamer.service.io_loop import IOLoop, WakePipe
+from streamer.service.io_loop import IOContext, IOLoop, WakePipe
 from streamer.service.ledger import Ledger
 from streamer.service.metrics import MetricsServer, ServiceMetrics
 from streamer.service.model_loader import ModelLoader
-from streamer.wire.protocol import ModelRef, Status
+from streamer.service.model_slot import ModelSlot
+from streamer.wire.protocol import ModelRef
 from streamer.wire.security import SecurityError, is_loopback
 from streamer.wire.sockets import SocketError, open_sockets
 
@@ -71,8 +72,10 @@ class Service:
         self._queue = FrameQueue(cfg.queue_size, cfg.overload, max_bytes=cfg.max_queue_bytes)
         self._outbox: queue.SimpleQueue[FrameResult] = queue.SimpleQueue()
         self._wake = WakePipe()
+        self._slot = ModelSlot()
         self._batcher = Batcher(
             self._queue,
+            self._slot,
             emit=self._post,
             on_take=self._on_take,
             metrics=self.metrics,
@@ -81,7 +84,7 @@ class Service:
         )
         self._models = ModelLoader(
             cfg,
-            batcher=self._batcher,
+            slot=self._slot,
             metrics=self.metrics,
             backend=encoder.backend if encoder is not None else cfg.backend,
             device=encoder.device if encoder is not None else cfg.device,
@@ -175,13 +178,11 @@ class Service:
     def wait_ready(self, timeout: float) -> None:
         """Block until a model is loaded and the sockets are bound; re-raises a thread's failure."""
         deadline = time.monotonic() + timeout
-        while not self.ready():
-            self.check()
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"the service was not ready within {timeout} s (model still loading?)")
-            with self._queue.cond:
-                self._queue.cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        self._bound.wait(timeout)
+        self._slot.wait(max(0.0, deadline - time.monotonic()))  # a failure closes the slot: no waiting it out
         self.check()
+        if not self.ready():
+            raise TimeoutError(f"the service was not ready within {timeout} s (model still loading?)")
 
     def check(self) -> None:
         """Raise ``ServiceError`` if a thread of the service has failed."""
@@ -222,7 +223,7 @@ class Service:
         return self._io_thread is not None and self._io_thread.is_alive() and self._failure is None
 
     def ready(self) -> bool:
-        return self._bound.is_set() and self._batcher.pipeline is not None and self._failure is None
+        return self._bound.is_set() and self._slot.ready.is_set() and self._failure is None
 
     @property
     def ingest_endpoint(self) -> str:
@@ -253,7 +254,7 @@ class Service:
 
     @property
     def model(self) -> ModelRef | None:
-        pipeline = self._batcher.pipeline
+        pipeline = self._slot.pipeline
         return pipeline.model if pipeline is not None else None
 
     def _endpoint(self, name: str) -> str:
@@ -286,6 +287,7 @@ class Service:
                 self._failure = exc
         self._stop_requested.set()
         self._queue.close()
+        self._slot.close()  # wait_ready and a worker waiting for its first model return now
         self._wake.wake()
 
     def _on_take(self) -> None:
@@ -303,42 +305,27 @@ class Service:
             sockets = open_sockets(self.cfg)
             self._endpoints.update(sockets.endpoints)
             self._bound.set()
+            assert self._worker is not None  # start() made it before starting this thread
             IOLoop(
-                self.cfg,
-                sockets,
-                metrics=self.metrics,
-                ledger=self._ledger,
-                frames=self._queue,
-                outbox=self._outbox,
-                batcher=self._batcher,
-                models=self._models,
-                wake=self._wake,
-                stop_requested=self._stop_requested,
-                worker_alive=self._worker_alive,
-                status=self._status,
+                IOContext(
+                    cfg=self.cfg,
+                    sockets=sockets,
+                    metrics=self.metrics,
+                    ledger=self._ledger,
+                    frames=self._queue,
+                    outbox=self._outbox,
+                    slot=self._slot,
+                    models=self._models,
+                    batcher=self._batcher,
+                    worker=self._worker,
+                    wake=self._wake,
+                    stop_requested=self._stop_requested,
+                    started=self._t0,
+                )
             ).run()
         finally:
             self._bound.set()
             self._queue.close()
+            self._slot.close()
             if sockets is not None:
                 sockets.close()  # each with its own linger: the publishing sockets flush the tail to subscribers
-
-    def _worker_alive(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
-
-    def _status(self) -> Status:
-        pipeline = self._batcher.pipeline
-        totals = self._ledger.totals
-        return Status(
-            seq=0,
-            uptime_s=time.monotonic() - self._t0,
-            frames_received=totals["received"],
-            frames_published=totals["published"],
-            frames_rejected=totals["rejected"],
-            frames_dropped=totals["dropped"],
-            queue_depth=len(self._queue),
-            model=pipeline.model if pipeline is not None else None,
-            backend=self._models.backend,
-            device=self._models.device,
-            scan_summary=self._ledger.last_summary,
-        )

@@ -47,7 +47,7 @@ class FrameResult:
 
 
 class FrameQueue:
-    """Frames accepted but not yet taken by the batcher; its condition also guards the batcher's pipeline.
+    """Frames accepted but not yet taken by the batcher (the model they are encoded with is the slot's business).
 
     ``block``: the I/O thread stops reading ingest while ``full()``, so ZeroMQ's high-water marks push back on the
     producer. ``drop_oldest``: ``put`` on a full queue evicts (and returns) the oldest frames.
@@ -59,7 +59,7 @@ class FrameQueue:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.policy = policy
-        self.cond = threading.Condition()
+        self._cond = threading.Condition()
         self._items: deque[QueuedFrame] = deque()
         self.nbytes = 0
         self.closed = False
@@ -76,7 +76,7 @@ class FrameQueue:
         """Enqueue; returns the frames evicted to make room (``drop_oldest`` only)."""
         evicted: list[QueuedFrame] = []
         size = item.array.nbytes
-        with self.cond:
+        with self._cond:
             if self.policy == "drop_oldest":
                 while self._items and (
                     len(self._items) >= self.capacity
@@ -87,36 +87,36 @@ class FrameQueue:
                     evicted.append(old)
             self._items.append(item)
             self.nbytes += size
-            self.cond.notify_all()
+            self._cond.notify_all()
         return evicted
 
     def close(self) -> None:
         """No more frames will come: the batcher finishes what is queued, then stops."""
-        with self.cond:
+        with self._cond:
             self.closed = True
-            self.cond.notify_all()
+            self._cond.notify_all()
 
     def drain(self) -> list[QueuedFrame]:
         """Remove and return everything still queued."""
-        with self.cond:
+        with self._cond:
             items = list(self._items)
             self._items.clear()
             self.nbytes = 0
-            self.cond.notify_all()
+            self._cond.notify_all()
         return items
 
     def take(self, deadline: float | None) -> QueuedFrame | None:
         """The oldest frame, waiting until ``deadline`` (perf_counter; ``None``: until one comes or the queue is
         closed). ``None`` when the deadline passed, or the queue is closed and empty."""
-        with self.cond:
+        with self._cond:
             while not self._items:
                 if self.closed:
                     return None
                 timeout = None if deadline is None else deadline - time.perf_counter()
                 if timeout is not None and timeout <= 0:
                     return None
-                self.cond.wait(timeout)
+                self._cond.wait(timeout)
             item = self._items.popleft()
             self.nbytes -= item.array.nbytes
-            self.cond.notify_all()
+            self._cond.notify_all()
             return item

@@ -32,7 +32,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -44,6 +44,7 @@ from streamer.service.frame_queue import FrameQueue, FrameResult, QueuedFrame
 from streamer.service.ledger import Ledger
 from streamer.service.metrics import DROP_REASONS, ServiceMetrics
 from streamer.service.model_loader import ModelLoader, ReloadJob, ReloadRefusedError
+from streamer.service.model_slot import ModelSlot
 from streamer.service.publisher import Publisher
 from streamer.service.throttled_log import ThrottledLog
 from streamer.wire.protocol import (
@@ -63,7 +64,7 @@ from streamer.wire.protocol import (
 )
 from streamer.wire.sockets import SocketSet
 
-__all__ = ["IOLoop", "WakePipe"]
+__all__ = ["IOContext", "IOLoop", "WakePipe"]
 
 log = logging.getLogger("atomstream.service")
 
@@ -99,35 +100,46 @@ class WakePipe:
         self._w.close()
 
 
+@dataclass(frozen=True)
+class IOContext:
+    """What the I/O thread works with, handed over in one piece by the ``Service`` that built it.
+
+    The loop owns ``sockets``; everything else it shares, each piece with its one owner: the counts (``ledger``), the
+    frames waiting for the worker (``frames``), the results coming back (``outbox``, with a byte on ``wake``), the
+    model serving now (``slot``; ``models`` loads and installs into it), the worker thread (``worker``, and
+    ``batcher`` to stop it early), and the owner's ``stop_requested``. ``started`` (monotonic) is the status uptime's
+    zero.
+    """
+
+    cfg: ServiceConfig
+    sockets: SocketSet
+    metrics: ServiceMetrics
+    ledger: Ledger
+    frames: FrameQueue
+    outbox: queue.SimpleQueue[FrameResult]
+    slot: ModelSlot
+    models: ModelLoader
+    batcher: Batcher
+    worker: threading.Thread
+    wake: WakePipe
+    stop_requested: threading.Event
+    started: float
+
+
 class IOLoop:
     """The I/O thread's state and loop; ``run`` returns once a requested stop has drained."""
 
-    def __init__(
-        self,
-        cfg: ServiceConfig,
-        sockets: SocketSet,
-        *,
-        metrics: ServiceMetrics,
-        ledger: Ledger,
-        frames: FrameQueue,
-        outbox: queue.SimpleQueue[FrameResult],
-        batcher: Batcher,
-        models: ModelLoader,
-        wake: WakePipe,
-        stop_requested: threading.Event,
-        worker_alive: Callable[[], bool],
-        status: Callable[[], Status],
-    ) -> None:
-        self.cfg = cfg
+    def __init__(self, ctx: IOContext) -> None:
+        cfg, sockets = ctx.cfg, ctx.sockets
+        self.ctx, self.cfg = ctx, cfg
         self.pull, self.rep, self.reliable = sockets.pull, sockets.rep, sockets.reliable
         self.publisher = Publisher(
-            sockets.pub, sockets.reliable, block_timeout_s=cfg.reliable_timeout_s, dropped=metrics.reliable_dropped
+            sockets.pub, sockets.reliable, block_timeout_s=cfg.reliable_timeout_s, dropped=ctx.metrics.reliable_dropped
         )
         self.events = ThrottledLog(log)
-        self.metrics, self.ledger, self.frames, self.outbox = metrics, ledger, frames, outbox
-        self.batcher, self.models = batcher, models
-        self.wake, self.wake_fd = wake, wake.fileno()
-        self.stop_requested, self.worker_alive, self.status = stop_requested, worker_alive, status
+        self.metrics, self.ledger, self.frames, self.outbox = ctx.metrics, ctx.ledger, ctx.frames, ctx.outbox
+        self.slot, self.models = ctx.slot, ctx.models
+        self.wake, self.wake_fd = ctx.wake, ctx.wake.fileno()
         self.poller = zmq.Poller()
         self.poller.register(self.rep, zmq.POLLIN)
         self.poller.register(self.wake_fd, zmq.POLLIN)
@@ -198,7 +210,7 @@ class IOLoop:
         if now >= self.next_status:
             publisher.publish(self.status())
             self.next_status = max(self.next_status + self.cfg.status_interval_s, now)
-        return self.stop_requested.is_set() and self._shutdown_step()
+        return self.ctx.stop_requested.is_set() and self._shutdown_step()
 
     def _shutdown_step(self) -> bool:
         """One step of the drain; True when everything accepted has been published."""
@@ -207,13 +219,14 @@ class IOLoop:
             self.ingest_open = False
             self._set_reading(False)
             self.frames.close()
+            self.slot.close()  # a worker still waiting for its first model stops waiting
             self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
-        worker_done = not self.worker_alive()
+        worker_done = not self.ctx.worker.is_alive()
         if not worker_done and time.monotonic() < (self.drain_deadline or 0.0):
             return False
         if self.flush_deadline is None:
             if not worker_done:
-                self.batcher.stop_now()
+                self.ctx.batcher.stop_now()
             self._flush_outbox()
             for frame in self.frames.drain():  # only left when the worker died or the drain timed out
                 self._on_result(FrameResult(frame, reason="internal", detail="the service stopped before encoding it"))
@@ -269,6 +282,24 @@ class IOLoop:
                         f"{len(self.frames)} frames, {self.frames.nbytes} bytes queued",
                     )  # fmt: skip
             self.reading = on
+
+    def status(self) -> Status:
+        """The heartbeat (and the control ``status`` reply): counts, queue depth, the model serving now."""
+        pipeline = self.slot.pipeline
+        totals = self.ledger.totals
+        return Status(
+            seq=0,
+            uptime_s=time.monotonic() - self.ctx.started,
+            frames_received=totals["received"],
+            frames_published=totals["published"],
+            frames_rejected=totals["rejected"],
+            frames_dropped=totals["dropped"],
+            queue_depth=len(self.frames),
+            model=pipeline.model if pipeline is not None else None,
+            backend=self.models.backend,
+            device=self.models.device,
+            scan_summary=self.ledger.last_summary,
+        )
 
     # ---------------------------------------------------------------- results and errors
     def _flush_outbox(self) -> None:
@@ -435,7 +466,7 @@ class IOLoop:
             log.info("reload of %r requested", self.reload.artifact)
             self.poller.unregister(self.rep)  # answer this request before taking the next
             return
-        pipeline = self.models.pipeline
+        pipeline = self.slot.pipeline
         if isinstance(cmd, SetCommand):
             if pipeline is None:
                 self._reply(False, "no model is loaded yet; retry once /readyz answers 200", cmd="set")

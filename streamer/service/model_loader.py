@@ -8,8 +8,9 @@ away) and no other reload starts until its thread has ended. A reload may only n
 path exists, so the control socket cannot be used to probe the filesystem. Files adding up to more than
 ``max_artifact_bytes`` are refused before they are read.
 
-Installing a pipeline hands it to the batcher, which uses it from its next batch on: frames in flight finish
-on the old model. ``set`` (defect classes and threshold) builds a new pipeline on the same encoder, no reload.
+Installing a pipeline puts it in the model slot (``streamer.service.model_slot``), which the batcher reads from its
+next batch on: frames in flight finish on the old model. ``set`` (defect classes and threshold) builds a new pipeline
+on the same encoder, no reload.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamer.maps.pipeline import EncoderLike, Pipeline
-from streamer.service.batching import Batcher
 from streamer.service.config import ServiceConfig
 from streamer.service.metrics import ServiceMetrics
+from streamer.service.model_slot import ModelSlot
 
 __all__ = ["ModelLoader", "ReloadJob", "ReloadRefusedError", "under_roots"]
 
@@ -69,14 +70,14 @@ class ModelLoader:
         self,
         cfg: ServiceConfig,
         *,
-        batcher: Batcher,
+        slot: ModelSlot,
         metrics: ServiceMetrics,
         backend: str,
         device: str,
         on_done: Callable[[], None],
     ) -> None:
         self.cfg = cfg
-        self.batcher = batcher
+        self.slot = slot
         self.metrics = metrics
         self.backend, self.device = backend, device
         self.on_done = on_done  # a reload finished: wake the I/O thread
@@ -84,13 +85,9 @@ class ModelLoader:
         self.roots: list[Path] = list(cfg.artifact_roots or ([cfg.artifact.parent] if cfg.artifact else []))
         self._last: ReloadJob | None = None  # still not done when the next reload comes: it was abandoned
 
-    @property
-    def pipeline(self) -> Pipeline | None:
-        return self.batcher.pipeline
-
     def build(self, encoder: EncoderLike) -> Pipeline:
         """A pipeline on ``encoder`` with the service's defect and batching settings (those ``set`` changed last)."""
-        current = self.batcher.pipeline
+        current = self.slot.pipeline
         return Pipeline(
             encoder,
             defect_classes=self.defect_classes,
@@ -121,7 +118,7 @@ class ModelLoader:
     def install(self, pipeline: Pipeline) -> None:
         self.backend, self.device = pipeline.encoder.backend, pipeline.encoder.device
         self.metrics.set_model(pipeline.model, backend=self.backend, device=self.device)
-        self.batcher.set_pipeline(pipeline)
+        self.slot.install(pipeline)
 
     def start_reload(self, artifact: str) -> ReloadJob:
         """Load ``artifact`` on a loader thread; the job says when it is done and what came of it.
@@ -146,11 +143,7 @@ class ModelLoader:
 
     def set_defects(self, *, classes: Sequence[str | int] | None, threshold: float | None) -> Pipeline:
         """Serve the current model with new defect settings (``PipelineError`` for unknown classes)."""
-        pipeline = self.batcher.pipeline
-        if pipeline is None:
-            raise RuntimeError("no model is loaded yet")
-        updated = pipeline.with_defects(classes=classes, threshold=threshold)
+        updated = self.slot.replace(lambda current: current.with_defects(classes=classes, threshold=threshold))
         if classes is not None:
             self.defect_classes = list(classes)
-        self.batcher.set_pipeline(updated)
         return updated
