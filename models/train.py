@@ -25,6 +25,7 @@ from models.checkpoint import CheckpointError, load_config, load_run, load_train
 from models.config import ModelConfig, RunConfig
 from models.evaluate import diagnose_classes, normalized_mutual_info
 from models.jtrvae import JTrVAE
+from models.shards import SingleProcess
 from models.warm_start import cluster_classes
 
 __all__ = ["FitError", "TrainResult", "evaluate_loss", "fit", "make_elbo", "resolve_device", "split_validation"]
@@ -125,6 +126,7 @@ def fit(
     *,
     val_images: np.ndarray | Tensor | None = None,
     resume: bool = False,
+    steps: SingleProcess | None = None,
 ) -> TrainResult:
     """Train the model ``cfg.model`` on ``images`` (N×H×W in [0, 1]) for ``cfg.train.epochs`` epochs.
 
@@ -132,7 +134,9 @@ def fit(
     validation loss. ``out_dir=None`` writes nothing; otherwise the run directory (``models.checkpoint``) is written
     every ``checkpoint_every`` epochs and at the end. ``resume=True`` continues the run in ``out_dir`` from its last
     finished epoch with its weights, optimiser state and history, up to ``cfg.train.epochs`` in total.
+    ``steps`` spreads each step over shards or processes (``models.shards``; ``models.distributed`` runs ranks).
     """
+    steps = steps or SingleProcess()
     tc = cfg.train
     device = resolve_device(tc.device)
     dtype = torch.float64 if tc.dtype == "float64" else torch.float32
@@ -171,6 +175,7 @@ def fit(
         init = cluster_classes(features.cpu().numpy(), cfg.model.n_classes, seed=tc.seed)
         anchor = torch.as_tensor(init.responsibilities, device=device, dtype=dtype)
         _fit_class_head(model, x_train, anchor, lr=tc.lr, batch_size=tc.batch_size, seed=tc.seed)
+    anchor = steps.prepare(model, anchor, seed=tc.seed + start_epoch)
 
     optim = Adam({"lr": tc.lr})
     if opt_state is not None:
@@ -186,11 +191,13 @@ def fit(
             loss = loss - weight * (target * log_q).sum()
         return loss
 
-    svi = SVI(model.model, model.guide, optim, loss=loss_fn)
+    svi = SVI(model.model, model.guide, optim, loss=steps.loss(loss_fn, model))
 
+    out_dir = out_dir if steps.is_main else None  # one process writes the run (the others have read it to resume)
     n = x_train.shape[0]
-    steps_per_epoch = math.ceil(n / tc.batch_size)
-    bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress)
+    batch = steps.global_batch(tc.batch_size)
+    steps_per_epoch = math.ceil(n / batch)
+    bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress and steps.is_main)
     for epoch in range(start_epoch, tc.epochs):
         beta = tc.annealing.at(epoch, tc.epochs)
         f = _anchor_fraction(tc.annealing.ramp_fraction, epoch, tc.epochs)
@@ -198,13 +205,13 @@ def fit(
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
         total = 0.0
-        for start in range(0, n, tc.batch_size):
-            idx = order[start : start + tc.batch_size]
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
             target = None if anchor is None else anchor[idx]
             total += float(svi.step(x_train[idx], beta, target, weight))
             if bar is not None:
                 bar.update(1)
-        loss = total / n
+        loss = steps.total(total) / n
         if not math.isfinite(loss):
             raise FitError(f"the loss became {loss} in epoch {epoch}; lower train.lr (now {tc.lr})")
         val_loss = None if x_val is None else evaluate_loss(model, x_val, beta=beta, batch_size=tc.batch_size)

@@ -125,6 +125,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flag(
         opt, "--val-fraction", type=float, where=_TRAIN, field="val_fraction", help="share held out for validation"
     )
+    opt.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="training processes on this machine, with PyTorch DistributedDataParallel (gloo on CPU, NCCL on CUDA): "
+        "each takes --batch-size patches per step, so a step takes N times as many (default: %(default)s; under "
+        "torchrun leave it at 1)",
+    )
     opt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     config_flag(tr, "--name", where=_RUN, field="name", help="model name recorded in the run and its artifact")
@@ -224,6 +232,8 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--out {args.out} is not empty; choose a new run directory or pass --resume")
     if args.budget <= 0:
         raise CommandError(f"--budget {args.budget}: the time budget must be a positive number of seconds")
+    if args.nproc < 1:
+        raise CommandError(f"--nproc {args.nproc}: give the number of training processes, at least 1")
 
 
 #: namespace attribute -> config field, for the flags that set one (and for naming flags in errors)
@@ -293,8 +303,12 @@ def _train(args: argparse.Namespace) -> int:
     if len(patches) < 2:
         raise CommandError(f"--data {args.data} gives {len(patches)} patch(es); training needs at least 2")
     from models.checkpoint import CheckpointError
-    from models.train import FitError, fit
+    from models.distributed import torchrun_world
+    from models.train import FitError
 
+    ranked = torchrun_world()
+    if ranked is not None and args.epochs is None and not args.resume:
+        raise CommandError("under torchrun every rank must train the same epochs: pass --epochs (no time budget)")
     if args.epochs is None and not args.resume:
         from models.budget import plan_epochs
 
@@ -302,9 +316,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
         print(f"training plan: {plan.describe()}; --epochs or --budget changes it", flush=True)
     try:
-        result = fit(cfg, patches.images, args.out, resume=args.resume)
+        result = _fit(cfg, patches.images, args)
     except (FitError, CheckpointError) as exc:
         raise CommandError(_one_line(exc)) from None
+    if ranked is not None and ranked[0] != 0:
+        return 0  # rank 0 reports and names the classes
     print(
         f"trained {cfg.model.variant} (K={cfg.model.n_classes}, dim z={cfg.model.latent_dim}) on {len(patches)} "
         f"{cfg.model.patch[0]}x{cfg.model.patch[1]} patches for {cfg.train.epochs} epochs -> {args.out}"
@@ -315,6 +331,26 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.model.n_classes > 1:
         _name_and_report_classes(result.model, patches, cfg.model, args.out, result.diagnosis)
     return 0
+
+
+def _fit(cfg: Any, images: Any, args: argparse.Namespace) -> Any:
+    """``fit`` in this process, on ``--nproc`` local processes, or as this rank of a ``torchrun`` launch."""
+    from models.distributed import fit_distributed, fit_torchrun_rank, torchrun_world
+    from models.train import fit
+
+    if torchrun_world() is not None:
+        return fit_torchrun_rank(cfg, images, args.out, resume=args.resume)
+    if args.nproc == 1:
+        return fit(cfg, images, args.out, resume=args.resume)
+    if args.threads is None:  # the CPUs are shared out between the processes
+        threads = max(1, cfg.train.likelihood_threads // args.nproc)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"likelihood_threads": threads})})
+    print(
+        f"training on {args.nproc} processes (DistributedDataParallel), {cfg.train.likelihood_threads} thread(s) "
+        f"each: {args.nproc} x {cfg.train.batch_size} = {args.nproc * cfg.train.batch_size} patches per step",
+        flush=True,
+    )
+    return fit_distributed(cfg, images, args.out, nproc=args.nproc, resume=args.resume, worker_setup=training_threads)
 
 
 def training_threads(asked: int | None = None) -> int:
