@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.fused_likelihood import CHUNK_ROWS, coord_mlp_log_likelihood, pixel_log_likelihood
+from models.likelihood_path import likelihood_path
 
 __all__ = [
     "BroadcastDecoder",
@@ -399,8 +400,11 @@ class CoordDecoder(nn.Module):
 
         Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
         materialising the ``(..., B, P, H)`` activations; ``threads`` and ``chunk_rows`` say how the work is cut and
-        spread (``models.fused_likelihood.coord_mlp_log_likelihood``).
+        spread (``models.fused_likelihood.coord_mlp_log_likelihood``). Off the CPU it is that autograd expression
+        itself (``models.likelihood_path``).
         """
+        if likelihood_path(coords.device) == "autograd":
+            return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
         return coord_mlp_log_likelihood(
             coords,
             self.latent_part(z, y),
