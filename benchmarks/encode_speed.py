@@ -6,12 +6,17 @@ itself under ``poutine.trace`` (samples every latent site; the cost of going thr
 Every backend gets the same float32 patches already in memory; the exported backends go through
 ``streamer.maps.encoder.load`` exactly as the service calls them (for ONNX on the CPU that includes the
 tensor→numpy→tensor hand-over). When CUDA is present the same backends run on the GPU (ONNX Runtime's CUDA provider with
-IOBinding, if installed), with inputs already on the device.
+IOBinding, if installed), with inputs already on the device, and so does ONNX Runtime's TensorRT execution provider
+when this onnxruntime has it (fp32, engines built per batch size during the warm-up calls, outputs bound to torch
+memory). ``--devices cpu,cuda`` names the devices; one that is missing is skipped with a line saying so. ``--parity``
+compares every backend's outputs on each device with the eager model's on the CPU, on the export's own parity
+patches, and exits 1 when one differs by more than ``--parity-tol`` (the export's 1e-4 by default).
 
 The model is the paper's architecture (MLP encoder 2×256 tanh, K=4, D=2, rotation and translation) and *untrained*:
 speed does not depend on the weights. Each cell is the median of ``--repeats`` timed calls after two warm-up calls.
 
     python benchmarks/encode_speed.py [--patch 48] [--batches 1,64,1024,4096] [--repeats 20] [--threads N]
+        [--devices auto|cpu,cuda] [--parity]
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from parity import compare, parity_line
 from pyro import poutine
 
 from exporters.export import export_model
-from exporters.verify import parity_patches
+from exporters.verify import PARITY_TOLERANCE, parity_patches
 from models.config import DataConfig, ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
 from streamer.maps.encoder import load
+from streamer.maps.manifest import INPUT_NAME, MODEL_FILES, read_manifest
 
 Runner = Callable[[torch.Tensor], object]
 
@@ -40,7 +48,8 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(","))
 
 
-def build_artifact(patch: int, hidden: tuple[int, ...], out: Path) -> JTrVAE:
+def build_artifact(patch: int, hidden: tuple[int, ...], out: Path) -> tuple[JTrVAE, torch.Tensor]:
+    """An untrained paper-architecture model exported to ``out``, and the parity patches its export was checked on."""
     cfg = ModelConfig(
         patch=(patch, patch), n_classes=4, latent_dim=2, rotation=True, translation=True, encoder_hidden=hidden
     )
@@ -49,7 +58,7 @@ def build_artifact(patch: int, hidden: tuple[int, ...], out: Path) -> JTrVAE:
     model = JTrVAE(cfg).eval()
     x, desc, _ = parity_patches(run)
     export_model(model, run, out, parity_patches=x, parity_data=desc)
-    return model
+    return model, x
 
 
 def time_calls(fns: dict[str, Runner], x: torch.Tensor, repeats: int, cuda: bool) -> dict[str, float]:
@@ -75,6 +84,45 @@ def time_calls(fns: dict[str, Runner], x: torch.Tensor, repeats: int, cuda: bool
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class TensorRTRunner:
+    """The artifact's ONNX file on ONNX Runtime's TensorRT execution provider (CUDA provider behind it for any node
+    TensorRT does not take), with inputs and outputs bound to torch CUDA memory as the service's CUDA runner binds
+    them. fp32 (no fp16, no TF32), so its parity is held to the same tolerance as every other backend."""
+
+    def __init__(self, artifact: Path, cache_dir: Path) -> None:
+        import onnxruntime as ort
+
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("this onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu with TensorRT libs)")
+        trt = {"device_id": "0", "trt_fp16_enable": "False", "trt_engine_cache_enable": "True",
+               "trt_engine_cache_path": str(cache_dir)}  # fmt: skip
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(artifact / MODEL_FILES["onnx"]),
+            sess_options=options,
+            providers=[("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"use_tf32": "0"})],
+        )
+        if self.session.get_providers()[0] != "TensorrtExecutionProvider":
+            raise RuntimeError(f"ONNX Runtime fell back to {self.session.get_providers()[0]}")
+        self.outputs = read_manifest(artifact).outputs
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.detach().to("cuda", torch.float32).contiguous()
+        b = int(x.shape[0])
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
+        outs = {}
+        for spec in self.outputs:
+            out = torch.empty([b if d == "batch" else int(d) for d in spec.shape], device="cuda")
+            binding.bind_output(spec.name, "cuda", 0, np.float32, tuple(out.shape), out.data_ptr())
+            outs[spec.name] = out
+        torch.cuda.current_stream().synchronize()  # ORT runs on its own stream: the input must be written first
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outs
+
+
 def runners(
     model: JTrVAE, artifact: Path, device: str, batches: tuple[int, ...], threads: int | None
 ) -> dict[str, Runner | str]:
@@ -92,7 +140,37 @@ def runners(
             out[f"{backend} ({'+'.join(p.replace('ExecutionProvider', '') for p in enc.providers) or 'torch'})"] = enc
         except Exception as exc:  # an optional backend missing on this machine is reported, not fatal
             out[backend] = f"unavailable: {str(exc).splitlines()[0]}"
+    if device == "cuda":
+        try:
+            out["onnx (TensorRT)"] = TensorRTRunner(artifact, artifact / "trt-cache")
+        except Exception as exc:  # TensorRT is optional: say why it did not run
+            out["tensorrt"] = f"unavailable: {str(exc).splitlines()[0]}"
     return out
+
+
+def check_parity(table: dict[str, Runner | str], x: torch.Tensor, want: dict[str, torch.Tensor], device: str,
+                 tolerance: float) -> bool:  # fmt: skip
+    """Every backend's outputs on ``device`` against the eager model's on the CPU (``z`` is ``z_loc`` in artifacts)."""
+    passed = True
+    for name, fn in table.items():
+        if isinstance(fn, str) or name == "pyro guide trace":  # the guide samples: nothing deterministic to compare
+            continue
+        got = dict(fn(x.to(device)))  # type: ignore[call-overload]
+        if "z" in got:
+            got["z_loc"] = got.pop("z")
+        passed &= parity_line(f"{device} {name} vs cpu eager ({x.shape[0]} patches)", compare(got, want), tolerance)
+    return passed
+
+
+def pick_devices(text: str) -> list[str]:
+    """``auto``: the CPU and CUDA if present; otherwise the devices named, with a line for each one missing."""
+    if text == "auto":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("# cuda: skipped (torch sees no CUDA device); no GPU figure is reported")
+        devices.remove("cuda")
+    return devices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per cell (median reported)")
     ap.add_argument("--hidden", type=_ints, default=(256, 256), help="encoder widths (paper: 256,256)")
     ap.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime CPU threads (0: their defaults)")
+    ap.add_argument("--devices", default="auto", help="auto (cpu, and cuda if present) or a list: cpu,cuda")
+    ap.add_argument("--parity", action="store_true", help="check every backend against the eager model on the CPU")
+    ap.add_argument("--parity-tol", type=float, default=PARITY_TOLERANCE, help="largest |Δ| that passes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = pick_devices(args.devices)
+    passed = True
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_artifact(args.patch, args.hidden, Path(tmp))
+        model, parity_x = build_artifact(args.patch, args.hidden, Path(tmp))
+        want = model.encode(parity_x)  # the reference: the eager model on the CPU
+        want["z_loc"] = want.pop("z")
         print(
             f"# {args.patch}×{args.patch} patches, encoder MLP {'×'.join(map(str, args.hidden))} tanh, K=4, D=2, "
             f"rotation+translation, untrained; torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -130,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in table.items():
                 if isinstance(fn, str):
                     print(f"# {name}: {fn}")
-    return 0
+            if args.parity:
+                passed &= check_parity(table, parity_x, want, device, args.parity_tol)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -25,10 +25,15 @@ Latency p50/p99 is producer timestamp (``t_acq_ns``) → map received; the produ
 
 The model is the paper's architecture (MLP encoder 2×256, K=4 classes, D=2, rotation and translation), untrained —
 speed does not depend on the weights — exported through ``exporters`` unless ``--artifact`` is given. Patches are
-32×32 with stride 8 (a 512² frame is 61² = 3721 patches, a 1024² frame 125² = 15625).
+32×32 with stride 8 (a 512² frame is 61² = 3721 patches, a 1024² frame 125² = 15625, a 4096² frame 509² = 259081).
+
+``--device cpu,cuda`` gives one table per device (a missing GPU is skipped with a line saying so). ``--parity``
+first checks, at every frame size, the maps ``Pipeline.process`` makes of one frame on that device and backend
+against the CPU ONNX Runtime pipeline's (float maps to ``--parity-tol``, the class map identical on all but 1e-4 of
+the patches), and the script exits 1 when one differs.
 
     python benchmarks/stream_throughput.py [--frames 12] [--sizes 512,1024] [--rounds 3] [--backend onnx]
-        [--device auto] [--batch 4096] [--artifact DIR]
+        [--device auto|cpu|cuda|cpu,cuda] [--batch 4096] [--artifact DIR] [--parity]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from parity import compare, parity_line
 
 from exporters.export import export_model
 from exporters.verify import parity_patches
@@ -249,43 +255,77 @@ def one_round(enc: Encoder, data: np.ndarray, *, batch: int, repeats: int) -> di
     return {**e2e, "encoder": statistics.median(ceilings), "local": local, "foreign": load_.cores or 0.0}
 
 
-def main() -> None:
+def frame_parity(enc: Encoder, reference: Encoder, frame: np.ndarray, *, batch: int, tolerance: float) -> bool:
+    """The maps of one frame from ``enc``'s pipeline against the CPU ONNX pipeline's, as one ``# parity`` line."""
+    got = Pipeline(enc, max_batch_patches=batch).process(frame).arrays
+    want = Pipeline(reference, max_batch_patches=batch).process(frame).arrays
+    label = f"{enc.backend} on {enc.device} vs onnx on cpu, maps of one {frame.shape[0]}x{frame.shape[1]} frame"
+    return parity_line(label, compare(got, want), tolerance, max_differing=1e-4)
+
+
+def pick_devices(text: str) -> list[str]:
+    """``auto`` stays one device (the encoder's own choice); a list keeps the devices present, with a line for a
+    missing GPU."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = sorted(set(devices) - {"auto", "cpu", "cuda"})
+    if unknown:
+        raise SystemExit(f"--device {text}: {unknown} are not devices; use auto, cpu, cuda or a list like cpu,cuda")
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("# cuda: skipped (torch sees no CUDA device); no GPU figure is reported")
+        devices.remove("cuda")
+    return devices
+
+
+def measure(enc: Encoder, size: int, data: np.ndarray, *, batch: int, rounds: int, repeats: int) -> None:
+    """Print one row: ``rounds`` rounds at frames of ``size``², medians over the quietest."""
+    done = [one_round(enc, data, batch=batch, repeats=repeats) for _ in range(rounds)]
+    quietest = min(r["foreign"] for r in done)
+    used = [r for r in done if r["foreign"] <= quietest + _SAME_LOAD_CORES]
+
+    def med(key: str, rounds: list[dict[str, float]] = used) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    local_ratio = statistics.median(r["local"] / r["encoder"] for r in used)
+    e2e_ratio = statistics.median(r["patches_s"] / r["encoder"] for r in used)
+    per_frame = ((size - PATCH) // STRIDE + 1) ** 2
+    print(f"{size:>4}x{size:<4} {per_frame:>10d} {med('encoder'):>12.0f} {med('local'):>12.0f} "
+          f"({local_ratio:>4.0%}) {med('patches_s'):>12.0f} ({e2e_ratio:>4.0%}) {med('fps'):>8.2f} "
+          f"{med('p50'):>7.0f} {med('p99'):>7.0f} {sum(int(r['errors']) for r in done):>6d} "
+          f"{med('foreign'):>6.2f} cpu {len(used)}/{len(done)}", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per size (medians of the quietest)")
     parser.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or a list (cpu,cuda): a table for each")
     parser.add_argument("--batch", type=int, default=4096, help="service max_batch_patches = encoder batch size")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of the bare encoder per measurement")
     parser.add_argument("--artifact", type=Path, default=None, help="exported artifact (default: build one)")
-    args = parser.parse_args()
+    parser.add_argument("--parity", action="store_true", help="check each device's maps against the CPU's first")
+    parser.add_argument("--parity-tol", type=float, default=1e-4, help="largest |Δ| of a float map that passes")
+    args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    passed = True
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact or build_artifact(Path(tmp) / "artifact")
-        enc = load(artifact, backend=args.backend, device=args.device, batch_sizes=(1, args.batch))  # type: ignore[arg-type]
-        threads = f"ORT intra-op threads {enc.intra_op_threads}" if enc.intra_op_threads else "torch threads"
-        print(f"backend {args.backend}  device {enc.device}  {threads}  batch {args.batch}  patch {PATCH} stride "
-              f"{STRIDE}  frames {args.frames}  {args.rounds} rounds  {os.cpu_count()} CPUs")  # fmt: skip
-        print(f"{'frame':>9} {'patches/fr':>10} {'encoder p/s':>12} {'in-process p/s':>19} {'end-to-end p/s':>19} "
-              f"{'e2e fr/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'other load':>10} rounds")  # fmt: skip
-        for size in sizes:
-            data = _frames(size, args.frames)
-            rounds = [one_round(enc, data, batch=args.batch, repeats=args.repeats) for _ in range(args.rounds)]
-            quietest = min(r["foreign"] for r in rounds)
-            used = [r for r in rounds if r["foreign"] <= quietest + _SAME_LOAD_CORES]
-
-            def med(key: str, rounds: list[dict[str, float]] = used) -> float:
-                return statistics.median(r[key] for r in rounds)
-
-            local_ratio = statistics.median(r["local"] / r["encoder"] for r in used)
-            e2e_ratio = statistics.median(r["patches_s"] / r["encoder"] for r in used)
-            per_frame = ((size - PATCH) // STRIDE + 1) ** 2
-            print(f"{size:>4}x{size:<4} {per_frame:>10d} {med('encoder'):>12.0f} {med('local'):>12.0f} "
-                  f"({local_ratio:>4.0%}) {med('patches_s'):>12.0f} ({e2e_ratio:>4.0%}) {med('fps'):>8.2f} "
-                  f"{med('p50'):>7.0f} {med('p99'):>7.0f} {sum(int(r['errors']) for r in rounds):>6d} "
-                  f"{med('foreign'):>6.2f} cpu {len(used)}/{len(rounds)}")  # fmt: skip
+        reference = load(artifact, backend="onnx", device="cpu", batch_sizes=(1, args.batch)) if args.parity else None
+        for device in pick_devices(args.device):
+            enc = load(artifact, backend=args.backend, device=device, batch_sizes=(1, args.batch))  # type: ignore[arg-type]
+            threads = f"ORT intra-op threads {enc.intra_op_threads}" if enc.intra_op_threads else "torch threads"
+            print(f"backend {args.backend}  device {enc.device}  {threads}  batch {args.batch}  patch {PATCH} stride "
+                  f"{STRIDE}  frames {args.frames}  {args.rounds} rounds  {os.cpu_count()} CPUs")  # fmt: skip
+            print(f"{'frame':>9} {'patches/fr':>10} {'encoder p/s':>12} {'in-process p/s':>19} {'end-to-end p/s':>19} "
+                  f"{'e2e fr/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'other load':>10} rounds")  # fmt: skip
+            for size in sizes:
+                data = _frames(size, args.frames)
+                if reference is not None:
+                    passed &= frame_parity(enc, reference, data[0], batch=args.batch, tolerance=args.parity_tol)
+                measure(enc, size, data, batch=args.batch, rounds=args.rounds, repeats=args.repeats)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,12 +9,20 @@ with ``decoder_hidden=(256, 256, 256)``.
 pyroVED is the ``bench`` extra, imported through ``pyroved_import`` (it needs no torchvision that way). If pyroVED is
 missing, the table says so and shows ours only.
 
+``--devices cpu,cuda`` adds a row of ours per device, each with the likelihood its device selects
+(``models.likelihood_path``: the fused kernel on the CPU, plain autograd on CUDA); a device that is not there is
+skipped with a line saying so. ``--parity`` checks, on the same weights and inputs, the decoder's summed
+log-likelihood and its gradients on every path against the CPU fused kernel (always including the autograd
+expression on the CPU), and exits 1 when one differs by more than ``--parity-tol`` (relative to the largest value).
+
     python benchmarks/train_speed.py [--size 48] [--batch 32] [--steps 3] [--warmup 1] [--threads N]
+        [--devices cpu,cuda] [--parity] [--skip-pyroved]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -26,10 +34,16 @@ from pyro.optim import Adam
 from pyroved_import import import_pyroved
 
 from models.config import ModelConfig
+from models.coords import direction, pixel_grid, rotate_shift_grid
+from models.fused_likelihood import pixel_log_likelihood
 from models.jtrvae import JTrVAE
+from models.likelihood_path import likelihood_path
+from models.nets import CoordDecoder
 from models.train import make_elbo
 
 K, D = 4, 2
+#: the paper's networks, as pyroVED builds them: encoder 2×256, coordinate decoder 3×256 (all tanh)
+ENCODER, DECODER = (256, 256), (256, 256, 256)
 OURS, REF = "atomstream JTrVAE", "pyroVED jiVAE"
 
 
@@ -53,12 +67,21 @@ def _fresh_store_step(step: Callable[[], float]) -> float:
     return step()
 
 
-def ours_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
-    cfg = ModelConfig(patch=tuple(x.shape[-2:]), n_classes=K, latent_dim=D, rotation=True, translation=True)
+def ours_step(x: torch.Tensor, lr: float, device: str = "cpu") -> Callable[[], float]:
+    cfg = ModelConfig(
+        patch=tuple(x.shape[-2:]),
+        n_classes=K,
+        latent_dim=D,
+        rotation=True,
+        translation=True,
+        encoder_hidden=ENCODER,
+        decoder_hidden=DECODER,
+    )
     pyro.clear_param_store()
     # the decoder's likelihood chunks side by side on as many threads as torch has (what the library did itself
     # before it stopped touching torch's thread count; pyroVED's side keeps torch's intra-op threads)
-    model = JTrVAE(cfg, likelihood_threads=torch.get_num_threads())
+    model = JTrVAE(cfg, likelihood_threads=torch.get_num_threads()).to(device)
+    x = x.to(device)
     svi = SVI(model.model, model.guide, Adam({"lr": lr}), loss=make_elbo(model))
     beta = (1.0, 1.0, 1.0)
     return lambda: _fresh_store_step(lambda: svi.step(x, beta))
@@ -87,6 +110,49 @@ def pyroved_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
     return lambda: _fresh_store_step(lambda: svi.step(x, scale_factor=[1.0, 1.0]))
 
 
+def likelihood_parity(size: int, devices: list[str], *, seed: int = 0) -> dict[str, float]:
+    """Largest relative difference, over the summed log-likelihood per (class, image) and its gradient for every
+    decoder weight, between each path and the CPU fused kernel, on the same weights and inputs (8 images of
+    ``size``², K classes enumerated, random rotations and shifts). ``cpu autograd`` is always among them."""
+    gen = torch.Generator().manual_seed(seed)
+    decoder = CoordDecoder(latent_dim=D, n_classes=K, hidden=DECODER)
+    images, _ = make_data(8, size, seed)
+    x = torch.from_numpy(images).reshape(8, -1)
+    angle, shift = torch.rand(8, generator=gen) * 6.283, 0.1 * torch.randn(8, 2, generator=gen)
+    coords = rotate_shift_grid(pixel_grid(size, size), direction(angle), shift)
+    z, y = torch.randn(8, D, generator=gen), torch.eye(K).reshape(K, 1, K)
+
+    def run(device: str, autograd: bool) -> list[torch.Tensor]:
+        dec = copy.deepcopy(decoder).to(device)
+        args = [t.to(device) for t in (coords, z, y, x)]
+        if autograd:  # the expression the decoder runs off the CPU, written out so the CPU can run it too
+            ll = pixel_log_likelihood(dec(*args[:3]), args[3], "bernoulli", 0.2).sum(-1)
+        else:
+            ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2)
+        grads = torch.autograd.grad(ll.sum(), list(dec.parameters()))
+        return [t.detach().cpu() for t in (ll, *grads)]
+
+    want = run("cpu", autograd=False)
+    out: dict[str, float] = {}
+    for device, autograd in [("cpu", True)] + [(d, likelihood_path(d) == "autograd") for d in devices if d != "cpu"]:
+        got = run(device, autograd)
+        out[f"{device} {'autograd' if autograd else 'fused'}"] = max(
+            float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want, strict=True)
+        )
+    return out
+
+
+def usable_devices(asked: list[str]) -> tuple[list[str], list[str]]:
+    """The asked devices that are here, and a line for each that is not."""
+    here, notes = [], []
+    for device in asked:
+        if device == "cuda" and not torch.cuda.is_available():
+            notes.append("# cuda: skipped (torch sees no CUDA device); no GPU figure is reported")
+        else:
+            here.append(device)
+    return here, notes
+
+
 def time_interleaved(steps: dict[str, Callable[[], float]], n: int, warmup: int) -> dict[str, float]:
     """Median seconds per step of each implementation, their steps interleaved so both see the same machine load."""
     for _ in range(warmup):
@@ -110,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--skip-pyroved", action="store_true")
+    ap.add_argument("--devices", default="cpu", help="comma-separated devices for our rows: cpu, cuda")
+    ap.add_argument("--parity", action="store_true", help="check every likelihood path against the CPU kernel")
+    ap.add_argument("--parity-tol", type=float, default=1e-4, help="largest relative difference that passes")
     args = ap.parse_args(argv)
+    devices, skipped = usable_devices([d.strip() for d in args.devices.split(",") if d.strip()])
     if args.threads:
         torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
@@ -119,12 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {args.size}×{args.size} {kind}, batch {args.batch}, median of {args.steps} interleaved steps after "
         f"{args.warmup} warm-up; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={K}, D={D}, rotation+translation"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={K}, D={D}, rotation+translation, "
+        f"encoder {'×'.join(map(str, ENCODER))}, decoder {'×'.join(map(str, DECODER))}"
     )
+    for line in skipped:
+        print(line)
     steps: dict[str, Callable[[], float]] = {}
     notes: dict[str, str] = {}
-    pyro.set_rng_seed(0)
-    steps[OURS] = ours_step(x, args.lr)
+    ours = [f"{OURS} {d} {likelihood_path(d)}" for d in devices]
+    for name, device in zip(ours, devices, strict=True):
+        pyro.set_rng_seed(0)
+        steps[name] = ours_step(x, args.lr, device)
     if args.skip_pyroved:
         notes[REF] = "skipped (--skip-pyroved)"
     else:
@@ -133,16 +208,24 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the baseline is optional: report why it did not run instead of failing
             notes[REF] = f"unavailable: {type(e).__name__}: {e}"
     measured = time_interleaved(steps, args.steps, args.warmup)
-    rows = [(OURS, measured[OURS], ""), (REF, measured.get(REF), notes.get(REF, ""))]
-    ref_time = rows[1][1]
-    print(f"{'implementation':<20} {'s/step':>9} {'ms/image':>9} {'images/s':>9} {'speed-up':>9}")
+    rows = [(name, measured[name], "") for name in ours] + [(REF, measured.get(REF), notes.get(REF, ""))]
+    base = REF if measured.get(REF) else ours[0]  # speed-up against pyroVED, or against our first device
+    ref_time = measured.get(base)
+    print(f"{'implementation':<32} {'s/step':>9} {'ms/image':>9} {'images/s':>9} {'speed-up':>9}  (× {base})")
     for name, t, note in rows:
         if t is None:
-            print(f"{name:<20} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {note}")
+            print(f"{name:<32} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {note}")
             continue
         ratio = f"{ref_time / t:.2f}×" if ref_time else "-"
-        print(f"{name:<20} {t:>9.3f} {1000 * t / args.batch:>9.1f} {args.batch / t:>9.1f} {ratio:>9}")
-    return 0
+        print(f"{name:<32} {t:>9.3f} {1000 * t / args.batch:>9.1f} {args.batch / t:>9.1f} {ratio:>9}")
+    if not args.parity:
+        return 0
+    diffs = likelihood_parity(args.size, devices)
+    bad = {path: d for path, d in diffs.items() if not d <= args.parity_tol}
+    cells = ", ".join(f"{path} {d:.1e}" for path, d in diffs.items())
+    print(f"# parity, decoder log-likelihood and its gradients against the CPU fused kernel (largest relative "
+          f"difference, tolerance {args.parity_tol:g}): {cells} -> {'FAILED' if bad else 'ok'}")  # fmt: skip
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
