@@ -122,21 +122,21 @@ def likelihood_parity(size: int, devices: list[str], *, seed: int = 0) -> dict[s
     coords = rotate_shift_grid(pixel_grid(size, size), direction(angle), shift)
     z, y = torch.randn(8, D, generator=gen), torch.eye(K).reshape(K, 1, K)
 
-    def run(device: str, autograd: bool) -> list[torch.Tensor]:
+    def run(device: str, written_out: bool) -> list[torch.Tensor]:
         dec = copy.deepcopy(decoder).to(device)
         args = [t.to(device) for t in (coords, z, y, x)]
-        if autograd:  # the expression the decoder runs off the CPU, written out so the CPU can run it too
+        if written_out:  # the autograd expression the decoder runs off the CPU, written out so the CPU runs it too
             ll = pixel_log_likelihood(dec(*args[:3]), args[3], "bernoulli", 0.2).sum(-1)
-        else:
+        else:  # what training runs on that device: the path likelihood_path selects
             ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2)
         grads = torch.autograd.grad(ll.sum(), list(dec.parameters()))
         return [t.detach().cpu() for t in (ll, *grads)]
 
-    want = run("cpu", autograd=False)
+    want = run("cpu", written_out=False)
     out: dict[str, float] = {}
-    for device, autograd in [("cpu", True)] + [(d, likelihood_path(d) == "autograd") for d in devices if d != "cpu"]:
-        got = run(device, autograd)
-        out[f"{device} {'autograd' if autograd else 'fused'}"] = max(
+    for device, written_out in [("cpu", True)] + [(d, False) for d in devices if d != "cpu"]:
+        got = run(device, written_out)
+        out[f"{device} {'autograd' if written_out else likelihood_path(device)}"] = max(
             float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want, strict=True)
         )
     return out
