@@ -98,16 +98,16 @@ def _rank(
     setup: Callable[[], object] | None,
     errors: mp.SimpleQueue,
 ) -> None:
-    """One spawned rank. A user error (same on every rank: the loss and inputs are the same everywhere) goes back to
-    the parent through ``errors``; anything else is raised, and ``spawn`` stops the other ranks and re-raises it."""
+    """One spawned rank. A user error goes back to the parent through ``errors`` and the rank ends quietly: ``fit``'s
+    errors arise alike on every rank (same inputs, the loss reduced over ranks), and should one arise on a rank alone,
+    its peers' next collective fails on the closed connection, which ``start_processes`` reports to the parent."""
     if setup is not None:
         setup()
     try:
         with process_group(rank, world_size, init_method=init_method, device=cfg.train.device):
             fit(cfg, images, out_dir, val_images=val_images, resume=resume, steps=DataParallelSteps())
     except tuple(_USER_ERRORS.values()) as exc:
-        if rank == 0:
-            errors.put((type(exc).__name__, str(exc)))
+        errors.put((type(exc).__name__, str(exc)))
 
 
 def _shared(images: np.ndarray | Tensor) -> Tensor:
@@ -138,17 +138,26 @@ def fit_distributed(
         raise FitError(f"nproc={nproc}: give the number of processes to train on, at least 1")
     if nproc == 1:
         return fit(cfg, images, out_dir, val_images=val_images, resume=resume)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise FitError(
+            f"nproc={nproc} CUDA processes need a GPU each, and this machine has {torch.cuda.device_count()}; start at "
+            "most that many, or train on the CPU (device 'cpu')"
+        )
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="atomstream-ddp-") as tmp:
         run_dir = Path(out_dir) if out_dir is not None else Path(tmp) / "run"
         val = None if val_images is None else _shared(val_images)
         args = (nproc, f"file://{tmp}/rendezvous", cfg, _shared(images), val, run_dir, resume, worker_setup, errors)
-        mp.start_processes(_rank, args=args, nprocs=nproc, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_rank, args=args, nprocs=nproc, join=True, start_method="spawn")
+        except mp.ProcessRaisedException:
+            if errors.empty():  # not the user's to fix: the rank's traceback is in the exception
+                raise
         if not errors.empty():
             kind, message = errors.get()
-            raise _USER_ERRORS[kind](message)
-        device = str(resolve_device(cfg.train.device))
-        model, _ = load_run(run_dir, device=device)
-        history = load_training_state(run_dir, device=device).history
+            raise _USER_ERRORS[kind](message) from None
+        model, _ = load_run(run_dir, device=str(device))
+        history = load_training_state(run_dir, device=str(device)).history
         return TrainResult(model=model, history=history, diagnosis=load_diagnosis(run_dir))
