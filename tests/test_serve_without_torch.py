@@ -61,6 +61,24 @@ def test_the_blocker_works_and_every_streamer_module_and_the_cli_import_without_
     assert proc.returncode == 0, err[-3000:]
 
 
+def test_what_needs_torch_says_so_and_what_to_install(tmp_path: Path) -> None:
+    """TorchScript and a CUDA device need torch; without it, ``load`` names the need and the install that meets it."""
+    artifact = make_artifact(tmp_path / "artifact")
+    code = (
+        "from streamer.maps.arrays import TorchMissingError\n"
+        "from streamer.maps.encoder import load\n"
+        "try:\n    load(sys.argv[1], backend='torchscript', device='cpu')\n"
+        "except TorchMissingError as exc:\n    print(exc)\n"
+        "print(load(sys.argv[1], backend='onnx', device='cpu'))\n"
+    )
+    proc = _run_without_torch(code, str(artifact), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    refused, loaded = out.splitlines()
+    assert refused.startswith("the TorchScript backend needs PyTorch, which is not installed: pip install")
+    assert loaded == "Encoder(test-encoder 0.0.1, onnx on cpu, patch 16x16)"
+
+
 def _scan() -> list[np.ndarray]:
     """Odd shapes and the common detector dtypes, as in the live-equals-offline test."""
     a, _ = synth_frame(LatticeConfig(shape=(97, 130), n_defects=3), seed=1)
