@@ -172,6 +172,8 @@ def test_a_buffer_of_the_wrong_shape_or_type_is_refused() -> None:
     tiles = torch.rand(3, 4, 8, 8)
     with pytest.raises(ValueError, match=r"contiguous float32 array of shape \(12, 1, 8, 8\)"):
         prepare_patches(tiles, SPECS["plain"], out=torch.empty(12, 8, 8))
+    with pytest.raises(ValueError, match="out is a ndarray but the patches are a Tensor"):
+        prepare_patches(tiles, SPECS["fft"], out=np.empty((12, 1, 8, 8), np.float32))
     with pytest.raises(ValueError, match="float64"):
         prepare_patches(tiles, SPECS["plain"], out=torch.empty(12, 1, 8, 8, dtype=torch.float64))
 

@@ -238,6 +238,11 @@ def prepare_patches(patches: Array, spec: Preprocessing, *, out: Array | None = 
             raise ValueError(
                 f"out must be a contiguous float32 array of shape {(n, 1, ph, pw)}, got {tuple(out.shape)} {out.dtype}"
             )
+        if is_tensor(out) != is_tensor(patches):
+            raise ValueError(
+                f"out is a {type(out).__name__} but the patches are a {type(patches).__name__}; "
+                "give out of the same kind (the pipeline's batch_buffer() is)"
+            )
         if not _is_contiguous(out):
             raise ValueError(f"out must be a contiguous float32 array of shape {(n, 1, ph, pw)}; it is not contiguous")
     if spec.fft == "none" and spec.patch_norm == "none":
