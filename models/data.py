@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import ValidationError
 
 from models.config import DataConfig
@@ -195,13 +194,13 @@ def stack_patches(
             f"images are {images.shape[1]}×{images.shape[2]} but the run expects {data.patch[0]}×{data.patch[1]}; "
             "resize the stack or use a run trained on this size"
         )
-    x = prepare_frame(torch.from_numpy(np.require(images, requirements=["C", "W"])), data.preprocessing)
-    x = prepare_patches(x, data.preprocessing)[:, 0]
+    # numpy, as the CPU serving path runs: the same functions on the same kind of array, so the same values
+    x = prepare_patches(prepare_frame(images, data.preprocessing), data.preprocessing)[:, 0]
     n = images.shape[0]
     positions = np.zeros((n, 3), dtype=np.int64)
     positions[:, 0] = np.arange(n)
     return PatchSet(
-        images=x.numpy(),
+        images=x,
         positions=positions,
         data=data,
         labels=labels,
@@ -218,12 +217,12 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
     ph, pw = data.patch
     if ph > h or pw > w:
         raise DataError(f"patch={ph}×{pw} is larger than the {h}×{w} frame; use patch={min(h, w)} or less")
-    chunks: list[torch.Tensor] = []
+    chunks: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     exact: list[np.ndarray] = []
     grid: tuple[int, int] | None = None
     for k in range(f):
-        frame = torch.from_numpy(np.require(frames[k], requirements=["C", "W"]))
+        frame = frames[k]  # numpy, as the CPU serving path cuts it (streamer.maps.pipeline)
         if data.kind == "grid":
             try:
                 patches, grid = grid_patches(frame, data.preprocessing, data.patch, data.stride, data.origin)
@@ -234,19 +233,19 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
             xs = data.origin[1] + gx.reshape(-1) * data.stride[1]
         else:
             centres = find_atoms(
-                frame.to(torch.float32),
+                frame.astype(np.float32),
                 sigma=data.atom_sigma,
                 min_distance=data.atom_min_distance,
                 threshold=data.atom_threshold,
                 sublattice=data.atom_sublattice,
             )
             patches, kept = point_patches(frame, data.preprocessing, centres, data.patch)
-            exact.append(kept.to("cpu", torch.float64).numpy())
-            rounded = torch.round(kept).to(torch.long).numpy()
+            exact.append(kept.astype(np.float64))
+            rounded = np.round(kept).astype(np.int64)
             ys, xs = rounded[:, 0] - ph // 2, rounded[:, 1] - pw // 2
         chunks.append(patches[:, 0])
         positions.append(np.stack([np.full(len(ys), k), ys, xs], axis=1).astype(np.int64))
-    images = torch.cat(chunks).numpy() if chunks else np.zeros((0, ph, pw), np.float32)
+    images = np.concatenate(chunks) if chunks else np.zeros((0, ph, pw), np.float32)
     if images.shape[0] == 0:
         raise DataError(
             f"no atom-centred {ph}×{pw} patch fits in the scan (threshold {data.atom_threshold}, "

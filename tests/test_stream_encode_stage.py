@@ -15,7 +15,7 @@ from artifact_factory import make_artifact
 
 from streamer.maps.encoder import Encoder, load
 from streamer.maps.pipeline import Pipeline, PreparedFrame
-from streamer.service.batch_buffers import PatchWriter, batch_buffer
+from streamer.service.batch_buffers import PatchWriter, batch_buffer, fits
 from streamer.service.encode_stage import EncodeStage
 from streamer.service.frame_queue import FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
@@ -68,10 +68,11 @@ def test_patches_written_through_reused_buffers_equal_the_cut_patches_bit_for_bi
     the encoder exactly the patches ``Pipeline.process`` cuts, so its outputs, joined, are ``Pipeline.encode``'s."""
     pipe = Pipeline(encoder, max_batch_patches=7)
     prepared = [pipe.prepare(f) for f in FRAMES]
-    cut = torch.cat([p.patches for p in prepared])
+    cut = np.concatenate([p.patches for p in prepared])  # the CPU path: numpy, no torch
     want = pipe.encode(cut)
     buffer = batch_buffer(pipe)
-    assert tuple(buffer.shape) == (7, 1, 16, 16)
+    assert isinstance(buffer, np.ndarray) and buffer.shape == (7, 1, 16, 16) and fits(buffer, pipe)
+    assert not fits(torch.from_numpy(buffer), pipe) and not fits(buffer[:6], pipe)
     sizes: list[int] = []
     for _ in range(2):  # the second pass reuses the buffer the first one filled
         writer, calls = PatchWriter(prepared), []
@@ -79,7 +80,7 @@ def test_patches_written_through_reused_buffers_equal_the_cut_patches_bit_for_bi
         while writer.written < writer.total:
             chunk = buffer[: min(7, writer.total - writer.written)]
             writer.write(chunk)
-            assert torch.equal(chunk, cut[writer.written - len(chunk) : writer.written])
+            assert np.array_equal(chunk, cut[writer.written - len(chunk) : writer.written])
             calls.append(pipe.call_encoder(chunk, observe=lambda n, s: sizes.append(n)))
         got = pipe.join(calls)
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

@@ -133,3 +133,23 @@ def test_atom_patches_are_interpolated_onto_the_subpixel_centre() -> None:
     np.testing.assert_allclose(patches[0, 2, 2].item(), 0.5 * 10.25 + 2.0 * 12.75, atol=1e-4)
     np.testing.assert_allclose(patches[0, 0, 0].item(), 0.5 * 8.25 + 2.0 * 10.75, atol=1e-4)
     assert torch.equal(patches[1], frame[13:18, 14:19])  # whole-pixel centres: the frame's own pixels
+
+
+@pytest.mark.parametrize("sublattice", ["all", "brightest"])
+def test_the_gpu_variant_finds_what_the_numpy_reference_finds(sublattice: str) -> None:
+    """Only the GPU path smooths and max-filters with torch; run here on CPU tensors, it must find the same columns as
+    the numpy/scipy reference (which a CPU tensor or array gets from ``find_atoms``), to float32 rounding."""
+    from streamer.maps.atoms import _find, _smooth
+
+    frames = [_lattice((61, 83), 8.0, 1.4, 0)[0], _lattice((50, 50), 8.0, 1.4, 1)[0], _perovskite((64, 72), 8.0, 2)[0]]
+    for frame in frames:
+        host = frame.numpy()
+        torch.testing.assert_close(_smooth(frame, 1.2), torch.from_numpy(_smooth(host, 1.2)), atol=1e-6, rtol=1e-5)
+        for subpixel in (False, True):
+            reference = _find(host, 1.0, 3, 0.3, subpixel, sublattice)  # type: ignore[arg-type]
+            variant = _find(frame, 1.0, 3, 0.3, subpixel, sublattice)  # type: ignore[arg-type]
+            assert isinstance(reference, np.ndarray) and reference.dtype == np.float32
+            assert isinstance(variant, torch.Tensor) and variant.dtype == torch.float32
+            torch.testing.assert_close(variant, torch.from_numpy(reference), atol=1e-4, rtol=0)
+        got = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3, sublattice=sublattice)  # type: ignore[arg-type]
+        assert torch.equal(got, torch.from_numpy(reference))  # a CPU tensor runs the reference itself

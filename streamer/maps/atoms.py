@@ -1,7 +1,11 @@
 """Atomic columns in a frame: smoothed local maxima, optionally refined to sub-pixel centres.
 
 Atom-centred patches (the paper's STEM case) need the same centres in training (``models.data``) and serving
-(``streamer.maps.pipeline``), so the finder lives here, in pure torch, and runs on the frame's device.
+(``streamer.maps.pipeline``), so the finder lives here, written once over numpy and torch (``streamer.maps.arrays``).
+Two steps cannot be: the smoothing and the maximum filter. numpy with scipy.ndimage is the reference, and runs
+whenever the frame is on the host (a numpy array or a CPU tensor, so training and CPU serving find the same
+centres); torch's ``conv2d``/``max_pool2d`` run only on a frame on the GPU, where a test holds them to the reference
+(the smoothing differs there in float32 rounding, so a peak within that of the threshold or of a tie can differ).
 
 Steps: Gaussian smoothing (separable, reflect-padded, so noise does not make spurious maxima) → normalise the smoothed
 frame to [0, 1] (so ``threshold`` is relative and survives gain changes) → a pixel is a peak when it equals the maximum
@@ -22,12 +26,26 @@ in a honeycomb) goes. A unimodal frame keeps every column.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from streamer.maps.arrays import (
+    Array,
+    amin,
+    arange,
+    asarray_like,
+    astype,
+    dtype_name,
+    is_floating,
+    is_tensor,
+    on_gpu,
+    to_host,
+    zeros,
+)
 
 __all__ = ["SUBLATTICES", "AtomFinderError", "Sublattice", "find_atoms", "gaussian_smooth", "one_sublattice"]
 
@@ -43,59 +61,77 @@ class AtomFinderError(ValueError):
     """A frame or a parameter the atom finder cannot work with."""
 
 
-def gaussian_smooth(frame: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A 2-D frame blurred by a Gaussian of width ``sigma`` pixels (two 1-D passes, edges reflected)."""
-    x = frame.to(torch.float32) if not frame.is_floating_point() else frame
-    if sigma <= 0:
-        return x.clone()
-    radius = max(1, math.ceil(3.0 * sigma))
-    radius = min(radius, x.shape[0] - 1, x.shape[1] - 1)
+def gaussian_smooth(frame: Array, sigma: float) -> Array:
+    """A 2-D frame blurred by a Gaussian of width ``sigma`` pixels (two 1-D passes, edges reflected), float."""
+    if is_tensor(frame) and not on_gpu(frame):  # the host runs the numpy reference, whichever kind came in
+        return sys.modules["torch"].from_numpy(_smooth(frame.detach().numpy(), sigma))
+    return _smooth(frame, sigma)
+
+
+def _smooth(frame: Array, sigma: float) -> Array:
+    x = frame if is_floating(frame) else astype(frame, "float32")
+    radius = min(max(1, math.ceil(3.0 * sigma)), x.shape[0] - 1, x.shape[1] - 1) if sigma > 0 else 0
     if radius < 1:
-        return x.clone()
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    img = x[None, None]
-    img = F.pad(img, (radius, radius, radius, radius), mode="reflect")
-    img = F.conv2d(img, kernel.view(1, 1, -1, 1))
-    img = F.conv2d(img, kernel.view(1, 1, 1, -1))
-    return img[0, 0]
+        return x.clone() if is_tensor(x) else x.copy()
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (t / sigma) ** 2)
+    kernel /= kernel.sum()
+    if not is_tensor(x):  # scipy's "mirror" is torch's "reflect": the edge pixel is not repeated
+        return ndimage.correlate1d(ndimage.correlate1d(x, kernel, axis=0, mode="mirror"), kernel, axis=1, mode="mirror")
+    F = sys.modules["torch"].nn.functional
+    k = asarray_like(kernel.astype(dtype_name(x)), x)
+    img = F.pad(x[None, None], (radius, radius, radius, radius), mode="reflect")
+    img = F.conv2d(img, k.view(1, 1, -1, 1))
+    return F.conv2d(img, k.view(1, 1, 1, -1))[0, 0]
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor | None:
-    lo, hi = x.amin(), x.amax()
+def _max_filter(x: Array, window: int) -> Array:
+    """The maximum over each pixel's ``window``² square (outside the frame counts as -inf)."""
+    if not is_tensor(x):
+        return ndimage.maximum_filter(x, size=window, mode="constant", cval=-np.inf)
+    F = sys.modules["torch"].nn.functional
+    return F.max_pool2d(x[None, None], window, stride=1, padding=window // 2)[0, 0]
+
+
+def _where(condition: Array, a: Array | float, b: Array | float) -> Array:
+    return sys.modules["torch"].where(condition, a, b) if is_tensor(condition) else np.where(condition, a, b)
+
+
+def _normalise(x: Array) -> Array | None:
+    lo, hi = x.min(), x.max()
     span = float(hi - lo)
     if not math.isfinite(span) or span <= 0:
         return None
     return (x - lo) / span
 
 
-def _one_per_plateau(values: torch.Tensor, peaks: torch.Tensor, window: int) -> torch.Tensor:
+def _one_per_plateau(values: Array, peaks: Array, window: int) -> Array:
     """Among peaks that share a window (which means they are equal: each is the window's maximum) keep the last."""
     h, w = values.shape
-    index = torch.arange(h * w, device=values.device, dtype=torch.float64).view(h, w)
-    tagged = torch.where(peaks, index, torch.full_like(index, -1.0))
-    best = F.max_pool2d(tagged[None, None], window, stride=1, padding=window // 2)[0, 0]
-    return peaks & (best == tagged)
+    index = arange(0, h * w, like=values, dtype="float64").reshape(h, w)
+    tagged = _where(peaks, index, -1.0)
+    return peaks & (_max_filter(tagged, window) == tagged)
 
 
-def _centre_of_mass(values: torch.Tensor, peaks_yx: torch.Tensor, radius: int) -> torch.Tensor:
+def _centre_of_mass(values: Array, peaks_yx: Array, radius: int) -> Array:
     """Each peak moved to the centre of mass of ``values`` (minus the local minimum) in a square around it."""
     h, w = values.shape
-    offsets = torch.arange(-radius, radius + 1, device=values.device)
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-    ys = peaks_yx[:, 0, None] + dy.reshape(1, -1)
-    xs = peaks_yx[:, 1, None] + dx.reshape(1, -1)
+    offsets = arange(-radius, radius + 1, like=values)
+    dy = (offsets[:, None] + 0 * offsets[None, :]).reshape(1, -1)
+    dx = (0 * offsets[:, None] + offsets[None, :]).reshape(1, -1)
+    ys = peaks_yx[:, 0, None] + dy
+    xs = peaks_yx[:, 1, None] + dx
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-    vals = values[ys.clamp(0, h - 1), xs.clamp(0, w - 1)]
-    floor = torch.where(inside, vals, torch.full_like(vals, math.inf)).amin(dim=1, keepdim=True)
-    weights = torch.where(inside, vals - floor, torch.zeros_like(vals))
-    total = weights.sum(dim=1)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    cy = (weights * ys.to(values.dtype)).sum(dim=1) / safe
-    cx = (weights * xs.to(values.dtype)).sum(dim=1) / safe
-    refined = torch.stack([cy, cx], dim=1)
-    return torch.where((total > 0)[:, None], refined, peaks_yx.to(values.dtype))
+    vals = values[ys.clip(0, h - 1), xs.clip(0, w - 1)]
+    floor = amin(_where(inside, vals, math.inf), 1, keepdims=True)
+    weights = _where(inside, vals - floor, 0.0)
+    total = weights.sum(axis=1)
+    safe = _where(total > 0, total, 1.0)
+    dtype = dtype_name(values)
+    cy = (weights * astype(ys, dtype)).sum(axis=1) / safe
+    cx = (weights * astype(xs, dtype)).sum(axis=1) / safe
+    refined = sys.modules["torch"].stack([cy, cx], dim=1) if is_tensor(cy) else np.stack([cy, cx], axis=1)
+    return _where((total > 0)[:, None], refined, astype(peaks_yx, dtype))
 
 
 def one_sublattice(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -138,20 +174,20 @@ def _upper_mode(r: np.ndarray) -> np.ndarray | None:
 
 
 def find_atoms(
-    frame: torch.Tensor,
+    frame: Array,
     *,
     sigma: float,
     min_distance: int,
     threshold: float,
     subpixel: bool = True,
     sublattice: Sublattice = "all",
-) -> torch.Tensor:
+) -> Array:
     """Centres of bright columns in a 2-D ``frame``: ``(N, 2)`` float32 ``(y, x)`` in frame pixels, row-major order.
 
     ``min_distance`` is the smallest separation of two peaks in pixels (the maximum-filter half width); ``threshold``
     is relative to the smoothed frame's range (0 keeps every local maximum, 1 only the brightest). ``subpixel``
     refines each peak to the centre of mass in a ``min_distance // 2`` (at least 1) neighbourhood. ``sublattice``
-    "brightest" keeps one sublattice (module docstring).
+    "brightest" keeps one sublattice (module docstring). The frame's kind of array on its device comes back.
     """
     if frame.ndim != 2:
         raise AtomFinderError(f"frame must be 2-D (H, W), got shape {tuple(frame.shape)}")
@@ -163,23 +199,32 @@ def find_atoms(
         raise AtomFinderError(f"sigma={sigma} must be non-negative (0 turns smoothing off)")
     if sublattice not in SUBLATTICES:
         raise AtomFinderError(f"sublattice={sublattice!r} must be one of {list(SUBLATTICES)}")
-    empty = torch.zeros((0, 2), dtype=torch.float32, device=frame.device)
+    if is_tensor(frame) and not on_gpu(frame):  # the host runs the numpy reference, whichever kind came in
+        host = _find(frame.detach().numpy(), sigma, min_distance, threshold, subpixel, sublattice)
+        return sys.modules["torch"].from_numpy(host)
+    return _find(frame, sigma, min_distance, threshold, subpixel, sublattice)
+
+
+def _find(
+    frame: Array, sigma: float, min_distance: int, threshold: float, subpixel: bool, sublattice: Sublattice
+) -> Array:
+    """``find_atoms`` on the frame's kind of array: numpy (the reference) or a tensor (the GPU path)."""
+    empty = zeros((0, 2), "float32", like=frame)
     if frame.shape[0] < 2 or frame.shape[1] < 2:
         return empty
-    smooth = _normalise(gaussian_smooth(frame, sigma))
+    smooth = _normalise(_smooth(frame, sigma))
     if smooth is None:
         return empty
     window = 2 * min_distance + 1
-    local_max = F.max_pool2d(smooth[None, None], window, stride=1, padding=min_distance)[0, 0]
-    peaks = (smooth >= local_max) & (smooth > threshold)
+    peaks = (smooth >= _max_filter(smooth, window)) & (smooth > threshold)
     peaks = _one_per_plateau(smooth, peaks, window)
-    yx = peaks.nonzero()
+    yx = peaks.nonzero() if is_tensor(peaks) else np.argwhere(peaks)
     if yx.shape[0] == 0:
         return empty
     if sublattice == "brightest":
-        values = smooth[yx[:, 0], yx[:, 1]].to("cpu", torch.float64).numpy()
-        keep = one_sublattice(yx.to("cpu", torch.float64).numpy(), values)
-        yx = yx[torch.from_numpy(keep).to(yx.device)]
+        values = to_host(smooth[yx[:, 0], yx[:, 1]]).astype(np.float64)
+        keep = one_sublattice(to_host(yx).astype(np.float64), values)
+        yx = yx[asarray_like(keep, yx)]
     if subpixel:
-        return _centre_of_mass(smooth, yx, max(1, min_distance // 2)).to(torch.float32)
-    return yx.to(torch.float32)
+        return astype(_centre_of_mass(smooth, yx, max(1, min_distance // 2)), "float32")
+    return astype(yx, "float32")

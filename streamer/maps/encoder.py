@@ -7,23 +7,26 @@ at every warm-up batch size). Anything else is an ``ArtifactError`` naming the f
 silently mismatched encoder produces plausible-looking but wrong maps.
 
 Two backends: ONNX Runtime (CUDA provider with IOBinding when present, so device tensors never leave the GPU; the
-CPU provider otherwise) and TorchScript. Neither needs Pyro or the training code: this module imports only torch,
-numpy, onnxruntime and the manifest.
+CPU provider otherwise) and TorchScript. Neither needs Pyro or the training code. ONNX Runtime on the CPU needs no
+torch either: it takes and returns numpy arrays, and torch is imported only for TorchScript or a CUDA device
+(``streamer.maps.arrays.require_torch``, which says what to install when it is missing).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import torch
 
+from streamer.maps.arrays import Array, is_floating, is_tensor, require_torch, to_host, zeros
 from streamer.maps.manifest import (
     INPUT_NAME,
     MODEL_FILES,
@@ -35,6 +38,9 @@ from streamer.maps.manifest import (
     check_parity,
     read_manifest_and_identity,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ArtifactError", "Backend", "Encoder", "EncoderError", "load"]
 
@@ -48,7 +54,7 @@ class EncoderError(ValueError):
 
 
 class _Runner(Protocol):
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+    def __call__(self, x: Array) -> list[Array]: ...
 
 
 def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
@@ -115,13 +121,16 @@ class _OrtRunner:
                 f"{list(manifest.output_names)}"
             )
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.cuda:
+    def __call__(self, x: Array) -> list[Array]:
+        """numpy in, numpy out (no torch); a tensor in, tensors out (on CUDA bound to device memory: no host copy)."""
+        if self.cuda and is_tensor(x):
             return self._run_bound(x)
-        feed = {INPUT_NAME: x.detach().to("cpu", torch.float32).contiguous().numpy()}
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in self.session.run(None, feed)]
+        feed = {INPUT_NAME: np.ascontiguousarray(to_host(x), dtype=np.float32)}
+        outs = [np.ascontiguousarray(a) for a in self.session.run(None, feed)]
+        return [sys.modules["torch"].from_numpy(a) for a in outs] if is_tensor(x) else outs
 
     def _run_bound(self, x: torch.Tensor) -> list[torch.Tensor]:
+        torch = sys.modules["torch"]
         device = torch.device("cuda", self.device_id)
         x = x.detach().to(device, torch.float32).contiguous()
         batch = int(x.shape[0])
@@ -138,15 +147,17 @@ class _OrtRunner:
 
 
 class _TorchScriptRunner:
-    def __init__(self, path: Path, manifest: Manifest, device: torch.device) -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: Literal["cpu", "cuda"], device_id: int) -> None:
+        torch = require_torch("the TorchScript backend")
         extra = {TS_METADATA: ""}
         try:
             with _quiet_jit():
-                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+                location = _torch_device(device, device_id)
+                self.module = torch.jit.load(str(path), map_location=location, _extra_files=extra)
         except Exception as exc:  # torch.jit raises RuntimeError/ValueError variants for bad archives
             raise ArtifactError(f"{path}: TorchScript cannot load the module: {str(exc).splitlines()[0]}") from None
         self.module.eval()
-        self.device = device
+        self.device = _torch_device(device, device_id)
         try:
             meta = json.loads(extra[TS_METADATA] or "null")
         except json.JSONDecodeError:
@@ -165,17 +176,28 @@ class _TorchScriptRunner:
             )
         self.providers: tuple[str, ...] = ()
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: Array) -> list[Array]:
+        """A tensor in, tensors out on the module's device; numpy in, numpy out."""
+        torch = sys.modules["torch"]
+        host = not is_tensor(x)
         with torch.inference_mode():
-            out = self.module(x.detach().to(self.device, torch.float32).contiguous())
-        return list(out) if isinstance(out, tuple | list) else [out]
+            out = self.module((torch.from_numpy(x) if host else x.detach()).to(self.device, torch.float32).contiguous())
+        outs = list(out) if isinstance(out, tuple | list) else [out]
+        return [to_host(o) for o in outs] if host else outs
+
+
+def _torch_device(device: Literal["cpu", "cuda"], device_id: int) -> torch.device:
+    torch = require_torch(f"a torch device ({device})")
+    return torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
 
 
 class Encoder:
-    """A loaded, verified artifact. Call it on ``(B, 1, ph, pw)`` float patches (already preprocessed).
+    """A loaded, verified artifact. Call it on ``(B, 1, ph, pw)`` float patches (already preprocessed): a numpy array
+    (the CPU path, no torch needed with ONNX Runtime) or a torch tensor.
 
-    Returns ``{name: tensor}`` with the manifest's output names, on ``torch_device``. Safe to call from one thread
-    at a time per encoder (ONNX Runtime sessions are thread-safe, TorchScript modules are not guaranteed to be).
+    Returns ``{name: array}`` with the manifest's output names, of the input's kind: numpy for numpy, tensors on
+    ``torch_device`` for a tensor. Safe to call from one thread at a time per encoder (ONNX Runtime sessions are
+    thread-safe, TorchScript modules are not guaranteed to be).
     """
 
     def __init__(
@@ -184,7 +206,7 @@ class Encoder:
         manifest: Manifest,
         backend: Backend,
         device: Literal["cpu", "cuda"],
-        torch_device: torch.device,
+        device_id: int = 0,
         providers: tuple[str, ...],
         sha256: str,
         path: Path,
@@ -195,7 +217,7 @@ class Encoder:
         self.manifest = manifest
         self.backend = backend
         self.device = device
-        self.torch_device = torch_device
+        self.device_id = device_id
         self.providers = providers
         #: the model's identity: sha256 of manifest.json, which pins every file and setting (``artifact_identity``)
         self.sha256 = sha256
@@ -205,6 +227,11 @@ class Encoder:
         self._runner = runner
         #: ONNX Runtime's CPU threads for this session (``None``: TorchScript, which uses torch's)
         self.intra_op_threads = intra_op_threads
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The torch device the encoder runs on (imports torch: for the GPU path and TorchScript)."""
+        return _torch_device(self.device, self.device_id)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -218,20 +245,18 @@ class Encoder:
         m = self.manifest
         return f"Encoder({m.name} {m.version}, {self.backend} on {self.device}, patch {m.patch[0]}x{m.patch[1]})"
 
-    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, patches: Array) -> dict[str, Array]:
         ph, pw = self.manifest.patch
-        if not isinstance(patches, torch.Tensor):
-            raise EncoderError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+        if not (isinstance(patches, np.ndarray) or is_tensor(patches)):
+            raise EncoderError(f"patches must be a numpy array or a torch.Tensor, got {type(patches).__name__}")
         if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, ph, pw):
             raise EncoderError(f"patches must have shape (B, 1, {ph}, {pw}), got {tuple(patches.shape)}")
-        if not patches.is_floating_point():
+        if not is_floating(patches):
             raise EncoderError(f"patches must be float (preprocessed to [0, 1]), got {patches.dtype}")
         batch = int(patches.shape[0])
         if batch == 0:
-            return {
-                s.name: torch.empty(_shape(s, 0), device=self.torch_device, dtype=torch.float32)
-                for s in self.manifest.outputs
-            }
+            like: Any = patches.to(self.torch_device) if is_tensor(patches) else patches
+            return {s.name: zeros(_shape(s, 0), "float32", like=like) for s in self.manifest.outputs}
         outs = self._runner(patches)
         if len(outs) != len(self.manifest.outputs):
             raise ArtifactError(
@@ -246,7 +271,10 @@ class Encoder:
         for b in batch_sizes:
             if b < 1:
                 raise EncoderError(f"warm-up batch size {b} must be at least 1")
-            out = self(torch.zeros((b, 1, ph, pw), device=self.torch_device))
+            x: Any = np.zeros((b, 1, ph, pw), np.float32)
+            if self.device == "cuda":  # the GPU path hands the encoder device tensors
+                x = require_torch("a CUDA device").from_numpy(x).to(self.torch_device)
+            out = self(x)
             for spec in self.manifest.outputs:
                 got = tuple(out[spec.name].shape)
                 if got != _shape(spec, b):
@@ -263,18 +291,25 @@ def _usable_cpus() -> int:
 
 
 def _cuda_for(backend: Backend, device: DeviceChoice) -> bool:
-    """Whether to run on CUDA; ``device="cuda"`` without a usable GPU is an error, ``"auto"`` falls back."""
+    """Whether to run on CUDA; ``device="cuda"`` without a usable GPU is an error, ``"auto"`` falls back.
+
+    Asked in the order that imports torch last: with ONNX Runtime lacking its CUDA provider (the ``serve`` install)
+    the answer is the CPU without torch ever being imported; the GPU path itself needs torch (device tensors).
+    """
     if device not in ("auto", "cpu", "cuda"):
         raise EncoderError(f"device {device!r} is not one of 'auto', 'cpu', 'cuda'")
     if device == "cpu":
         return False
-    have = torch.cuda.is_available()
-    reason = "torch sees no CUDA device"
-    if have and backend == "onnx":
+    have, reason = True, ""
+    if backend == "onnx":
         import onnxruntime as ort
 
         have = "CUDAExecutionProvider" in ort.get_available_providers()
-        reason = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        reason = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu: pip install 'atomstream[gpu]')"
+    if have:
+        if device == "auto" and importlib.util.find_spec("torch") is None:
+            return False
+        have, reason = require_torch("device 'cuda'").cuda.is_available(), "torch sees no CUDA device"
     if device == "cuda" and not have:
         raise EncoderError(f"device 'cuda' requested but {reason}; use device='cpu' or 'auto'")
     return have
@@ -317,7 +352,7 @@ def load(
     check_files(root, manifest, max_bytes=max_bytes)
     path = root / file_name
     cuda = _cuda_for(backend, device)
-    device_id = torch.cuda.current_device() if cuda else 0
+    device_id = int(require_torch("device 'cuda'").cuda.current_device()) if cuda else 0
     runner: _Runner
     threads: int | None = None
     if backend == "onnx":
@@ -327,14 +362,13 @@ def load(
             raise EncoderError(f"device 'cuda' requested but ONNX Runtime fell back to {ort_runner.providers[0]}")
         cuda, runner, providers = ort_runner.cuda, ort_runner, ort_runner.providers
     else:
-        runner = _TorchScriptRunner(path, manifest, torch.device("cuda", device_id) if cuda else torch.device("cpu"))
+        runner = _TorchScriptRunner(path, manifest, "cuda" if cuda else "cpu", device_id)
         providers = ()
-    torch_device = torch.device("cuda", device_id) if cuda else torch.device("cpu")
     encoder = Encoder(
         manifest=manifest,
         backend=backend,
         device="cuda" if cuda else "cpu",
-        torch_device=torch_device,
+        device_id=device_id,
         providers=providers,
         sha256=identity,
         path=path,

@@ -28,11 +28,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
-import torch
 
+from streamer.maps.arrays import Array, astype, is_tensor, require_torch, sync, to_host, zeros
 from streamer.maps.atoms import find_atoms
 from streamer.maps.defects import (
     DEFAULT_MAX_SHARE,
@@ -51,6 +51,9 @@ from streamer.maps.novelty import encoder_features, grid_neighbours, novelty_sco
 from streamer.maps.preprocess import Preprocessing, prepare_frame, prepare_patches
 from streamer.maps.tiling import TilingError, gather_points, patch_range, tile_grid
 from streamer.wire.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ARRAY_ORDER",
@@ -82,10 +85,10 @@ class EncoderLike(Protocol):
     manifest: Manifest
     backend: str
     device: str
-    torch_device: torch.device
+    torch_device: torch.device  # read only when ``device`` is not "cpu" (the GPU path)
     sha256: str
 
-    def __call__(self, patches: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def __call__(self, patches: Array) -> dict[str, Array]: ...
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class PreparedFrame:
     they run once per patch, into the encoder's batch buffer. ``tile_s`` is the time ``prepare`` took.
     """
 
-    tiles: torch.Tensor
+    tiles: Array
     spec: Preprocessing
     grid: tuple[int, int] | None
     centers: np.ndarray | None
@@ -109,18 +112,18 @@ class PreparedFrame:
         return int(self.tiles.shape[0] * self.tiles.shape[1]) if self.tiles.ndim == 4 else int(self.tiles.shape[0])
 
     @property
-    def patches(self) -> torch.Tensor:
-        """All patches, encoder-ready ``(n, 1, ph, pw)``, in a new tensor (the unbuffered path)."""
+    def patches(self) -> Array:
+        """All patches, encoder-ready ``(n, 1, ph, pw)``, in a new array (the unbuffered path)."""
         ph, pw = int(self.tiles.shape[-2]), int(self.tiles.shape[-1])
         if self.n == 0:  # no atom found: the FFT refuses empty batches
-            return torch.zeros((0, 1, ph, pw), dtype=torch.float32, device=self.tiles.device)
+            return zeros((0, 1, ph, pw), "float32", like=self.tiles)
         return prepare_patches(self.tiles, self.spec)
 
-    def write(self, start: int, stop: int, out: torch.Tensor) -> None:
+    def write(self, start: int, stop: int, out: Array) -> None:
         """Patches ``start:stop`` (row-major), encoder-ready, into ``out`` (``(stop - start, 1, ph, pw)``)."""
         offset = 0
         for piece in patch_range(self.tiles, start, stop):
-            k = piece.numel() // (piece.shape[-2] * piece.shape[-1])
+            k = math.prod(piece.shape[:-2])
             prepare_patches(piece, self.spec, out=out[offset : offset + k])
             offset += k
 
@@ -217,16 +220,11 @@ def slice_outputs(outputs: dict[str, np.ndarray], start: int, stop: int) -> dict
     return {name: value[start:stop] for name, value in outputs.items()}
 
 
-def _sync(device: torch.device) -> None:
-    """Stage timings on CUDA would measure kernel launches only; wait for the work to finish."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _frame_tensor(frame: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The frame on the device, moved once. Read-only buffers (views on received messages) are copied on the host
-    first because torch cannot wrap them; uint16 widens to int32, which every torch op supports."""
-    if isinstance(frame, torch.Tensor):
+def _frame_tensor(frame: Array, device: torch.device) -> torch.Tensor:
+    """The frame on the device (the GPU path), moved once. Read-only buffers (views on received messages) are copied
+    on the host first because torch cannot wrap them; uint16 widens to int32, which every torch op supports."""
+    torch = require_torch("a CUDA device")
+    if is_tensor(frame):
         return frame.to(device, non_blocking=True)
     array = np.asarray(frame)
     if array.dtype == np.uint16:
@@ -264,7 +262,8 @@ class Pipeline:
         self.manifest = m
         self.max_batch_patches = max_batch_patches
         self.model = ModelRef(name=m.name, version=m.version, sha256=encoder.sha256)
-        self.device = encoder.torch_device
+        #: where frames are prepared: "cpu" (numpy, no torch needed) or the encoder's torch device (the GPU path)
+        self.device: torch.device | Literal["cpu"] = "cpu" if encoder.device == "cpu" else encoder.torch_device
         self.layout: Literal["grid", "points"] = m.tiling.layout
         self.patch: tuple[int, int] = (int(m.patch[0]), int(m.patch[1]))
         self.stride: tuple[int, int] = m.tiling.stride if self.layout == "grid" else (0, 0)
@@ -292,7 +291,7 @@ class Pipeline:
         )
 
     # ------------------------------------------------------------------ stages
-    def prepare(self, frame: np.ndarray | torch.Tensor) -> PreparedFrame:
+    def prepare(self, frame: Array) -> PreparedFrame:
         """Frame → normalised frame on the encoder's device and its patches as views (grid or atom-centred)."""
         if frame.ndim != 2:
             raise FrameError(f"frame must be 2-D (H, W), got shape {tuple(frame.shape)}")
@@ -302,33 +301,29 @@ class Pipeline:
         centers: np.ndarray | None = None
         grid: tuple[int, int] | None = None
         try:
+            # on the CPU a numpy frame (a read-only view on the message, as received) is used as it is
+            x = to_host(frame) if self.device == "cpu" else _frame_tensor(frame, self.device)
             if self.layout == "grid":
-                # on the CPU a numpy frame (a read-only view on the message, as received) is normalised as it is
-                host = isinstance(frame, np.ndarray) and self.device.type == "cpu"
-                source = frame if host else _frame_tensor(frame, self.device)
-                tiles = tile_grid(prepare_frame(source, spec), self.patch, self.stride, self.origin)
+                tiles = tile_grid(prepare_frame(x, spec), self.patch, self.stride, self.origin)
                 grid = (int(tiles.shape[0]), int(tiles.shape[1]))
             else:
-                x = _frame_tensor(frame, self.device)
                 found = find_atoms(
-                    x.to(torch.float32),
+                    astype(x, "float32"),
                     sigma=tiling.atom_sigma,
                     min_distance=tiling.atom_min_distance,
                     threshold=tiling.atom_threshold,
                     sublattice=tiling.atom_sublattice,
                 )
                 tiles, kept = gather_points(prepare_frame(x, spec), found, self.patch)
-                centers = found[kept].to("cpu", torch.float32).numpy()
+                centers = to_host(astype(found[kept], "float32"))
         except TilingError as exc:
             raise FrameError(f"a {h}x{w} frame cannot be cut for this model: {exc}") from None
-        _sync(self.device)
+        sync(tiles)
         return PreparedFrame(
             tiles=tiles, spec=spec, grid=grid, centers=centers, frame_shape=(h, w), tile_s=time.perf_counter() - t0
         )
 
-    def encode(
-        self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
-    ) -> dict[str, np.ndarray]:
+    def encode(self, patches: Array, *, observe: Callable[[int, float], None] | None = None) -> dict[str, np.ndarray]:
         """Encoder outputs for ``(N, 1, ph, pw)`` patches, as host numpy arrays, in chunks of ``max_batch_patches``.
 
         ``observe(batch_size, seconds)`` is called after every encoder call (the service's metrics).
@@ -338,12 +333,12 @@ class Pipeline:
         return self.join([self.call_encoder(chunk, observe=observe) for chunk in chunks])
 
     def call_encoder(
-        self, patches: torch.Tensor, *, observe: Callable[[int, float], None] | None = None
+        self, patches: Array, *, observe: Callable[[int, float], None] | None = None
     ) -> dict[str, np.ndarray]:
         """One encoder call on ``patches``; its outputs on the host, as numpy."""
         t0 = time.perf_counter()
         out = self.encoder(patches)
-        host = {name: value.detach().to("cpu").numpy() for name, value in out.items()}
+        host = {name: to_host(value) for name, value in out.items()}
         if observe is not None:
             observe(int(patches.shape[0]), time.perf_counter() - t0)
         return host
@@ -443,7 +438,7 @@ class Pipeline:
         features = encoder_features(outputs)
         return novelty_score(features, neighbours, stats), stats.kind if stats is not None else "contrast"
 
-    def process(self, frame: np.ndarray | torch.Tensor) -> FrameMaps:
+    def process(self, frame: Array) -> FrameMaps:
         """One frame, all stages: the offline reference for the service."""
         prepared = self.prepare(frame)
         return self.assemble(prepared, self.encode(prepared.patches))

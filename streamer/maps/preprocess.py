@@ -7,16 +7,25 @@ change here changes both halves together, which is the point.
 Order: frame normalisation → cut patches (grid or points) → optional FFT (log magnitude) → optional per-patch
 min-max. The result is float32, shape ``(N, 1, ph, pw)``, values in [0, 1] when any normalisation is on (the
 Bernoulli likelihood of the model needs that range).
+
+Every function takes a numpy array or a torch tensor and returns the same kind on the same device
+(``streamer.maps.arrays``): numpy on the CPU serving path, which needs no torch, and torch tensors on the GPU path.
+On the host, the frame normalisation runs in numpy whichever kind came in, so training (torch tensors on the CPU)
+and CPU serving (numpy) get the same values bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+from functools import cache
+from importlib import metadata
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from streamer.maps.arrays import Array, amax, amin, asarray_like, astype, copy_into, dtype_name, is_tensor, on_gpu
 from streamer.maps.spectral import Window, log_magnitude
 from streamer.maps.tiling import gather_points, tile_grid
 
@@ -54,119 +63,127 @@ class Preprocessing(BaseModel):
         return self
 
 
-def _quantile_ranks_in_float64() -> bool:
-    """Whether this torch's ``quantile`` computes its ranks in float64 (torch >= 2.14) or in ``q``'s dtype (before).
+@cache
+def _ranks_in_float64() -> bool:
+    """Whether ``torch.quantile`` computes its ranks in float64 (torch >= 2.14) or in ``q``'s dtype (before), read
+    from the installed torch's version without importing it; float64 (numpy's way too) when torch is absent.
 
-    Asked of torch itself, once, on a case where the two differ, so the frame path matches the installed version
-    bit for bit whichever it is (``pyproject`` admits torch >= 2.3).
+    The frame percentiles below reproduce ``torch.quantile`` of the installed torch bit for bit (``pyproject`` admits
+    torch >= 2.3 for training), so a model serves on the values it was trained on; the tests check the rule against
+    torch itself. A torch-free serving install rounds as torch >= 2.14 does: against a model trained with an older
+    torch, a frame's ``lo``/``hi`` can then differ in the last bit of float32.
     """
-    x = (torch.arange(64, dtype=torch.float64) * 0.7548776662466927).frac().float().sort().values
-    q = torch.tensor([0.01, 0.99])  # on these 64 values the two ways round differently
-    ranks = q.to(torch.float64) * 63
-    below = ranks.floor()
-    as64 = torch.lerp(x[below.long()], x[ranks.ceil().long()], (ranks - below).to(torch.float32))
-    return bool(torch.equal(torch.quantile(x, q), as64))
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return True
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+    return (major, minor) >= (2, 14)
 
 
-_RANKS_IN_FLOAT64 = _quantile_ranks_in_float64()
+def _ranks(q: tuple[float, ...], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``torch.quantile``'s linear interpolation of ``n`` sorted values at float32 levels ``q``: indices below and
+    above each rank, and the float32 weight of the one above (ranks in float64 or float32: ``_ranks_in_float64``)."""
+    levels = np.asarray(q, dtype=np.float32)
+    ranks = levels.astype(np.float64) * (n - 1) if _ranks_in_float64() else levels * np.float32(n - 1)
+    below = np.floor(ranks)
+    return below.astype(np.int64), np.ceil(ranks).astype(np.int64), (ranks - below).astype(np.float32)
 
 
-def _ranks(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.quantile``'s linear interpolation of ``n`` sorted values: indices below and above each rank, and the
-    weight of the one above — the same arithmetic as the installed torch (ranks in float64 from 2.14 on, in ``q``'s
-    dtype before), so the same quantiles."""
-    ranks = q.to(torch.float64) * (n - 1) if _RANKS_IN_FLOAT64 else q * (n - 1)
-    below = ranks.floor()
-    return below.to(torch.long), ranks.ceil().to(torch.long), (ranks - below).to(q.dtype)
+def _lerp(start: np.ndarray, end: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``torch.lerp`` of float32 values, rounded as torch rounds: its two formulas (each exact at its own end of the
+    interval), each a fused multiply-add — emulated in float64, where the float32 product is exact (a plain float32
+    multiply-then-add differed from torch in 1 of 10 random cases; this in none of 200 000)."""
+    diff = (end - start).astype(np.float64)
+    small = weight.astype(np.float64) * diff + start
+    large = end - diff * (np.float32(1) - weight)
+    return np.where(np.abs(weight) < 0.5, small, large).astype(np.float32)
 
 
-def _order_statistics(x: torch.Tensor | np.ndarray, wanted: list[int]) -> dict[int, torch.Tensor]:
-    """The values at sorted (ascending) positions ``wanted`` of a 1-D ``x``, picked by selection, not a full sort.
+def _quantiles(x: Array, q: tuple[float, ...]) -> Array:
+    """``torch.quantile(x, q)`` of a 1-D float32 array or tensor, by selection rather than a sort; the same values.
 
-    numpy: one ``np.partition`` (on the calling thread alone, see ``prepare_frame``). torch (any device): ``topk``
-    from the nearer end of each position.
+    ``torch.quantile`` sorts all of ``x``: on a 1024² frame's sample that was the most expensive step of the whole
+    frame normalisation. Only the order statistics around each rank are picked — one ``np.partition`` on the host
+    (on the calling thread alone, see ``prepare_frame``), ``topk`` from the nearer end on a device — then
+    interpolated as ``torch.quantile`` does. NaN (or nothing) gives NaN quantiles, as ``torch.quantile`` does.
     """
-    if isinstance(x, np.ndarray):
-        picked = torch.from_numpy(np.partition(x, wanted)[wanted])
-        return dict(zip(wanted, picked, strict=True))
+    n = math.prod(x.shape)
+    below, above, weight = _ranks(q, n)
+    if is_tensor(x):
+        return _quantiles_torch(x, below, above, weight)
+    if n == 0 or np.isnan(x).any():
+        return np.full(len(q), np.nan, np.float32)
+    wanted = sorted({*below.tolist(), *above.tolist()})
+    picked = dict(zip(wanted, np.partition(x, wanted)[wanted], strict=True))
+    values_below = np.array([picked[i] for i in below.tolist()], np.float32)
+    values_above = np.array([picked[i] for i in above.tolist()], np.float32)
+    return _lerp(values_below, values_above, weight)
+
+
+def _quantiles_torch(x: Array, below: np.ndarray, above: np.ndarray, weight: np.ndarray) -> Array:
+    """``_quantiles`` of a tensor on its device: ``topk`` from the nearer end of each wanted position."""
+    torch = sys.modules["torch"]
     n = x.numel()
+    if n == 0 or bool(torch.isnan(x).any()):
+        return torch.full(weight.shape, float("nan"), device=x.device)
+    wanted = sorted({*below.tolist(), *above.tolist()})
     low = [i for i in wanted if i < n - 1 - i]
     high = [i for i in wanted if i >= n - 1 - i]
-    value: dict[int, torch.Tensor] = {}
+    value: dict[int, Array] = {}
     if low:
         ascending = torch.topk(x, low[-1] + 1, largest=False, sorted=True).values
         value.update({i: ascending[i] for i in low})
     if high:
         descending = torch.topk(x, n - high[0], largest=True, sorted=True).values
         value.update({i: descending[n - 1 - i] for i in high})
-    return value
+    values_below = torch.stack([value[i] for i in below.tolist()])
+    values_above = torch.stack([value[i] for i in above.tolist()])
+    return torch.lerp(values_below, values_above, torch.from_numpy(weight).to(x.device))
 
 
-def _quantiles(x: torch.Tensor | np.ndarray, q: torch.Tensor) -> torch.Tensor:
-    """``torch.quantile(x, q)`` of a 1-D float32 tensor or numpy array, by selection; the same values.
-
-    ``torch.quantile`` sorts all of ``x``: on a 1024² frame's sample that was the most expensive step of the whole
-    frame normalisation. Only the order statistics around each rank are picked (``_order_statistics``), then
-    interpolated as ``torch.quantile`` does, in this one place for both the numpy and the torch frame path — which
-    is what keeps the two bit-identical. NaN keeps ``torch.quantile``'s meaning (every quantile NaN) by deferring to
-    it.
-    """
-    n = x.size if isinstance(x, np.ndarray) else x.numel()
-    has_nan = bool(np.isnan(x).any()) if isinstance(x, np.ndarray) else bool(torch.isnan(x).any())
-    if n == 0 or has_nan:
-        return torch.quantile(torch.as_tensor(x), q)
-    below, above, weights = _ranks(q, n)
-    value = _order_statistics(x, sorted({int(i) for i in torch.cat([below, above]).tolist()}))
-    values_below = torch.stack([value[int(i)] for i in below.tolist()])
-    values_above = torch.stack([value[int(i)] for i in above.tolist()])
-    return torch.lerp(values_below, values_above, weights)
-
-
-def _frame_range(x: torch.Tensor | np.ndarray, spec: Preprocessing) -> tuple[float, float]:
+def _frame_range(x: Array, spec: Preprocessing) -> tuple[float, float]:
     """``(lo, hi)`` that map to 0 and 1: the fixed range, or the frame's percentiles on a subsample (float32)."""
     if spec.frame_norm == "fixed":
         return spec.fixed_range
     sub = x[::_PERCENTILE_SUBSAMPLE, ::_PERCENTILE_SUBSAMPLE]
-    device = None if isinstance(x, np.ndarray) else x.device
-    sample = np.array(sub, dtype=np.float32).reshape(-1) if device is None else sub.reshape(-1)
-    q = torch.tensor([p / 100.0 for p in spec.frame_percentiles], device=device, dtype=torch.float32)
-    lo, hi = _quantiles(sample, q)
+    sample = sub.reshape(-1) if is_tensor(sub) else np.array(sub, dtype=np.float32).reshape(-1)
+    lo, hi = _quantiles(sample, tuple(p / 100.0 for p in spec.frame_percentiles))
     return float(lo), float(hi)
 
 
-#: Tensor dtypes the CPU path hands to numpy (numpy has no bfloat16, for one).
-_HOST_DTYPES = frozenset(
-    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
-)
+#: Tensor dtypes the host path hands to numpy (numpy has no bfloat16, for one).
+_HOST_DTYPES = frozenset({"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8"})
 
 
-def prepare_frame(frame: torch.Tensor | np.ndarray, spec: Preprocessing) -> torch.Tensor:
-    """Frame-level normalisation to float32, on the frame's device (a numpy frame is a CPU frame, and may be a
-    read-only view: it is only read). A new tensor, except ``frame_norm="none"`` on a float32 tensor (itself).
+def prepare_frame(frame: Array, spec: Preprocessing) -> Array:
+    """Frame-level normalisation to float32, of the frame's kind and on its device (a numpy frame may be a read-only
+    view: it is only read). A new array, except ``frame_norm="none"`` on a float32 tensor (itself).
 
-    On the CPU the arithmetic runs in numpy, on the calling thread alone: the service normalises frames while its
+    On the host the arithmetic runs in numpy, on the calling thread alone: the service normalises frames while its
     encoder keeps every core busy with threads of its own, and torch's intra-op threads then wait for a core at every
     operation (measured on 2 shared cores: a 1024² frame took 10–46 ms on torch's threads, 1.7 ms in numpy). Both
     paths do the same float32 operations in the same order — ``(x - lo) * scale``, clamped to [0, 1], ``lo``/``hi``
     the frame's percentiles interpolated as ``torch.quantile`` does — so training and serving see the same values
     whichever ran (tests compare the two).
     """
-    if isinstance(frame, np.ndarray):
-        return torch.from_numpy(_normalise_host(frame, spec))
-    if frame.device.type == "cpu" and frame.dtype in _HOST_DTYPES and spec.frame_norm != "none":
-        return torch.from_numpy(_normalise_host(frame.detach().numpy(), spec))
+    if not is_tensor(frame):
+        return _normalise_host(np.asarray(frame), spec)
+    host_dtype = dtype_name(frame) in _HOST_DTYPES
+    if not on_gpu(frame) and host_dtype and spec.frame_norm != "none":
+        return sys.modules["torch"].from_numpy(_normalise_host(frame.detach().numpy(), spec))
     return _normalise(frame, spec)
 
 
-def _normalise(frame: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+def _normalise(frame: Array, spec: Preprocessing) -> Array:
     """``prepare_frame`` in torch (any device)."""
-    x = frame.to(torch.float32)
+    x = astype(frame, "float32")
     if spec.frame_norm == "none":
         return x
     lo, hi = _frame_range(x, spec)
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
     # one new tensor, then in place: the same float32 arithmetic as ((x - lo) * scale).clamp(0, 1)
-    return torch.sub(x, lo).mul_(scale).clamp_(0.0, 1.0)
+    return sys.modules["torch"].sub(x, lo).mul_(scale).clamp_(0.0, 1.0)
 
 
 def _normalise_host(frame: np.ndarray, spec: Preprocessing) -> np.ndarray:
@@ -181,72 +198,86 @@ def _normalise_host(frame: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[...] = src`` — on the CPU on the calling thread alone (numpy), not on torch's intra-op threads.
-
-    The service writes patches into its encoder batch buffer while the encoder runs on every core with its own
-    threads; a second parallel runtime on the same cores makes both wait at their barriers for a thread the other
-    one preempted. Measured on 2 cores, cutting a 1024² frame's 64 MB of patches: one thread 4.3 ms of CPU, two
-    torch threads 5.6–6.8 ms of CPU (faster only on an otherwise idle machine; 8 ms instead of 4.6 ms when another
-    process was busy). A copy is a copy: the values are the same either way.
-    """
-    if dst.device.type == "cpu" and src.device.type == "cpu" and src.dtype == dst.dtype:
-        np.copyto(dst.numpy(), src.numpy())
-    else:
-        dst.copy_(src)
+def _is_contiguous(x: Array) -> bool:
+    return bool(x.is_contiguous()) if is_tensor(x) else bool(x.flags.c_contiguous)
 
 
-def prepare_patches(patches: torch.Tensor, spec: Preprocessing, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def _view(x: Array, shape: tuple[int, ...]) -> Array:
+    """A view of contiguous ``x`` with ``shape`` (never a copy: writes through it must land in ``x``)."""
+    if is_tensor(x):
+        return x.view(shape)
+    view = x.view()
+    view.shape = shape
+    return view
+
+
+def _minmax(x: Array, out: Array | None) -> Array:
+    """Each patch of ``(N, ph, pw)`` rescaled to [0, 1] (a constant patch to 0), into ``out`` when given."""
+    lo = amin(x, (-2, -1), keepdims=True)
+    span = amax(x, (-2, -1), keepdims=True) - lo
+    if is_tensor(x):
+        torch = sys.modules["torch"]
+        scaled = torch.sub(x, lo, out=out)
+        return scaled.div_(torch.where(span > 0, span, torch.ones_like(span)))
+    scaled = np.subtract(x, lo, out=out)
+    return np.divide(scaled, np.where(span > 0, span, np.float32(1)), out=scaled)
+
+
+def prepare_patches(patches: Array, spec: Preprocessing, *, out: Array | None = None) -> Array:
     """Patch-level steps on ``(..., ph, pw)``: returns ``(N, 1, ph, pw)`` float32, contiguous.
 
-    ``out`` (``(N, 1, ph, pw)`` float32, contiguous, on the patches' device): write the result there and return it.
-    The service passes a slice of its encoder batch buffer, so cutting the patches out of the frame (``patches`` is
-    usually a strided ``tile_grid`` view), the patch transforms and the batching are one pass into memory that is
-    reused from batch to batch, with the same values as without ``out``.
+    ``out`` (``(N, 1, ph, pw)`` float32, contiguous, of the patches' kind and device): write the result there and
+    return it. The service passes a slice of its encoder batch buffer, so cutting the patches out of the frame
+    (``patches`` is usually a strided ``tile_grid`` view), the patch transforms and the batching are one pass into
+    memory that is reused from batch to batch, with the same values as without ``out``.
     """
-    ph, pw = patches.shape[-2], patches.shape[-1]
+    ph, pw = int(patches.shape[-2]), int(patches.shape[-1])
     if out is not None:
-        n = patches.numel() // (ph * pw) if ph * pw else 0
-        if tuple(out.shape) != (n, 1, ph, pw) or out.dtype != torch.float32 or not out.is_contiguous():
+        n = math.prod(patches.shape) // (ph * pw) if ph * pw else 0
+        if tuple(out.shape) != (n, 1, ph, pw) or dtype_name(out) != "float32":
             raise ValueError(
-                f"out must be a contiguous float32 tensor of shape {(n, 1, ph, pw)}, got {tuple(out.shape)} {out.dtype}"
+                f"out must be a contiguous float32 array of shape {(n, 1, ph, pw)}, got {tuple(out.shape)} {out.dtype}"
             )
+        if is_tensor(out) != is_tensor(patches):
+            raise ValueError(
+                f"out is a {type(out).__name__} but the patches are a {type(patches).__name__}; "
+                "give out of the same kind (the pipeline's batch_buffer() is)"
+            )
+        if not _is_contiguous(out):
+            raise ValueError(f"out must be a contiguous float32 array of shape {(n, 1, ph, pw)}; it is not contiguous")
     if spec.fft == "none" and spec.patch_norm == "none":
         if out is None:
-            return patches.reshape(-1, ph, pw).to(torch.float32).unsqueeze(1).contiguous()
-        _copy(out.view(patches.shape), patches)  # the strided cut and the float32 conversion in one copy
+            flat = astype(patches.reshape(-1, 1, ph, pw), "float32")
+            return flat.contiguous() if is_tensor(flat) else np.ascontiguousarray(flat)
+        copy_into(_view(out, tuple(patches.shape)), patches)  # the strided cut and the float32 conversion in one copy
         return out
-    x = patches.reshape(-1, ph, pw).to(torch.float32)
+    x = astype(patches.reshape(-1, ph, pw), "float32")
     if spec.fft == "logmag":
         x = log_magnitude(x, spec.window)
     if spec.patch_norm == "minmax":
-        lo = x.amin(dim=(-2, -1), keepdim=True)
-        span = x.amax(dim=(-2, -1), keepdim=True) - lo
-        scaled = torch.sub(x, lo, out=out.view(-1, ph, pw) if out is not None else None)
-        x = scaled.div_(torch.where(span > 0, span, torch.ones_like(span)))
+        x = _minmax(x, _view(out, (-1, ph, pw)) if out is not None else None)
         if out is not None:
             return out
     if out is None:
-        return x.unsqueeze(1).contiguous()
-    out.view(-1, ph, pw).copy_(x)
+        x = x.reshape(-1, 1, ph, pw)
+        return x.contiguous() if is_tensor(x) else np.ascontiguousarray(x)
+    copy_into(_view(out, (-1, ph, pw)), x)
     return out
 
 
 def grid_patches(
-    frame: torch.Tensor,
+    frame: Array,
     spec: Preprocessing,
     patch: tuple[int, int],
     stride: tuple[int, int],
     origin: tuple[int, int] = (0, 0),
-) -> tuple[torch.Tensor, tuple[int, int]]:
+) -> tuple[Array, tuple[int, int]]:
     """A raw frame to encoder input on a grid: ``(patches (gh*gw, 1, ph, pw), (gh, gw))``, row-major."""
     tiles = tile_grid(prepare_frame(frame, spec), patch, stride, origin)
     return prepare_patches(tiles, spec), (tiles.shape[0], tiles.shape[1])
 
 
-def point_patches(
-    frame: torch.Tensor, spec: Preprocessing, centers: torch.Tensor, patch: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def point_patches(frame: Array, spec: Preprocessing, centers: Array, patch: tuple[int, int]) -> tuple[Array, Array]:
     """A raw frame to encoder input at points: ``(patches (M, 1, ph, pw), kept centres (M, 2))``."""
     tiles, kept = gather_points(prepare_frame(frame, spec), centers, patch)
-    return prepare_patches(tiles, spec), centers.to(frame.device)[kept]
+    return prepare_patches(tiles, spec), asarray_like(centers, frame)[kept]

@@ -5,13 +5,16 @@ Grid convention (DESIGN.md, "maps"): patch (i, j) covers rows ``y0 + i*sy … y0
 ``(H - y0 - ph) % sy`` rows are not covered (likewise for columns). That keeps every patch the same size, which the
 encoder needs, and keeps the map a plain grid; a caller who wants the far edge covered moves ``origin``.
 
-These are pure tensor functions that run on whatever device the frame is on: the same code cuts patches for
-training (``models.data``) and for serving (``streamer.maps.pipeline``).
+These are pure array functions, written once for numpy and torch (``streamer.maps.arrays``): they return the
+frame's kind of array on the frame's device, and the same code cuts patches for training (``models.data``) and for
+serving (``streamer.maps.pipeline``).
 """
 
 from __future__ import annotations
 
-import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from streamer.maps.arrays import Array, arange, asarray_like, astype, floor, is_floating, is_tensor
 
 __all__ = ["TilingError", "gather_points", "grid_shape", "patch_range", "points_in_bounds", "tile_grid"]
 
@@ -53,21 +56,23 @@ def grid_shape(
 
 
 def tile_grid(
-    frame: torch.Tensor,
+    frame: Array,
     patch: int | tuple[int, int],
     stride: int | tuple[int, int],
     origin: tuple[int, int] = (0, 0),
-) -> torch.Tensor:
+) -> Array:
     """Patches of a 2-D frame as a ``(gh, gw, ph, pw)`` view (no copy) on the frame's device."""
     if frame.ndim != 2:
         raise TilingError(f"frame must be 2-D, got shape {tuple(frame.shape)}")
     (ph, pw), (sy, sx), (y0, x0) = _pair(patch, "patch"), _pair(stride, "stride"), _pair(origin, "origin")
     gh, gw = grid_shape((frame.shape[0], frame.shape[1]), (ph, pw), (sy, sx), (y0, x0))
     region = frame[y0 : y0 + (gh - 1) * sy + ph, x0 : x0 + (gw - 1) * sx + pw]
-    return region.unfold(0, ph, sy).unfold(1, pw, sx)
+    if is_tensor(region):
+        return region.unfold(0, ph, sy).unfold(1, pw, sx)
+    return sliding_window_view(region, (ph, pw))[::sy, ::sx]
 
 
-def patch_range(tiles: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+def patch_range(tiles: Array, start: int, stop: int) -> list[Array]:
     """Patches ``start:stop`` (row-major) of a ``(gh, gw, ph, pw)`` grid or an ``(N, ph, pw)`` stack, as views.
 
     A range of a grid crosses grid rows, which no single view can express: it comes back as at most three pieces —
@@ -79,7 +84,7 @@ def patch_range(tiles: torch.Tensor, start: int, stop: int) -> list[torch.Tensor
     if tiles.ndim != 4:
         raise TilingError(f"tiles must be (gh, gw, ph, pw) or (N, ph, pw), got shape {tuple(tiles.shape)}")
     gw = int(tiles.shape[1])
-    pieces: list[torch.Tensor] = []
+    pieces: list[Array] = []
     row, col = divmod(start, gw)
     if col and start < stop:  # the tail of a partly taken row
         end = min(gw, col + stop - start)
@@ -96,22 +101,20 @@ def patch_range(tiles: torch.Tensor, start: int, stop: int) -> list[torch.Tensor
     return pieces
 
 
-def points_in_bounds(centers: torch.Tensor, frame_hw: tuple[int, int], patch: int | tuple[int, int]) -> torch.Tensor:
+def points_in_bounds(centers: Array, frame_hw: tuple[int, int], patch: int | tuple[int, int]) -> Array:
     """Which centres (N×2, y and x) have their whole patch inside the frame (every sampled position, sub-pixel)."""
     ph, pw = _pair(patch, "patch")
     top, left = _corners(centers, ph, pw)
     return (top >= 0) & (left >= 0) & (top + ph - 1 <= frame_hw[0] - 1) & (left + pw - 1 <= frame_hw[1] - 1)
 
 
-def _corners(centers: torch.Tensor, ph: int, pw: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _corners(centers: Array, ph: int, pw: int) -> tuple[Array, Array]:
     """Sub-pixel position of each patch's top-left sample: the centre sits on pixel ``(ph // 2, pw // 2)``."""
-    c = centers.to(torch.float64)
+    c = astype(centers, "float64")
     return c[:, 0] - ph // 2, c[:, 1] - pw // 2
 
 
-def gather_points(
-    frame: torch.Tensor, centers: torch.Tensor, patch: int | tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_points(frame: Array, centers: Array, patch: int | tuple[int, int]) -> tuple[Array, Array]:
     """Patches centred on the sub-pixel ``centers`` (N×2, y and x): ``(patches (M, ph, pw), kept (N,) bool)``.
 
     Each patch is sampled by bilinear interpolation so that its centre column sits exactly on pixel
@@ -126,18 +129,18 @@ def gather_points(
     if centers.ndim != 2 or centers.shape[1] != 2:
         raise TilingError(f"centers must be N×2 (y, x), got shape {tuple(centers.shape)}")
     ph, pw = _pair(patch, "patch")
-    centers = centers.to(frame.device)
+    centers = asarray_like(centers, frame)
     kept = points_in_bounds(centers, (frame.shape[0], frame.shape[1]), (ph, pw))
     top, left = _corners(centers[kept], ph, pw)
-    y0, x0 = torch.floor(top), torch.floor(left)
-    dtype = frame.dtype if frame.is_floating_point() else torch.float32
-    ty, tx = (top - y0).to(dtype)[:, None, None], (left - x0).to(dtype)[:, None, None]
+    y0, x0 = floor(top), floor(left)
+    dtype = str(frame.dtype).removeprefix("torch.") if is_floating(frame) else "float32"
+    ty, tx = astype(top - y0, dtype)[:, None, None], astype(left - x0, dtype)[:, None, None]
     h, w = int(frame.shape[0]), int(frame.shape[1])
-    rows = y0.to(torch.long)[:, None] + torch.arange(ph, device=frame.device)
-    cols = x0.to(torch.long)[:, None] + torch.arange(pw, device=frame.device)
+    rows = astype(y0, "int64")[:, None] + arange(0, ph, like=frame)
+    cols = astype(x0, "int64")[:, None] + arange(0, pw, like=frame)
     r0, c0 = rows[:, :, None], cols[:, None, :]
-    r1, c1 = (r0 + 1).clamp(max=h - 1), (c0 + 1).clamp(max=w - 1)  # weight 0 wherever the clamp bites
-    f = frame.to(dtype)
+    r1, c1 = (r0 + 1).clip(None, h - 1), (c0 + 1).clip(None, w - 1)  # weight 0 wherever the clamp bites
+    f = astype(frame, dtype)
     top_row = f[r0, c0] * (1 - tx) + f[r0, c1] * tx
     bottom_row = f[r1, c0] * (1 - tx) + f[r1, c1] * tx
     return top_row * (1 - ty) + bottom_row * ty, kept

@@ -13,16 +13,29 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
+from streamer.maps.arrays import Array, dtype_name, is_tensor, require_torch, sync
 from streamer.maps.pipeline import Pipeline, PreparedFrame
 
-__all__ = ["PatchWriter", "batch_buffer"]
+__all__ = ["PatchWriter", "batch_buffer", "fits"]
 
 
-def batch_buffer(pipeline: Pipeline) -> torch.Tensor:
-    """An encoder input buffer for ``pipeline``: one call's worth of patches (``max_batch_patches``), on its device."""
-    return torch.empty((pipeline.max_batch_patches, 1, *pipeline.patch), dtype=torch.float32, device=pipeline.device)
+def batch_buffer(pipeline: Pipeline) -> Array:
+    """An encoder input buffer for ``pipeline``: one call's worth of patches (``max_batch_patches``), on its device
+    (numpy on the CPU, which needs no torch)."""
+    shape = (pipeline.max_batch_patches, 1, *pipeline.patch)
+    if pipeline.device == "cpu":
+        return np.empty(shape, np.float32)
+    torch = require_torch("a CUDA device")
+    return torch.empty(shape, dtype=torch.float32, device=pipeline.device)
+
+
+def fits(buffer: Array, pipeline: Pipeline) -> bool:
+    """Whether ``buffer`` is what ``batch_buffer(pipeline)`` would make (shape, float32, numpy or on the device)."""
+    if tuple(buffer.shape) != (pipeline.max_batch_patches, 1, *pipeline.patch) or dtype_name(buffer) != "float32":
+        return False
+    return not is_tensor(buffer) if pipeline.device == "cpu" else is_tensor(buffer) and buffer.device == pipeline.device
 
 
 class PatchWriter:
@@ -40,7 +53,7 @@ class PatchWriter:
         self._index = 0  # the next patch: frame index, and patch within that frame
         self._offset = 0
 
-    def write(self, out: torch.Tensor) -> None:
+    def write(self, out: Array) -> None:
         """The next ``out.shape[0]`` patches into ``out``; the work is finished on the device when this returns."""
         size = int(out.shape[0])
         if size > self.total - self.written:
@@ -52,8 +65,7 @@ class PatchWriter:
             if take > 0:
                 t0 = time.perf_counter()
                 frame.write(self._offset, self._offset + take, out[filled : filled + take])
-                if out.device.type == "cuda":  # else the fft stage's timing would be of kernel launches only
-                    torch.cuda.synchronize(out.device)
+                sync(out)  # on CUDA, else the fft stage's timing would be of kernel launches only
                 self.seconds[self._index] += time.perf_counter() - t0
             filled += take
             self._offset += take

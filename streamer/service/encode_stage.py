@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from streamer.maps.arrays import Array
 from streamer.maps.pipeline import Pipeline, PreparedFrame
-from streamer.service.batch_buffers import PatchWriter, batch_buffer
+from streamer.service.batch_buffers import PatchWriter, batch_buffer, fits
 from streamer.service.frame_queue import FrameResult, QueuedFrame
 from streamer.service.metrics import ServiceMetrics
 
@@ -58,7 +58,7 @@ class _Job:
     or a result the worker produced itself, passed through to keep the order."""
 
     batch: _Batch | None = None
-    buffer: torch.Tensor | None = None
+    buffer: Array | None = None
     slot: int | None = None
     size: int = 0
     result: FrameResult | None = None
@@ -74,7 +74,7 @@ class EncodeStage:
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._free: list[int] = list(range(N_BUFFERS))
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[Array] = []
         self._closed = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="atomstream-encode", daemon=True)
@@ -137,7 +137,7 @@ class EncodeStage:
             self._jobs.append(job)
             self._cond.notify_all()
 
-    def _take_buffer(self) -> tuple[int, torch.Tensor]:
+    def _take_buffer(self) -> tuple[int, Array]:
         with self._cond:
             self._cond.wait_for(lambda: self._free or self._failure is not None)
             self._raise_failure()
@@ -147,9 +147,8 @@ class EncodeStage:
     def _buffers_for(self, pipeline: Pipeline) -> None:
         """Buffers shaped for ``pipeline`` (after a reload to another patch size or device: new ones, once the
         encoder has finished with the old)."""
-        want = (pipeline.max_batch_patches, 1, *pipeline.patch)
         with self._cond:
-            if self._buffers and tuple(self._buffers[0].shape) == want and self._buffers[0].device == pipeline.device:
+            if self._buffers and fits(self._buffers[0], pipeline):
                 return
             self._cond.wait_for(lambda: len(self._free) == N_BUFFERS or self._failure is not None)
             self._raise_failure()
