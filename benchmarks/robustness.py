@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--train-flags",
+        default="",
+        help="extra `atomstream train` flags for every card training, for an ablation against the defaults (e.g. "
+        "'--pixel-fraction 0.25 --budget 150'); the robustness table itself is measured with none",
+    )
     return p.parse_args(argv)
 
 
@@ -98,7 +105,8 @@ def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse
         log = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            code = cli(["train", "--data", str(data), "--classes", "4", "--out", str(run), "--seed", str(seed)])
+            argv = ["train", "--data", str(data), "--classes", "4", "--out", str(run), "--seed", str(seed)]
+            code = cli(argv + shlex.split(args.train_flags))
         seconds = time.perf_counter() - t0
         if code != 0:
             case = f"{family} {size}px ±{rotation}° seed {seed}"

@@ -172,6 +172,14 @@ class TrainConfig(_Frozen):
         "turn on torch's own intra-op threads. More is fastest with torch at one intra-op thread, a process-wide "
         "setting fit leaves alone (atomstream train sets both)",
     )
+    pixel_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of each image's pixels the reconstruction term scores per step (a fresh random subset, "
+        "scaled by P/m so the ELBO stays unbiased); the coordinate decoder's cost is proportional to it. Validation "
+        "always scores every pixel (docs/training.md has the quality-against-time table)",
+    )
 
 
 class DataConfig(_Frozen):

@@ -156,12 +156,16 @@ class JTrVAE(nn.Module):
     The constructor only builds networks (no seeding, no param store); ``models.train.fit`` owns the global state.
     ``likelihood_threads`` is how many CPU threads the coordinate decoder's fused likelihood spreads its chunks over
     (``models.fused_likelihood``); it is a setting of the machine, not of the model, so it is not saved with it.
+    ``pixel_fraction`` < 1 scores a random subset of the pixels per step while in training mode (an unbiased,
+    cheaper estimate of the reconstruction term: the decoder's cost is pixels × classes × hidden²); ``eval()`` and
+    everything after training score every pixel. Also a training setting, not saved.
     """
 
     def __init__(self, cfg: ModelConfig, *, likelihood_threads: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
         self.likelihood_threads = likelihood_threads
+        self.pixel_fraction = 1.0
         self.encoder = build_encoder(cfg)
         self.decoder = build_decoder(cfg)
         self.register_buffer("grid", pixel_grid(*cfg.patch, dtype=torch.get_default_dtype()), persistent=False)
@@ -199,11 +203,23 @@ class JTrVAE(nn.Module):
                 with _scale(beta[0]):
                     prior = dist.Normal(x.new_zeros(b, 2), cfg.translation_prior_scale).to_event(1)
                     shift = pyro.sample("shift", prior)
-            coords = rotate_shift_grid(self.grid.to(x.dtype), unit, shift)
+            grid, obs, weight = self._scored_pixels(x.reshape(b, -1))
+            coords = rotate_shift_grid(grid.to(x.dtype), unit, shift)
             pixels = DecodedImage(
                 self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale, self.likelihood_threads
             )
-            pyro.sample("x", pixels, obs=x.reshape(b, -1))  # batch (K, B) under enumeration: one decoder call
+            with poutine.scale(scale=weight):
+                pyro.sample("x", pixels, obs=obs)  # batch (K, B) under enumeration: one decoder call
+
+    def _scored_pixels(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """The grid rows and observed pixels the likelihood scores, and the weight P/m that keeps it unbiased: every
+        pixel (weight 1) unless training with ``pixel_fraction`` < 1, then one random subset shared by the batch."""
+        n_pixels = self.grid.shape[0]
+        keep = max(1, round(self.pixel_fraction * n_pixels))
+        if not self.training or keep >= n_pixels:
+            return self.grid, x, 1.0
+        idx = torch.randperm(n_pixels, device=x.device)[:keep]
+        return self.grid[idx], x[:, idx], n_pixels / keep
 
     def guide(self, x: Tensor, beta: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
         pyro.module("encoder", self.encoder)

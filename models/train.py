@@ -102,10 +102,15 @@ def evaluate_loss(
     elbo = make_elbo(model)
     devices = [p.device] if p.device.type == "cuda" else []
     total = 0.0
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, x.shape[0], batch_size):
-            total += float(elbo.loss(model.model, model.guide, x[start : start + batch_size], beta))
+    was_training = model.training
+    model.eval()  # every pixel scored, whatever the training's pixel_fraction
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, x.shape[0], batch_size):
+                total += float(elbo.loss(model.model, model.guide, x[start : start + batch_size], beta))
+    finally:
+        model.train(was_training)
     return total / x.shape[0]
 
 
@@ -165,6 +170,7 @@ def fit(
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
     model.likelihood_threads = tc.likelihood_threads
+    model.pixel_fraction = tc.pixel_fraction
 
     anchor = None
     head = getattr(model.encoder, "class_head", None)

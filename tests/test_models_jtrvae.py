@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -216,3 +217,32 @@ def test_dense_decoder_only_without_transforms() -> None:
     assert m.generate(z, y).shape == (2, *PATCH)
     with pytest.raises(ValueError, match="leave angle and shift out"):
         m.generate(z, y, angle=torch.tensor(0.5))
+
+
+def test_pixel_subsampled_likelihood_is_unbiased_and_only_while_training() -> None:
+    """``pixel_fraction`` scores a random subset of m pixels weighted P/m: over many subsets the mean equals the
+    full reconstruction term (same latents), and out of training mode every pixel is scored with weight 1."""
+    torch.manual_seed(0)
+    m = _tiny(3, True, True)
+    x = torch.rand(4, *PATCH)
+    guide_tr = poutine.trace(poutine.enum(m.guide, first_available_dim=-2)).get_trace(x)
+
+    def scored() -> tuple[float, int, float]:
+        tr = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(x)
+        tr.compute_log_prob()
+        node = tr.nodes["x"]
+        # Pyro stores the scaled log-density in "log_prob": already the estimate P/m · Σ over the subset.
+        return float(node["log_prob"].detach().sum()), node["fn"].event_shape[0], float(node["scale"])
+
+    m.train()
+    full, n_full, weight = scored()
+    assert (n_full, weight) == (PATCH[0] * PATCH[1], 1.0)
+    m.pixel_fraction = 0.2
+    draws = [scored() for _ in range(300)]
+    assert {d[1] for d in draws} == {6} and {d[2] for d in draws} == {30 / 6}
+    estimate = float(np.mean([d[0] for d in draws]))
+    spread = float(np.std([d[0] for d in draws])) / math.sqrt(len(draws))
+    assert abs(estimate - full) < 4 * spread, (estimate, full, spread)
+    assert spread > 0  # the subsets really differ
+    m.eval()
+    assert scored()[1:] == (PATCH[0] * PATCH[1], 1.0)

@@ -105,6 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flag(opt, "--seed", type=int, where=_TRAIN, field="seed", help="seed of weights, split and batches")
     config_flag(
         opt,
+        "--pixel-fraction",
+        type=float,
+        where=_TRAIN,
+        field="pixel_fraction",
+        help="share of each patch's pixels the reconstruction term scores per step (unbiased, cheaper)",
+    )
+    config_flag(
+        opt,
         "--class-init",
         choices=("invariant_gmm", "random"),
         where=_TRAIN,
@@ -254,7 +262,9 @@ _MODEL_FLAGS = {
     "likelihood": "likelihood",
     "gaussian_scale": "gaussian_scale",
 }
-_TRAIN_FLAGS = {n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction", "class_init")}
+_TRAIN_FLAGS = {
+    n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction", "class_init", "pixel_fraction")
+}
 _ALL_FLAGS = {
     **_DATA_FLAGS,
     **_MODEL_FLAGS,
