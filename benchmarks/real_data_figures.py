@@ -47,7 +47,7 @@ def write_figures(cases: list[Any], out: Path) -> list[Path]:
         frame, maps = fig_data["frame"], fig_data["maps"]
         h, w = frame.shape
         wide = w > 2.5 * h
-        fig = Figure(figsize=(14, 9) if wide else (18, 6.2))
+        fig = Figure(figsize=(14, 9.5) if wide else (18, 6.2), layout="constrained")
         axes = fig.subplots(3, 1) if wide else fig.subplots(1, 3)
         lo, hi = np.percentile(frame, [0.5, 99.5])
         for ax in axes:
@@ -87,7 +87,7 @@ def write_figures(cases: list[Any], out: Path) -> list[Path]:
         kind = maps.defects[0].kind if maps.defects else "calibrated"
         axes[2].set_title(f"defect score ({kind}); published defects (×): {len(found)}")
         bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02)
-        bar.set_label("s/(1+s), s = score / calibrated threshold; 0.5 (white line) = threshold")
+        bar.set_label("s/(1+s), s = score / calibrated threshold\n0.5 (white line) = threshold")
         bar.ax.axhline(0.5, color="white", linewidth=1)
         axes[2].legend(
             handles=[
@@ -98,7 +98,6 @@ def write_figures(cases: list[Any], out: Path) -> list[Path]:
             fontsize=8,
         )
         fig.suptitle(case.name)
-        fig.tight_layout()
         slug = "".join(ch if ch.isalnum() else "-" for ch in case.name.lower()).strip("-")
         path = out / f"{'-'.join(filter(None, slug.split('-')))}.png"
         fig.savefig(path, dpi=70)
