@@ -20,7 +20,7 @@ from pyro.optim import Adam
 
 from models.config import RunConfig
 from models.jtrvae import JTrVAE
-from models.train import make_elbo
+from models.train import make_elbo, with_training_settings
 
 __all__ = ["EpochPlan", "plan_epochs", "timing_model"]
 
@@ -52,12 +52,8 @@ def _minutes(seconds: float) -> str:
 
 
 def timing_model(cfg: RunConfig) -> JTrVAE:
-    """A fresh model that takes the step ``fit`` will take: with the run's likelihood threads and pixel share, two
-    training settings ``JTrVAE`` does not read from its config (timed at one thread, the plan used about half of the
-    budget on two cores)."""
-    model = JTrVAE(cfg.model, likelihood_threads=cfg.train.likelihood_threads)
-    model.pixel_fraction = cfg.train.pixel_fraction
-    return model.train()
+    """A fresh model, in training mode, that takes the step ``fit`` will take (``with_training_settings``)."""
+    return with_training_settings(JTrVAE(cfg.model), cfg.train).train()
 
 
 def plan_epochs(

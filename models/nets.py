@@ -122,8 +122,8 @@ class InvariantFeatures(nn.Module):
         h, w = patch
         self.rotation, self.translation = rotation, translation
         self.quantiles = quantiles if (rotation or translation) else 0
-        ranks = torch.linspace(0, h * w - 1, max(self.quantiles, 1), dtype=torch.float64).round().long()
-        self.register_buffer("quantile_ranks", ranks[: self.quantiles], persistent=False)
+        ranks = torch.linspace(0, h * w - 1, self.quantiles, dtype=torch.float64).round().long()
+        self.register_buffer("quantile_ranks", ranks, persistent=False)
         if translation:
             for name, n in (("h", h), ("w", w)):
                 k = torch.arange(n, dtype=torch.float64)
@@ -349,7 +349,27 @@ class ConvEncoder(_Encoder):
         )
 
 
-class CoordDecoder(nn.Module):
+class _AutogradLikelihood(nn.Module):
+    """``log_likelihood`` by plain autograd through the materialised logits: the dense and broadcast decoders always,
+    the coordinate decoder off the CPU (where its fused kernel is not used, ``models.likelihood_path``)."""
+
+    def log_likelihood(
+        self,
+        coords: Tensor,
+        z: Tensor,
+        y: Tensor | None,
+        x: Tensor,
+        *,
+        likelihood: str,
+        gaussian_scale: float,
+        threads: int = 1,
+    ) -> Tensor:
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
+        decoder's interface and unused (one autograd pass has no chunks to spread)."""
+        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
+
+
+class CoordDecoder(_AutogradLikelihood):
     """An MLP (3×256 tanh by default) evaluated at every transformed pixel coordinate, conditioned on ``z`` and ``y``.
 
     The first layer is linear in ``[coords, z, y]``, so it is split into three parts that are computed at the size
@@ -404,7 +424,7 @@ class CoordDecoder(nn.Module):
         itself (``models.likelihood_path``).
         """
         if likelihood_path(coords.device) == "autograd":
-            return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
+            return super().log_likelihood(coords, z, y, x, likelihood=likelihood, gaussian_scale=gaussian_scale)
         return coord_mlp_log_likelihood(
             coords,
             self.latent_part(z, y),
@@ -419,25 +439,6 @@ class CoordDecoder(nn.Module):
             threads=threads,
             chunk_rows=chunk_rows,
         )
-
-
-class _AutogradLikelihood(nn.Module):
-    """``log_likelihood`` of a decoder whose logits are small enough to materialise: plain autograd."""
-
-    def log_likelihood(
-        self,
-        coords: Tensor,
-        z: Tensor,
-        y: Tensor | None,
-        x: Tensor,
-        *,
-        likelihood: str,
-        gaussian_scale: float,
-        threads: int = 1,
-    ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
-        decoder's interface and unused (one autograd pass has no chunks to spread)."""
-        return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
 
 class DenseDecoder(_AutogradLikelihood):

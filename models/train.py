@@ -22,13 +22,22 @@ from pyro.optim import Adam
 from torch import Tensor
 
 from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
-from models.config import ModelConfig, RunConfig
+from models.config import ModelConfig, RunConfig, TrainConfig
 from models.evaluate import diagnose_classes, normalized_mutual_info
 from models.jtrvae import JTrVAE
 from models.shards import SingleProcess
 from models.warm_start import cluster_classes
 
-__all__ = ["FitError", "TrainResult", "evaluate_loss", "fit", "make_elbo", "resolve_device", "split_validation"]
+__all__ = [
+    "FitError",
+    "TrainResult",
+    "evaluate_loss",
+    "fit",
+    "make_elbo",
+    "resolve_device",
+    "split_validation",
+    "with_training_settings",
+]
 
 
 class FitError(ValueError):
@@ -83,6 +92,15 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 
 
 @torch.no_grad()
+def with_training_settings(model: JTrVAE, tc: TrainConfig) -> JTrVAE:
+    """``model`` with the two training settings ``JTrVAE`` does not read from its config (likelihood threads, pixel
+    share): ``fit`` and the budget planner's timed steps both go through here, so the step timed is the step
+    trained (the planner once timed one thread and used half its budget)."""
+    model.likelihood_threads = tc.likelihood_threads
+    model.pixel_fraction = tc.pixel_fraction
+    return model
+
+
 def evaluate_loss(
     model: JTrVAE,
     images: np.ndarray | Tensor,
@@ -169,8 +187,7 @@ def fit(
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
-    model.likelihood_threads = tc.likelihood_threads
-    model.pixel_fraction = tc.pixel_fraction
+    with_training_settings(model, tc)
 
     anchor = None
     head = getattr(model.encoder, "class_head", None)
