@@ -29,22 +29,26 @@ from streamer.maps.novelty import (
     encoder_features,
     fit_novelty,
     grid_neighbours,
+    part_features,
     point_neighbours,
 )
 
 __all__ = ["DEFAULT_KIND", "calibrate_novelty", "encoder_outputs", "patch_neighbours", "training_patches"]
 
 #: chosen by measurement (benchmarks/real_data.py; docs/real-data.md has the table)
-DEFAULT_KIND: NoveltyKind = "contrast"
+DEFAULT_KIND: NoveltyKind = "joint"
 _POINT_NEIGHBOURS = 6
 _CLEARLY_BETTER = 0.8
 
 
-def encoder_outputs(model: JTrVAE, images: np.ndarray, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
-    """The exported wrapper's outputs by manifest name for ``(N, H, W)`` encoder-ready patches (CPU, eval)."""
+def encoder_outputs(
+    model: JTrVAE, images: np.ndarray, *, batch_size: int = 1024, reconstruction: bool = False
+) -> dict[str, np.ndarray]:
+    """The exported wrapper's outputs by manifest name for ``(N, H, W)`` encoder-ready patches (CPU, eval); with
+    ``reconstruction`` also the decoder's redrawing (``recon_nll``, ``recon_residual``)."""
     from exporters.export import build_wrapper
 
-    wrapper = build_wrapper(model)
+    wrapper = build_wrapper(model, reconstruction=reconstruction)
     names = wrapper.output_names
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     with torch.inference_mode():
@@ -92,10 +96,19 @@ def calibrate_novelty(
     """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept)."""
     if patches.data.kind == "stack":
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
-    features = encoder_features(encoder_outputs(model, patches.images))
+    outputs = encoder_outputs(model, patches.images, reconstruction=kind == "joint")
+    features = encoder_features(outputs)
     step = _grid_step(patches, features) if patches.grid is not None else 1
     neighbours = patch_neighbours(patches, grid_step=step)
-    return fit_novelty(features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step)
+    return fit_novelty(
+        features,
+        neighbours,
+        kind=kind,
+        k=k,
+        k_neighbours=_POINT_NEIGHBOURS,
+        grid_step=step,
+        parts=part_features(outputs),
+    )
 
 
 def training_patches(source: str, patches_data: object) -> PatchSet | None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from exporters.quiet import quiet_export_warnings
 from exporters.verify import check_parity
-from exporters.wrapper import InferenceWrapper
+from exporters.wrapper import InferenceWrapper, redraw_of
 from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
 from streamer.maps.manifest import (
@@ -62,18 +62,29 @@ class ExportError(Exception):
     """An export that cannot be made as asked (bad opset, bad defect classes, unwritable directory)."""
 
 
-def latent_layout(cfg: ModelConfig) -> LatentLayout:
+def latent_layout(cfg: ModelConfig, *, reconstruction: bool = False) -> LatentLayout:
     return LatentLayout(
-        n_classes=cfg.n_classes, latent_dim=cfg.latent_dim, rotation=cfg.rotation, translation=cfg.translation
+        n_classes=cfg.n_classes,
+        latent_dim=cfg.latent_dim,
+        rotation=cfg.rotation,
+        translation=cfg.translation,
+        reconstruction_pixels=cfg.patch[0] * cfg.patch[1] if reconstruction else 0,
     )
 
 
-def build_wrapper(model: JTrVAE, *, fp16: bool = False) -> InferenceWrapper:
-    """A CPU, eval-mode copy of the model's encoder network, wrapped (the model itself is left untouched)."""
+def build_wrapper(model: JTrVAE, *, fp16: bool = False, reconstruction: bool = False) -> InferenceWrapper:
+    """A CPU, eval-mode copy of the model's encoder network (and, with ``reconstruction``, its decoder), wrapped;
+    the model itself is left untouched. The decoder stays float32 in an fp16 export (``models.reconstruction``)."""
     encoder = copy.deepcopy(model.encoder).to("cpu", torch.float16 if fp16 else torch.float32).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return InferenceWrapper(encoder, latent_layout(model.cfg), tuple(model.cfg.patch), fp16=fp16).eval()
+    redraw = None
+    if reconstruction:
+        redraw = copy.deepcopy(redraw_of(model)).to("cpu", torch.float32).eval()
+        for p in redraw.parameters():
+            p.requires_grad_(False)
+    layout = latent_layout(model.cfg, reconstruction=reconstruction)
+    return InferenceWrapper(encoder, layout, tuple(model.cfg.patch), fp16=fp16, redraw=redraw).eval()
 
 
 def _example(wrapper: InferenceWrapper) -> Tensor:
@@ -166,13 +177,14 @@ def export_model(
         "onnx": out / MODEL_FILES["onnx"],
         "torchscript": out / MODEL_FILES["torchscript"],
     }
-    wrapper = build_wrapper(model)
+    reconstruction = novelty is not None and novelty.needs_reconstruction
+    wrapper = build_wrapper(model, reconstruction=reconstruction)
     try:
         export_torchscript(wrapper, files["torchscript"])
         export_onnx(wrapper, files["onnx"], opset=opset)
         if fp16:
             files["onnx_fp16"] = out / MODEL_FILES["onnx_fp16"]
-            export_onnx(build_wrapper(model, fp16=True), files["onnx_fp16"], opset=opset)
+            export_onnx(build_wrapper(model, fp16=True, reconstruction=reconstruction), files["onnx_fp16"], opset=opset)
         parity = check_parity(model, wrapper.latent, files, parity_patches, data=parity_data)
     except BaseException:
         for path in files.values():

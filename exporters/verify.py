@@ -25,7 +25,7 @@ from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import ParityReference
 from models.config import RunConfig
 from models.data import DataError, patches_from_config
-from streamer.maps.manifest import INPUT_NAME, BackendParity, LatentLayout, Parity, expected_outputs
+from streamer.maps.manifest import INPUT_NAME, LOOSER_OUTPUTS, BackendParity, LatentLayout, Parity, expected_outputs
 
 __all__ = [
     "FP16_MIN_ARGMAX_AGREEMENT",
@@ -92,6 +92,8 @@ def _max_abs_diff(name: str, got: Tensor, want: Tensor) -> float:
     diff = got.to(torch.float64) - want.to(torch.float64)
     if name == "angle":
         diff = torch.remainder(diff + math.pi, 2 * math.pi) - math.pi
+    if name == "recon_nll":  # a sum over every pixel, hundreds of nats: relative to its size (LOOSER_OUTPUTS)
+        diff = diff / want.to(torch.float64).abs().clamp_min(1.0)
     if not bool(torch.isfinite(diff).all()):
         return math.inf
     return float(diff.abs().max()) if diff.numel() else 0.0
@@ -107,7 +109,8 @@ def _compare(
     if "class_prob" in ref:
         g = got[names.index("class_prob")]
         agreement = float((g.argmax(dim=-1) == ref["class_prob"].argmax(dim=-1)).to(torch.float64).mean())
-    passed = all(d <= tolerance for d in diffs.values()) and (agreement is None or agreement >= min_agreement)
+    within = all(d <= tolerance * LOOSER_OUTPUTS.get(name, 1.0) for name, d in diffs.items())
+    passed = within and (agreement is None or agreement >= min_agreement)
     return BackendParity(
         backend=backend,  # type: ignore[arg-type]
         max_abs_diff=diffs,
@@ -121,9 +124,9 @@ def _failure(results: list[BackendParity], n: int, data: str) -> str:
     worst: tuple[float, str] = (-1.0, "")
     for r in results:
         for name, d in r.max_abs_diff.items():
-            ratio = d / r.tolerance
-            if ratio > 1 and ratio > worst[0]:
-                worst = (ratio, f"{r.backend} output {name!r} max |Δ| = {d:.3g} > {r.tolerance:g}")
+            bound = r.bound(name)
+            if d / bound > 1 and d / bound > worst[0]:
+                worst = (d / bound, f"{r.backend} output {name!r} max |Δ| = {d:.3g} > {bound:g}")
     if not worst[1]:
         r = next(r for r in results if not r.passed)
         bad = round((1 - (r.argmax_agreement or 0.0)) * n)
@@ -146,6 +149,9 @@ def check_parity(
         raise ParityError(f"parity needs at least {MIN_PARITY_PATCHES} patches, got {patches.shape[0]}")
     names = [s.name for s in expected_outputs(latent)]
     x = patches.detach().to("cpu", torch.float32).contiguous()
+    if x.shape[0] > MAX_PARITY_PATCHES:
+        x = x[torch.linspace(0, x.shape[0] - 1, MAX_PARITY_PATCHES).round().long()].contiguous()
+        data = f"{data}; {MAX_PARITY_PATCHES} of them evenly spaced"
     first = next(model.parameters())
     if first.device.type != "cpu" or model.training:  # leave the caller's model where and as it is
         model = copy.deepcopy(model).to("cpu").eval()

@@ -240,7 +240,7 @@ def test_bright_and_missing_columns_are_published_near_where_they_are(calibrated
     maps = pipeline.process(frames[0])
     found = np.array([[d.y, d.x] for d in maps.defects]).reshape(-1, 2)
     truth = truths[0].defects
-    assert len(found) >= 1 and all(d.kind == "contrast" for d in maps.defects)
+    assert len(found) >= 1 and all(d.kind == "joint" for d in maps.defects)
     d = np.hypot(found[:, None, 0] - truth[None, :, 0], found[:, None, 1] - truth[None, :, 1])
     assert (d.min(axis=1) <= 16).all()  # every published defect is within a lattice period of a true one
     score = maps.arrays["defect_score"]

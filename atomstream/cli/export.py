@@ -56,9 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--defect-score",
-        choices=("contrast", "density", "combined"),
-        default="contrast",
-        help="the class-free defect score the server publishes (docs/real-data.md compares them; default: %(default)s)",
+        choices=("joint", "contrast", "density", "combined"),
+        default="joint",
+        help="the class-free defect score the server publishes: joint (the default) compares the encoder's outputs "
+        "and the decoder's redrawing of each patch with the neighbours' and takes the larger — it finds the most "
+        "defects (docs/real-data.md) but runs the decoder on every patch; contrast/density/combined read the "
+        "encoder's outputs only (cheaper)",
     )
     p.set_defaults(func=_export)
 

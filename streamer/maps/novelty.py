@@ -45,16 +45,21 @@ __all__ = [
     "TRAIN_K",
     "NoveltyKind",
     "NoveltyStats",
+    "PartStats",
     "contrast",
     "density",
     "encoder_features",
     "fit_novelty",
     "grid_neighbours",
     "novelty_score",
+    "part_features",
     "point_neighbours",
 ]
 
-NoveltyKind = Literal["contrast", "density", "combined"]
+NoveltyKind = Literal["contrast", "density", "combined", "joint"]
+PartSource = Literal["reconstruction", "residual"]
+#: the exported outputs each part reads (``models.reconstruction``), as ``(N, F)`` features
+_PART_OUTPUT: dict[str, str] = {"reconstruction": "recon_nll", "residual": "recon_residual"}
 FRAME_K = 6.0
 TRAIN_K = 6.0
 _MAD_TO_SIGMA = 1.4826
@@ -78,6 +83,12 @@ def encoder_features(outputs: dict[str, np.ndarray]) -> np.ndarray:
     if "shift" in outputs:
         parts.append(_rows(outputs["shift"]))
     return np.concatenate(parts, axis=1)
+
+
+def part_features(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reconstruction parts' ``(N, F)`` features from the outputs that have them (``{}`` for an encoder-only
+    artifact): the patch's negative log-likelihood under the decoder, and its per-pixel residual."""
+    return {src: _rows(outputs[name]) for src, name in _PART_OUTPUT.items() if name in outputs}
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -144,6 +155,28 @@ def density(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np
     return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0))
 
 
+class PartStats(BaseModel):
+    """A reconstruction part of the ``joint`` score: the robust spread of its features and its calibrated threshold
+    on their contrast (median + k robust standard deviations of the training patches', as for the encoder's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: PartSource
+    scale: tuple[float, ...]
+    threshold: float = Field(gt=0)
+    median: float = Field(ge=0)
+    sd: float = Field(ge=0)
+    train_share_over: float = Field(ge=0, le=1)
+
+    def normalised(self, features: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        if features.shape[1] != len(self.scale):
+            raise ValueError(
+                f"the encoder's {self.source} part has {features.shape[1]} features but the manifest's statistics "
+                f"have {len(self.scale)}; re-export the artifact"
+            )
+        return contrast(features, neighbours, np.asarray(self.scale)) / self.threshold
+
+
 class NoveltyStats(BaseModel):
     """What the defect score needs from training, and its calibration (see the module docstring)."""
 
@@ -168,6 +201,9 @@ class NoveltyStats(BaseModel):
     train_share_over: dict[str, float] = Field(
         default_factory=dict, description="share of the training patches over the threshold, per kind"
     )
+    parts: tuple[PartStats, ...] = Field(
+        (), description="kind 'joint': the reconstruction parts, each compared with the neighbours like the encoder's"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NoveltyStats:
@@ -176,10 +212,20 @@ class NoveltyStats(BaseModel):
             raise ValueError(f"mean, scale and precision must each have n_features={f} entries")
         if any(len(row) != f for row in self.precision):
             raise ValueError(f"precision must be {f}×{f}")
+        if self.kind == "joint" and not self.parts:
+            raise ValueError("kind 'joint' needs the reconstruction parts' statistics (field 'parts')")
         return self
 
-    def normalised(self, features: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-        """``(N,)`` raw score over its threshold (1 = the calibrated threshold), of this ``kind``."""
+    @property
+    def needs_reconstruction(self) -> bool:
+        """Whether the score reads the decoder's redrawing, so the exported graph must return it."""
+        return self.kind == "joint"
+
+    def normalised(
+        self, features: np.ndarray, neighbours: np.ndarray, parts: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """``(N,)`` raw score over its threshold (1 = the calibrated threshold), of this ``kind``; ``parts`` are the
+        reconstruction parts' features (``part_features``), which kind ``joint`` needs."""
         if features.shape[1] != self.n_features:
             raise ValueError(
                 f"the encoder gives {features.shape[1]} features but the manifest's novelty statistics have "
@@ -187,6 +233,17 @@ class NoveltyStats(BaseModel):
             )
         c = contrast(features, neighbours, np.asarray(self.scale)) / self.contrast_threshold
         if self.kind == "contrast":
+            return c
+        if self.kind == "joint":
+            missing = [p.source for p in self.parts if p.source not in (parts or {})]
+            if missing:
+                raise ValueError(
+                    f"the defect score needs the encoder's {missing} outputs (a graph exported with the decoder's "
+                    "redrawing); re-export the artifact"
+                )
+            assert parts is not None
+            for part in self.parts:
+                c = np.maximum(c, part.normalised(parts[part.source], neighbours))
             return c
         d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
         return d if self.kind == "density" else np.maximum(c, d)
@@ -213,8 +270,10 @@ def fit_novelty(
     k: float = TRAIN_K,
     k_neighbours: int = 6,
     grid_step: int = 1,
+    parts: dict[str, np.ndarray] | None = None,
 ) -> NoveltyStats:
-    """Statistics and thresholds from the training patches' ``features`` and their ``neighbours`` index."""
+    """Statistics and thresholds from the training patches' ``features`` and their ``neighbours`` index; kind
+    ``joint`` also from the reconstruction ``parts`` (``part_features`` of the same patches)."""
     f = np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"novelty statistics need at least 2 patches of features, got shape {f.shape}")
@@ -222,8 +281,7 @@ def fit_novelty(
     cov = np.atleast_2d(np.cov(f, rowvar=False))
     cov += np.eye(cov.shape[0]) * (1e-6 + 1e-6 * float(np.trace(cov)) / cov.shape[0])
     precision = np.linalg.pinv(cov)
-    scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
-    scale = np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
+    scale = _robust_scale(f)
     c, d = contrast(f, neighbours, scale), density(f, mean, precision)
     (cm, cs), (dm, ds) = _robust(c), _robust(d)
     tc, td = _threshold(cm, cs, k), _threshold(dm, ds, k)
@@ -232,6 +290,31 @@ def fit_novelty(
         "density": float(np.mean(d >= td)),
         "combined": float(np.mean((c >= tc) | (d >= td))),
     }
+    fitted: list[PartStats] = []
+    if kind == "joint":
+        missing = sorted(set(_PART_OUTPUT) - set(parts or {}))
+        if missing:
+            raise ValueError(f"kind 'joint' needs the reconstruction parts {missing} of the training patches")
+        assert parts is not None
+        flagged = c >= tc
+        for source in _PART_OUTPUT:
+            pf = np.asarray(parts[source], np.float64)
+            p_scale = _robust_scale(pf)
+            pc = contrast(pf, neighbours, p_scale)
+            pm, ps = _robust(pc)
+            pt = _threshold(pm, ps, k)
+            flagged |= pc >= pt
+            fitted.append(
+                PartStats(
+                    source=source,  # type: ignore[arg-type]
+                    scale=tuple(float(v) for v in p_scale),
+                    threshold=pt,
+                    median=pm,
+                    sd=ps,
+                    train_share_over=float(np.mean(pc >= pt)),
+                )
+            )
+        over["joint"] = float(np.mean(flagged))
     return NoveltyStats(
         kind=kind,
         n_features=f.shape[1],
@@ -249,10 +332,22 @@ def fit_novelty(
         density_sd=ds,
         n_patches=f.shape[0],
         train_share_over=over,
+        parts=tuple(fitted),
     )
 
 
-def novelty_score(features: np.ndarray, neighbours: np.ndarray, stats: NoveltyStats | None) -> np.ndarray:
+def _robust_scale(f: np.ndarray) -> np.ndarray:
+    """Each feature's robust spread (1.4826 · MAD), floored at a tenth of its standard deviation."""
+    scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
+    return np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
+
+
+def novelty_score(
+    features: np.ndarray,
+    neighbours: np.ndarray,
+    stats: NoveltyStats | None,
+    parts: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
     """``(N,)`` float32 published defect score in [0, 1): 0.5 at the calibrated threshold.
 
     ``stats=None`` (an artifact exported without training statistics) falls back to contrast calibrated on the frame
@@ -262,12 +357,11 @@ def novelty_score(features: np.ndarray, neighbours: np.ndarray, stats: NoveltySt
     """
     f = np.asarray(features, np.float64)
     if stats is not None:
-        s = stats.normalised(f, neighbours)
+        s = stats.normalised(f, neighbours, parts)
     elif f.shape[0] == 0:
         s = np.zeros(0)
     else:
-        scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
-        c = contrast(f, neighbours, np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR)))
+        c = contrast(f, neighbours, _robust_scale(f))
         med = float(np.median(c))
         s = c / max(med + FRAME_K * _MAD_TO_SIGMA * float(np.median(np.abs(c - med))), _FLOOR)
     return (s / (1.0 + s)).astype(np.float32)

@@ -47,7 +47,7 @@ from streamer.maps.defects import (
     regions_to_defects,
 )
 from streamer.maps.manifest import Manifest
-from streamer.maps.novelty import encoder_features, grid_neighbours, novelty_score, point_neighbours
+from streamer.maps.novelty import encoder_features, grid_neighbours, novelty_score, part_features, point_neighbours
 from streamer.maps.preprocess import Preprocessing, prepare_frame, prepare_patches
 from streamer.maps.tiling import TilingError, gather_points, patch_range, tile_grid
 from streamer.wire.protocol import ArraySpec, Defect, Defects, Maps, ModelRef
@@ -371,6 +371,9 @@ class Pipeline:
             out["angle"] = np.zeros((0,), np.float32)
         if self.manifest.latent.translation:
             out["shift"] = np.zeros((0, 2), np.float32)
+        if self.manifest.latent.reconstruction_pixels:
+            out["recon_nll"] = np.zeros((0,), np.float32)
+            out["recon_residual"] = np.zeros((0, self.manifest.latent.reconstruction_pixels), np.float32)
         return out
 
     def assemble(self, prepared: PreparedFrame, outputs: dict[str, np.ndarray]) -> FrameMaps:
@@ -436,7 +439,8 @@ class Pipeline:
         else:
             neighbours = point_neighbours(centres, stats.neighbours if stats is not None else 6)
         features = encoder_features(outputs)
-        return novelty_score(features, neighbours, stats), stats.kind if stats is not None else "contrast"
+        score = novelty_score(features, neighbours, stats, part_features(outputs))
+        return score, stats.kind if stats is not None else "contrast"
 
     def process(self, frame: Array) -> FrameMaps:
         """One frame, all stages: the offline reference for the service."""

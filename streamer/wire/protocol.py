@@ -232,10 +232,11 @@ class Defect(BaseModel):
     class_: int = Field(alias="class", description="majority class of the region")
     score: float = Field(description="largest defect score in the region")
     area: int = Field(description="patches in the region")
-    kind: Literal["class", "contrast", "density", "combined"] = Field(
+    kind: Literal["class", "contrast", "density", "combined", "joint"] = Field(
         "class",
         description="what the score is: the defect classes' probability, or the calibrated novelty score "
-        "(streamer.maps.novelty) of that kind; 0.5 is its calibrated threshold",
+        "(streamer.maps.novelty) of that kind (joint: the encoder's outputs and the decoder's redrawing of the patch "
+        "against the neighbours'); 0.5 is its calibrated threshold",
     )
 
 
