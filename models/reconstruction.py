@@ -6,8 +6,8 @@ graph can also return, per patch, the negative log-likelihood of the patch under
 means (mean z, mean angle, mean shift), averaged over the classes by their posterior probabilities — the ELBO's
 reconstruction term — and the per-pixel residual ``x − E_q(y)[mean]``;
 ``streamer.maps.novelty`` compares both with the patch's neighbours. Measured on the demo lattice and the real MoS₂
-scan (docs/real-data.md): the encoder's outputs alone rank the point defects at 0.83–0.97 ROC AUC, the
-reconstruction's 0.92–0.997, the larger of the calibrated scores 0.985–0.998.
+scan (docs/real-data.md): the encoder's outputs alone rank the point defects at 0.83–0.97 ROC AUC, the larger of
+the redrawing's two calibrated scores at 0.98–0.999.
 
 Why the class average and not the most likely class: where two classes are nearly tied (an interface, a model
 unsure of a patch) the argmax flips between neighbours and the redrawn patch jumps with it — a clean patch scored

@@ -58,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--defect-score",
         choices=("joint", "contrast", "density", "combined"),
         default="joint",
-        help="the class-free defect score the server publishes: joint (the default) compares the encoder's outputs "
-        "and the decoder's redrawing of each patch with the neighbours' and takes the larger — it finds the most "
-        "defects (docs/real-data.md) but runs the decoder on every patch; contrast/density/combined read the "
-        "encoder's outputs only (cheaper)",
+        help="the class-free defect score the server publishes: joint (the default) compares the decoder's "
+        "redrawing of each patch (its likelihood and its residual) with the neighbours' — it finds the most defects "
+        "(docs/real-data.md) but runs the decoder on every patch; contrast/density/combined read the encoder's "
+        "outputs only (cheaper)",
     )
     p.set_defaults(func=_export)
 

@@ -1,35 +1,38 @@
-"""How unlike the usual a patch is, from the encoder's outputs alone — a defect score that does not need a defect class.
+"""How unlike the usual a patch is — a defect score that does not need a defect class.
 
 A model's classes may come out as anything (film/substrate, a sublattice, one collapsed class), so the score must not
-depend on them. It reads a **feature vector** per patch from every output the exported encoder has — ``z_loc``,
-``log z_scale``, the class logits less their mean, ``(cos, sin)`` of the angle, the shift — and measures two things:
+depend on them. Two families of features per patch, each compared with the patch's neighbours one lattice period
+away (grid: the 8 cells ``step`` cells away; atom-centred patches: the ``k`` nearest atoms):
 
-* **contrast** — the patch against its neighbours one lattice period away (grid: the 8 cells ``step`` cells away;
-  atom-centred patches: the ``k`` nearest atoms): ``‖(f − median of the neighbours' f) / scale‖`` with ``scale`` the
-  training patches' robust spread (1.4826 · MAD) of each feature. (Whitening the residual by its training
-  covariance instead was tried: with a few hundred training patches the estimated covariance flagged clean patches
-  of an untrained encoder that the per-feature scale left alone.)
-  A defect differs from its surroundings, whatever class the model gave it; a slow change (the film/substrate
-  interface, drift, a gradient in dose) does not. A patch at the frame's edge has fewer neighbours, so their median
-  is noisier (its variance ≈ π/2m of one patch's for m neighbours); its contrast is scaled down by
-  ``√((1 + π/2m) / (1 + π/2M))`` (M the full count) so edges are not flagged for being edges.
-* **density** — the Mahalanobis distance of ``f`` from the training patches' mean and covariance: a patch the encoder
-  never saw anything like.
+* **joint** (the default an export writes): the decoder's redrawing of the patch from its own posterior means
+  (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its per-pixel residual.
+  A defect is what the model did not learn to draw, and comparing with the neighbours cancels what the model draws
+  badly everywhere (a registration it never learnt, a dose gradient). The two parts are calibrated separately and
+  the larger normalised score is published.
+* **contrast / density / combined**: the encoder's outputs only — ``z_loc``, ``log z_scale``, the class logits less
+  their mean, ``(cos, sin)`` of the angle, the shift. ``contrast`` against the neighbours, ``density`` as the
+  Mahalanobis distance from the training encodings, ``combined`` the larger. Cheaper (no decoder at serving time).
 
-Both are **calibrated** on the training patches: ``threshold`` is their median + ``k`` (default ``TRAIN_K`` = 6)
-robust standard deviations (1.4826 · MAD). Robust, because the training scan holds defects too: a quantile would put
-the threshold among them (a 99.9 % quantile of a scan with 3 % defect patches flags nothing), while the median and
-MAD do not move for a few per cent of outliers; 6 of them keeps a clean frame quiet (measured on the demo's clean
-scans). ``train_share_over`` records which share of the training patches the threshold flags. The published score is
-``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1), monotone in the raw score, and 0.5 exactly at the
-calibrated threshold (the service's default ``defect_threshold``). ``combined`` takes the larger of the two
-normalised scores. ``NoveltyStats`` carries all of it in the manifest (``Manifest.novelty``); the exporter computes it
-from the training patches (``exporters.calibrate``).
-Measured (benchmarks/real_data.py, docs/real-data.md): contrast finds the demo lattice's point defects (AUC
-0.998–1.000 at five seeds) where density does not (0.55–0.92: a scan with a few per cent of defects teaches the
-encoder's distribution its defects too, and density moves with the lattice's registration on the patch grid); on the
-real MoS₂ dopants density (0.987) and combined (0.960) beat contrast (0.909). Contrast is the default; the exporter
-can write another kind.
+**contrast** of features ``f`` is ``‖(f − median of the neighbours' f) / scale‖`` with ``scale`` the training
+patches' robust spread (1.4826 · MAD) of each feature. (Whitening the residual by its training covariance instead
+was tried: with a few hundred training patches the estimated covariance flagged clean patches of an untrained
+encoder that the per-feature scale left alone.) A slow change (the film/substrate interface, drift, a gradient in
+dose) does not stand out against its neighbours; a defect does. A patch at the frame's edge has fewer neighbours,
+so their median is noisier (its variance ≈ π/2m of one patch's for m neighbours); its contrast is scaled down by
+``√((1 + π/2m) / (1 + π/2M))`` (M the full count) so edges are not flagged for being edges.
+
+Every score is **calibrated** on the training patches: ``threshold`` is their median + ``k`` (default ``TRAIN_K`` =
+6) robust standard deviations (1.4826 · MAD). Robust, because the training scan holds defects too: a quantile would
+put the threshold among them (a 99.9 % quantile of a scan with 3 % defect patches flags nothing), while the median
+and MAD do not move for a few per cent of outliers. ``train_share_over`` records which share of the training
+patches the threshold flags. The published score is ``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1),
+monotone in the raw score, and 0.5 exactly at the calibrated threshold (the service's default
+``defect_threshold``). ``NoveltyStats`` carries all of it in the manifest (``Manifest.novelty``); the exporter
+computes it from the training patches (``exporters.calibrate``).
+
+Why joint leaves the encoder's outputs out: they carry the patch's pose (shift, angle), which moves with the
+scan's drift — on defect-free demo scans of a second sample the encoder contrast flagged 39–51 patches of 768 at
+two of three seeds, the redrawing none. Measured (benchmarks/real_data.py, docs/real-data.md has the table).
 """
 
 from __future__ import annotations
@@ -242,9 +245,7 @@ class NoveltyStats(BaseModel):
                     "redrawing); re-export the artifact"
                 )
             assert parts is not None
-            for part in self.parts:
-                c = np.maximum(c, part.normalised(parts[part.source], neighbours))
-            return c
+            return np.maximum.reduce([part.normalised(parts[part.source], neighbours) for part in self.parts])
         d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
         return d if self.kind == "density" else np.maximum(c, d)
 
@@ -296,7 +297,7 @@ def fit_novelty(
         if missing:
             raise ValueError(f"kind 'joint' needs the reconstruction parts {missing} of the training patches")
         assert parts is not None
-        flagged = c >= tc
+        flagged = np.zeros(f.shape[0], bool)
         for source in _PART_OUTPUT:
             pf = np.asarray(parts[source], np.float64)
             p_scale = _robust_scale(pf)

@@ -235,8 +235,8 @@ class Defect(BaseModel):
     kind: Literal["class", "contrast", "density", "combined", "joint"] = Field(
         "class",
         description="what the score is: the defect classes' probability, or the calibrated novelty score "
-        "(streamer.maps.novelty) of that kind (joint: the encoder's outputs and the decoder's redrawing of the patch "
-        "against the neighbours'); 0.5 is its calibrated threshold",
+        "(streamer.maps.novelty) of that kind (joint: the decoder's redrawing of the patch against the "
+        "neighbours'); 0.5 is its calibrated threshold",
     )
 
 
