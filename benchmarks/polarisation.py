@@ -148,9 +148,10 @@ def displacement_figure(frame: np.ndarray, centres: np.ndarray, measured: Displa
         on_b = s & ~measured.on_a
         ax.plot(centres[on_b, 1], centres[on_b, 0], "r.", ms=3)
         ax.set(xlim=(x0, x1), ylim=(h, 0), xlabel="x (px)", ylabel="y (px)")
-        ax.quiverkey(arrows, 0.9, -0.16, 1.0, "1 px displacement", labelpos="W", coordinates="axes")
+        ax.quiverkey(arrows, 0.93, 0.05, 1.0, "1 px", labelpos="W", coordinates="axes", color="w", labelcolor="w")
         fig.colorbar(arrows, ax=ax, label="|displacement| (px)", fraction=0.02)
-    fig.suptitle("B-column displacement inside the A cell (2-D Gaussian fits; arrows ×12; red dot: centred on B)")
+    note = " red dot: measured on a B column;" if (measured.ok & ~measured.on_a).any() else ""
+    fig.suptitle(f"B-column displacement inside the A cell (2-D Gaussian fits; arrows ×12;{note} colour: length)")
     return fig
 
 

@@ -52,3 +52,14 @@ def test_the_brighter_sublattice_is_a_wherever_the_walk_starts() -> None:
         first_a = bool(np.all(a == columns[0], axis=1).any())
         assert is_a.sum() == len(a) and bool(is_a[0]) == first_a
         assert abs(spacing - 24.0) < 0.5
+
+
+def test_the_figure_draws_one_arrow_per_sound_measurement(tmp_path: Path) -> None:
+    a, b = perovskite(SHAPE, 24.0, np.array([0.4, 0.0]), seed=2)
+    frame = render(SHAPE, a, b, noise=0.005)
+    measured = polarisation.b_displacement(frame, np.concatenate([a, b]), _interior(a))
+    fig = polarisation.displacement_figure(frame, _interior(a), measured, strips=2)
+    arrows = [c for ax in fig.axes for c in ax.collections if type(c).__name__ == "Quiver"]
+    assert len(arrows) == 2 and sum(len(q.U) for q in arrows) == int(measured.ok.sum()) > 0
+    fig.savefig(tmp_path / "field.png")
+    assert (tmp_path / "field.png").stat().st_size > 0
