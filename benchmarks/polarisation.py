@@ -36,7 +36,15 @@ if str(_ROOT) not in sys.path:
 
 from models.column_fit import fit_columns  # noqa: E402
 
-__all__ = ["Displacement", "a_sublattice", "b_displacement", "cell_centres", "displacement_figure", "main"]
+__all__ = [
+    "Displacement",
+    "a_sublattice",
+    "b_displacement",
+    "cell_centres",
+    "displacement_figure",
+    "main",
+    "neighbour_agreement",
+]
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,21 @@ def b_displacement(frame: np.ndarray, columns: np.ndarray, centres: np.ndarray) 
         (d4_a < 0.85 * spacing).all(axis=1) & ok_b[ib] & ok_a[i4_a].all(axis=1),
     ) & (np.minimum(da, db) < 0.25 * spacing)
     return Displacement(vector=vector, ok=ok, on_a=on_a, a=fa[ok_a], b=fb[ok_b])
+
+
+def neighbour_agreement(centres: np.ndarray, vector: np.ndarray, radius: float) -> tuple[float, float]:
+    """Pearson R (dy, dx) between each measurement and the mean of the others within ``radius``: how smooth the
+    measured field is. A polarisation field varies over domains, many cells wide; fit noise is independent from cell
+    to cell and gives R near 0. Centres without a neighbour are left out."""
+    groups = cKDTree(centres).query_ball_point(centres, radius)
+    pairs = [(i, [j for j in g if j != i]) for i, g in enumerate(groups)]
+    pairs = [(i, others) for i, others in pairs if others]
+    if len(pairs) < 3:
+        return float("nan"), float("nan")
+    own = vector[[i for i, _ in pairs]]
+    around = np.array([vector[others].mean(axis=0) for _, others in pairs])
+    r = [float(np.corrcoef(own[:, k], around[:, k])[0, 1]) for k in range(2)]
+    return r[0], r[1]
 
 
 def displacement_figure(frame: np.ndarray, centres: np.ndarray, measured: Displacement, *, strips: int = 3) -> Any:

@@ -47,7 +47,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from polarisation import b_displacement  # noqa: E402
+from polarisation import b_displacement, neighbour_agreement  # noqa: E402
 
 from atomstream.cli import build_parser  # noqa: E402
 from atomstream.cli.train import DEFAULT_BUDGET_S, run_config  # noqa: E402
@@ -384,6 +384,11 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     )
     case.other["B displacement spread on A columns (px, std dy / dx)"] = (
         f"{disp.vector[on_a, 0].std():.2f} / {disp.vector[on_a, 1].std():.2f}" if on_a.any() else "n/a"
+    )
+    spacing = float(np.median(np.sort(np.hypot(*(centres[on_a, None] - centres[None, on_a]).T), axis=0)[1]))
+    smooth = neighbour_agreement(centres[on_a], disp.vector[on_a], 1.15 * spacing) if on_a.sum() > 3 else None
+    case.other["B displacement against its neighbours' mean (R dy / dx; noise gives 0)"] = (
+        f"{smooth[0]:.2f} / {smooth[1]:.2f}" if smooth else "n/a"
     )
     case.seconds = time.perf_counter() - t0
     case.figures = {"frame": frame, "maps": served.maps[0], "substrate": substrate}

@@ -63,3 +63,12 @@ def test_the_figure_draws_one_arrow_per_sound_measurement(tmp_path: Path) -> Non
     assert len(arrows) == 2 and sum(len(q.U) for q in arrows) == int(measured.ok.sum()) > 0
     fig.savefig(tmp_path / "field.png")
     assert (tmp_path / "field.png").stat().st_size > 0
+
+
+def test_neighbour_agreement_tells_a_smooth_field_from_noise() -> None:
+    ys, xs = np.meshgrid(np.arange(20.0), np.arange(20.0), indexing="ij")
+    centres = np.stack([ys.ravel(), xs.ravel()], axis=1) * 24.0
+    smooth = np.stack([np.sin(centres[:, 1] / 150.0), np.cos(centres[:, 0] / 120.0)], axis=1)
+    noise = np.random.default_rng(0).normal(size=smooth.shape)
+    assert min(polarisation.neighbour_agreement(centres, smooth, 30.0)) > 0.9
+    assert max(np.abs(polarisation.neighbour_agreement(centres, noise, 30.0))) < 0.2
