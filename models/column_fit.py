@@ -4,15 +4,19 @@ Why: a polarisation signal in a HAADF image (the B column's offset inside its A 
 is as small as the error of a peak finder's centre of mass, which is biased towards the brighter neighbours and
 rounded by the smoothing. A least-squares fit of
 
-    I(y, x) = a · exp(−((y − y₀)² + (x − x₀)²) / (2 s²)) + b₀ + b_y (y − ȳ) + b_x (x − x̄)
+    I(y, x) = a · exp(−((y − y₀)² + (x − x₀)²) / (2 s²)) + b
 
-to the pixels of a small square window around each column (the sloping background takes up the tails of the
-neighbouring columns) is the standard sub-pixel measurement of STEM column positions (Atomap, StatSTEM do the same).
+to the pixels of a small square window around each column is the standard sub-pixel measurement of STEM column
+positions (Atomap and StatSTEM do the same). The tails of the neighbouring columns are not left in the window as a
+bias (a bright A column pulls a dim B column's fit towards it by a tenth of a pixel): the fit is repeated over a few
+sweeps, each subtracting every other column's current Gaussian first — block coordinate descent on the sum of all
+the frame's Gaussians. (A sloping background plane in each window instead trades off against the position: on a
+rendered frame its 90th-percentile error was 0.09 px against 0.05 px for this.)
 
-The fit is Levenberg–Marquardt, batched: all N windows are one ``(N, P)`` array and each iteration solves N 7×7
-normal equations with one ``numpy.linalg.solve``, with a damping factor per column — a frame of a thousand columns
-takes well under a second, where a ``scipy.optimize.least_squares`` call per column takes seconds. A column whose fit
-leaves its window, or whose width or amplitude is absurd, is reported as not ``ok`` (its position then is the start).
+The fit is Levenberg–Marquardt, batched: all N windows are one ``(N, P)`` array and each iteration solves N 5×5
+normal equations with one ``numpy.linalg.solve``, with a damping factor per column — about a thousand columns take
+seconds on two cores, where a ``scipy.optimize.least_squares`` call per column and sweep would take minutes. A column
+whose fit leaves the middle of its window, or whose width or amplitude is absurd, is reported as not ``ok``.
 """
 
 from __future__ import annotations
@@ -98,11 +102,11 @@ def fit_columns(
 ) -> ColumnFit:
     """Fit one Gaussian on a constant in the ``(2 radius + 1)²`` window around each of ``centres`` (N, 2) (y, x).
 
-    The neighbours are not left in the window as a bias: each of ``sweeps`` rounds subtracts every other column's
-    current Gaussian (rendered over ±3.5 s) from the window before fitting (block coordinate descent on the sum of
-    all the Gaussians, as StatSTEM fits a whole frame), so the tails of a bright A column do not pull a dim B column
-    towards it. ``sigma`` is the starting width in pixels; ``radius`` should hold the column and little more (about
-    0.35 of the nearest-neighbour distance). The frame's intensity scale does not matter."""
+    After a first fit of each window alone, each of ``sweeps`` rounds subtracts every other column's current
+    Gaussian (drawn over ±3.5 of its widest allowed s) from the window before fitting again (module docstring).
+    ``sigma`` is the starting width in pixels (fits range from 0.3 px to the larger of twice it and ``radius``);
+    ``radius`` should hold the column and little more (about 0.3 of the column spacing). The frame's intensity scale
+    does not matter."""
     frame = np.asarray(frame, np.float64)
     centres = np.asarray(centres, np.float64).reshape(-1, 2)
     if frame.ndim != 2:
@@ -131,12 +135,11 @@ def fit_columns(
     near = inside & ((gy[None] - p[:, 0:1]) ** 2 + (gx[None] - p[:, 1:2]) ** 2 <= 1.5)
     p[:, 3] = np.maximum(np.where(near, values, 0).sum(1) / np.maximum(near.sum(1), 1) - p[:, 4], 1e-3)
     for sweep in range(sweeps + 1):
-        others = np.zeros(0)
-        if sweep:  # every column's Gaussian on the frame, less the column's own in its window
+        target = values
+        if sweep:  # less every column's Gaussian on the frame but the column's own in its window
             rendered = np.zeros_like(image)
             np.add.at(rendered, r_flat[r_inside], _gaussian(p, ry, rx)[r_inside])
-            others = rendered[flat] - _gaussian(p, gy, gx)
-        target = values - others if sweep else values
+            target = values - (rendered[flat] - _gaussian(p, gy, gx))
         p = _levenberg_marquardt(p, target, weight, gy, gx, iterations=iterations, max_sigma=max_sigma, radius=radius)
     on_frame = (pix >= 0).all(axis=1) & (pix < np.array(frame.shape)).all(axis=1)
     sane = (p[:, 2] > 0.3) & (p[:, 2] < max_sigma) & (p[:, 3] > 0)  # a width at its bounds fitted something else
