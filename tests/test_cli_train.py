@@ -195,3 +195,28 @@ def test_scan_grid_run_encodes_positions_and_maps(
     assert "--frame 5" in _error_line(
         capsys, ["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig"), "--frame", "5"]
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "fft", "flags", "translation"),
+    [
+        ("atoms", "none", [], False),  # the finder centred the patch: what is left to move is the signal
+        ("grid", "logmag", [], False),  # an FFT magnitude is translation-invariant
+        ("grid", "none", [], True),
+        ("stack", "none", [], True),
+        ("atoms", "none", ["--translation"], True),  # an explicit flag wins
+        ("grid", "none", ["--no-translation"], False),
+    ],
+)
+def test_the_translation_latent_is_off_by_default_for_atom_centred_and_fft_patches(
+    kind: str, fft: str, flags: list[str], translation: bool
+) -> None:
+    from atomstream.cli import build_parser
+    from atomstream.cli.train import run_config
+    from models.config import DataConfig
+    from streamer.maps.preprocess import Preprocessing
+
+    data = DataConfig(kind=kind, preprocessing=Preprocessing(fft=fft))  # type: ignore[arg-type]
+    args = build_parser().parse_args(["train", "--data", "x.npy", "--out", "run", *flags])
+    run = run_config(args, data)
+    assert run.model.translation is translation and run.model.rotation

@@ -19,6 +19,7 @@ from atomstream.cli._flags import config_flag, from_config, in_flags
 __all__ = [
     "DEFAULT_BUDGET_S",
     "ENCODE_FLAGS",
+    "default_translation",
     "encode_with_flags",
     "open_run",
     "read_patches",
@@ -61,7 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flag(model, "--classes", type=int, where=_MODEL, field="n_classes", help="K classes (0: no class latent)")
     config_flag(model, "--latent", type=int, where=_MODEL, field="latent_dim", help="dimension of the continuous z")
     model.add_argument("--no-rotation", action="store_true", help="drop the rotation latent γ")
-    model.add_argument("--no-translation", action="store_true", help="drop the translation latent s")
+    model.add_argument(
+        "--translation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the translation latent s (default: on for stacks and grid patches; off for --atoms and --fft patches, "
+        "as in the paper: an atom-centred patch has no translation to undo, and s would take the central column's "
+        "displacement, the polarisation signal; a centred FFT magnitude has none to undo either)",
+    )
     model.add_argument(
         "--hidden", type=int, default=None, help="one width for every hidden layer (default: the two flags below)"
     )
@@ -275,6 +283,13 @@ _ALL_FLAGS = {
 }
 
 
+def default_translation(data: Any) -> bool:
+    """Whether a model on ``data``'s patches gets the translation latent when ``--translation`` is not given: not for
+    atom-centred patches (the finder already centred them, sub-pixel; what is left to move is the signal) nor for
+    FFT magnitudes (translation-invariant by construction) — the paper turns it off for both."""
+    return data.kind != "atoms" and data.preprocessing.fft == "none"
+
+
 def run_config(args: argparse.Namespace, data: Any) -> Any:
     """The ``RunConfig`` of the flags given; everything not given is the configs' default (public: the real-data
     benchmark trains with exactly this recipe)."""
@@ -288,10 +303,9 @@ def run_config(args: argparse.Namespace, data: Any) -> Any:
     if args.beta2_start is not None:
         train["annealing"] = Annealing(beta2_start=args.beta2_start)
     run = {"name": args.name} if args.name is not None else {}
+    translation = default_translation(data) if args.translation is None else args.translation
     return RunConfig(
-        model=ModelConfig(
-            patch=data.patch, rotation=not args.no_rotation, translation=not args.no_translation, **model
-        ),
+        model=ModelConfig(patch=data.patch, rotation=not args.no_rotation, translation=translation, **model),
         train=TrainConfig(likelihood_threads=training_threads(args.threads), progress=not args.no_progress, **train),
         data=data,
         **run,

@@ -1,0 +1,74 @@
+"""``benchmarks/polarisation.py``: the B-inside-A displacement on perovskite frames rendered with a known one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from perovskite_image import perovskite, render
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import polarisation
+
+SHAPE = (150, 200)
+
+
+def _truth(a: np.ndarray, b: np.ndarray, centre: np.ndarray, on_a: bool) -> np.ndarray:
+    """The module's definition on the true columns: 4 nearest B around an A, or B less its 4 nearest A."""
+    if on_a:
+        near = b[np.argsort(np.hypot(*(b - centre).T))[:4]]
+        return near.mean(axis=0) - centre
+    return centre - a[np.argsort(np.hypot(*(a - centre).T))[:4]].mean(axis=0)
+
+
+def _interior(p: np.ndarray) -> np.ndarray:
+    return p[(p > 30).all(axis=1) & (p < np.array(SHAPE) - 30).all(axis=1)]
+
+
+def test_recovers_the_displacement_on_either_sublattice_with_a_third_of_the_b_columns_missed() -> None:
+    rng = np.random.default_rng(0)
+    a, b = perovskite(SHAPE, 24.0, np.array([0.5, -0.3]), seed=0)
+    b = b + rng.normal(0.0, 0.3, b.shape)  # a polarisation that varies from cell to cell
+    frame = render(SHAPE, a, b, noise=0.005)
+    found_b = b[rng.random(len(b)) > 0.33]  # a finder that misses dim B columns ...
+    columns = np.concatenate([a, found_b]) + rng.uniform(-0.8, 0.8, (len(a) + len(found_b), 2))  # ... coarsely
+    centres = np.concatenate([_interior(a), _interior(found_b)])
+    n_a = len(_interior(a))
+    got = polarisation.b_displacement(frame, columns, centres + rng.uniform(-0.5, 0.5, centres.shape))
+    assert got.on_a[:n_a].all() and not got.on_a[n_a:].any()
+    assert got.ok.all()
+    truth = np.array([_truth(a, b, c, i < n_a) for i, c in enumerate(centres)])
+    assert np.abs(got.vector - truth).max() < 0.05
+    assert np.corrcoef(got.vector[:, 0], truth[:, 0])[0, 1] > 0.99
+
+
+def test_the_brighter_sublattice_is_a_wherever_the_walk_starts() -> None:
+    a, b = perovskite(SHAPE, 24.0, 0.0, seed=1)
+    frame = render(SHAPE, a, b, noise=0.005)
+    for columns in (np.concatenate([a, b]), np.concatenate([b, a])):
+        is_a, spacing = polarisation.a_sublattice(frame, columns)
+        first_a = bool(np.all(a == columns[0], axis=1).any())
+        assert is_a.sum() == len(a) and bool(is_a[0]) == first_a
+        assert abs(spacing - 24.0) < 0.5
+
+
+def test_the_figure_draws_one_arrow_per_sound_measurement(tmp_path: Path) -> None:
+    a, b = perovskite(SHAPE, 24.0, np.array([0.4, 0.0]), seed=2)
+    frame = render(SHAPE, a, b, noise=0.005)
+    measured = polarisation.b_displacement(frame, np.concatenate([a, b]), _interior(a))
+    fig = polarisation.displacement_figure(frame, _interior(a), measured, strips=2)
+    arrows = [c for ax in fig.axes for c in ax.collections if type(c).__name__ == "Quiver"]
+    assert len(arrows) == 2 and sum(len(q.U) for q in arrows) == int(measured.ok.sum()) > 0
+    fig.savefig(tmp_path / "field.png")
+    assert (tmp_path / "field.png").stat().st_size > 0
+
+
+def test_neighbour_agreement_tells_a_smooth_field_from_noise() -> None:
+    ys, xs = np.meshgrid(np.arange(20.0), np.arange(20.0), indexing="ij")
+    centres = np.stack([ys.ravel(), xs.ravel()], axis=1) * 24.0
+    smooth = np.stack([np.sin(centres[:, 1] / 150.0), np.cos(centres[:, 0] / 120.0)], axis=1)
+    noise = np.random.default_rng(0).normal(size=smooth.shape)
+    assert min(polarisation.neighbour_agreement(centres, smooth, 30.0)) > 0.9
+    assert max(np.abs(polarisation.neighbour_agreement(centres, noise, 30.0))) < 0.2
