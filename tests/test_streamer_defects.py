@@ -190,6 +190,29 @@ def test_calibrated_score_is_robust_to_defects_in_training_and_clean_frames_stay
     assert novelty_score(odd, nb, stats)[100] > 0.8  # far over the threshold (0.5)
 
 
+def test_a_frame_unlike_training_publishes_what_stands_out_in_it_not_a_flood() -> None:
+    """The frame's own bar: noisier everywhere (another region, another contrast) raises the bar, not the count."""
+    nb = grid_neighbours((30, 30), 1)
+    train = np.concatenate([_lattice_features(30, 30, seed=s) for s in range(4)])
+    nb_train = np.concatenate([np.where(nb >= 0, nb + 900 * s, -1) for s in range(4)])
+    stats = fit_novelty(train, nb_train, kind="contrast")
+    noisy = _lattice_features(30, 30, seed=9) + np.random.default_rng(1).normal(0, 0.3, (900, 5))
+    noisy[100] += 4.0  # one patch that stands out even here
+    scale = np.asarray(stats.scale)
+    raw = contrast(noisy, nb, scale) / stats.contrast_threshold
+    assert (raw >= 1).mean() > 0.3  # against the training bar alone a third of the frame would be "defects"
+    score = novelty_score(noisy, nb, stats)
+    assert (score >= 0.5).mean() < 0.02 and score[100] >= 0.5
+    # a frame like training keeps the calibrated threshold (its own bar is lower)
+    clean = _lattice_features(30, 30, seed=9)
+    plain = _published(contrast(clean, nb, scale) / stats.contrast_threshold)
+    assert np.allclose(novelty_score(clean, nb, stats), plain)
+
+
+def _published(s: np.ndarray) -> np.ndarray:
+    return (s / (1 + s)).astype(np.float32)
+
+
 def test_point_neighbours_are_the_nearest_others_and_pad_when_few() -> None:
     pts = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
     assert point_neighbours(pts, 1).ravel().tolist() == [1, 0, 1]
