@@ -1,9 +1,9 @@
 """The defect score's training statistics and calibration, computed from the training patches at export.
 
-Serving scores a patch by how unlike its neighbours (and the training patches) its encoder outputs are
-(``streamer.maps.novelty``); what "unlike" means — the features' spread, their covariance, the threshold about one
-training patch in a thousand exceeds — comes from here and travels in the manifest. The features are computed from
-the inference wrapper's outputs, the very tensors the exported encoder gives the server.
+Serving scores a patch by how unlike its neighbours its outputs are — by default the decoder's redrawing of it
+(kind ``joint``), or the encoder's outputs (``streamer.maps.novelty``); what "unlike" means — the features' spread,
+their covariance, the calibrated thresholds — comes from here and travels in the manifest. The features are computed
+from the inference wrapper's outputs, the very tensors the exported graph gives the server.
 
 For grid patches the neighbour distance (``grid_step``, in grid cells) is chosen here too: the smallest step whose
 patches do not overlap (a defect must not be compared with patches that hold it too), or up to three cells more when
