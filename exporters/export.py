@@ -17,9 +17,10 @@ import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from exporters.quiet import quiet_export_warnings
 from exporters.verify import check_parity
@@ -58,6 +59,9 @@ MAX_OPSET = 20  # the newest opset torch's TorchScript-based ONNX exporter write
 _EXAMPLE_BATCH = 2
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 class ExportError(Exception):
     """An export that cannot be made as asked (bad opset, bad defect classes, unwritable directory)."""
 
@@ -75,16 +79,18 @@ def latent_layout(cfg: ModelConfig, *, reconstruction: bool = False) -> LatentLa
 def build_wrapper(model: JTrVAE, *, fp16: bool = False, reconstruction: bool = False) -> InferenceWrapper:
     """A CPU, eval-mode copy of the model's encoder network (and, with ``reconstruction``, its decoder), wrapped;
     the model itself is left untouched. The decoder stays float32 in an fp16 export (``models.reconstruction``)."""
-    encoder = copy.deepcopy(model.encoder).to("cpu", torch.float16 if fp16 else torch.float32).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    redraw = None
-    if reconstruction:
-        redraw = copy.deepcopy(redraw_of(model)).to("cpu", torch.float32).eval()
-        for p in redraw.parameters():
-            p.requires_grad_(False)
+    encoder = _frozen_cpu_copy(model.encoder, torch.float16 if fp16 else torch.float32)
+    redraw = _frozen_cpu_copy(redraw_of(model), torch.float32) if reconstruction else None
     layout = latent_layout(model.cfg, reconstruction=reconstruction)
     return InferenceWrapper(encoder, layout, tuple(model.cfg.patch), fp16=fp16, redraw=redraw).eval()
+
+
+def _frozen_cpu_copy(module: ModuleT, dtype: torch.dtype) -> ModuleT:
+    """An eval-mode CPU copy in ``dtype`` with no gradients, leaving ``module`` as it was."""
+    out = copy.deepcopy(module).to("cpu", dtype).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
 
 
 def _example(wrapper: InferenceWrapper) -> Tensor:

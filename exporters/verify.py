@@ -25,7 +25,7 @@ from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import ParityReference
 from models.config import RunConfig
 from models.data import DataError, patches_from_config
-from streamer.maps.manifest import INPUT_NAME, LOOSER_OUTPUTS, BackendParity, LatentLayout, Parity, expected_outputs
+from streamer.maps.manifest import INPUT_NAME, BackendParity, LatentLayout, Parity, expected_outputs, output_bound
 
 __all__ = [
     "FP16_MIN_ARGMAX_AGREEMENT",
@@ -92,7 +92,7 @@ def _max_abs_diff(name: str, got: Tensor, want: Tensor) -> float:
     diff = got.to(torch.float64) - want.to(torch.float64)
     if name == "angle":
         diff = torch.remainder(diff + math.pi, 2 * math.pi) - math.pi
-    if name == "recon_nll":  # a sum over every pixel, hundreds of nats: relative to its size (LOOSER_OUTPUTS)
+    if name == "recon_nll":  # a sum over every pixel, hundreds of nats: relative to its size (manifest.LOOSER_OUTPUTS)
         diff = diff / want.to(torch.float64).abs().clamp_min(1.0)
     if not bool(torch.isfinite(diff).all()):
         return math.inf
@@ -109,7 +109,7 @@ def _compare(
     if "class_prob" in ref:
         g = got[names.index("class_prob")]
         agreement = float((g.argmax(dim=-1) == ref["class_prob"].argmax(dim=-1)).to(torch.float64).mean())
-    within = all(d <= tolerance * LOOSER_OUTPUTS.get(name, 1.0) for name, d in diffs.items())
+    within = all(d <= output_bound(name, tolerance) for name, d in diffs.items())
     passed = within and (agreement is None or agreement >= min_agreement)
     return BackendParity(
         backend=backend,  # type: ignore[arg-type]

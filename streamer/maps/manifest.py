@@ -44,6 +44,7 @@ __all__ = [
     "check_files",
     "check_parity",
     "expected_outputs",
+    "output_bound",
     "read_manifest",
     "read_manifest_and_identity",
     "sha256_file",
@@ -73,6 +74,12 @@ OUTPUT_ORDER: tuple[str, ...] = (
 #: amplifies the angle's own rounding between backends (1e-4 rad) by the image's gradient — tens of nats per
 #: radian summed over the pixels — so ``recon_nll`` is compared relative to its size and both at 10× the tolerance.
 LOOSER_OUTPUTS: dict[str, float] = {"recon_nll": 10.0, "recon_residual": 10.0}
+
+
+def output_bound(name: str, tolerance: float) -> float:
+    """The largest difference output ``name`` may show at parity ``tolerance``: the exporter and the loader both ask."""
+    return tolerance * LOOSER_OUTPUTS.get(name, 1.0)
+
 
 _HASH_CHUNK = 1 << 20
 #: A manifest is a few kilobytes; a "manifest" of gigabytes is an attack on the loader, refused before it is read.
@@ -146,8 +153,7 @@ class BackendParity(_Frozen):
     passed: bool
 
     def bound(self, name: str) -> float:
-        """The largest difference output ``name`` may show: ``tolerance``, or ``LOOSER_OUTPUTS`` times it."""
-        return self.tolerance * LOOSER_OUTPUTS.get(name, 1.0)
+        return output_bound(name, self.tolerance)
 
 
 class Parity(_Frozen):

@@ -237,9 +237,6 @@ class NoveltyStats(BaseModel):
                 f"the encoder gives {features.shape[1]} features but the manifest's novelty statistics have "
                 f"{self.n_features}; re-export the artifact"
             )
-        c = contrast(features, neighbours, np.asarray(self.scale)) / self.contrast_threshold
-        if self.kind == "contrast":
-            return c
         if self.kind == "joint":
             missing = [p.source for p in self.parts if p.source not in (parts or {})]
             if missing:
@@ -249,8 +246,15 @@ class NoveltyStats(BaseModel):
                 )
             assert parts is not None
             return np.maximum.reduce([part.normalised(parts[part.source], neighbours) for part in self.parts])
-        d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
-        return d if self.kind == "density" else np.maximum(c, d)
+        # each kind computes only what it reads: this runs on every frame the service scores
+        c = d = None
+        if self.kind in ("contrast", "combined"):
+            c = contrast(features, neighbours, np.asarray(self.scale)) / self.contrast_threshold
+        if self.kind in ("density", "combined"):
+            d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
+        if c is None or d is None:
+            return c if d is None else d
+        return np.maximum(c, d)
 
 
 def _robust(values: np.ndarray) -> tuple[float, float]:
@@ -285,10 +289,10 @@ def fit_novelty(
     cov = np.atleast_2d(np.cov(f, rowvar=False))
     cov += np.eye(cov.shape[0]) * (1e-6 + 1e-6 * float(np.trace(cov)) / cov.shape[0])
     precision = np.linalg.pinv(cov)
-    scale = _robust_scale(f)
-    c, d = contrast(f, neighbours, scale), density(f, mean, precision)
-    (cm, cs), (dm, ds) = _robust(c), _robust(d)
-    tc, td = _threshold(cm, cs, k), _threshold(dm, ds, k)
+    scale, c, (cm, cs, tc) = _calibrated_contrast(f, neighbours, k)
+    d = density(f, mean, precision)
+    dm, ds = _robust(d)
+    td = _threshold(dm, ds, k)
     over = {
         "contrast": float(np.mean(c >= tc)),
         "density": float(np.mean(d >= td)),
@@ -302,11 +306,7 @@ def fit_novelty(
         assert parts is not None
         flagged = np.zeros(f.shape[0], bool)
         for source in _PART_OUTPUT:
-            pf = np.asarray(parts[source], np.float64)
-            p_scale = _robust_scale(pf)
-            pc = contrast(pf, neighbours, p_scale)
-            pm, ps = _robust(pc)
-            pt = _threshold(pm, ps, k)
+            p_scale, pc, (pm, ps, pt) = _calibrated_contrast(np.asarray(parts[source], np.float64), neighbours, k)
             flagged |= pc >= pt
             fitted.append(
                 PartStats(
@@ -340,6 +340,17 @@ def fit_novelty(
     )
 
 
+def _calibrated_contrast(
+    f: np.ndarray, neighbours: np.ndarray, k: float
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """One feature family's contrast calibration on the training patches: its per-feature scale, the training
+    contrasts, and their (median, robust sd, threshold) — the same for the encoder's features and each part."""
+    scale = _robust_scale(f)
+    c = contrast(f, neighbours, scale)
+    med, sd = _robust(c)
+    return scale, c, (med, sd, _threshold(med, sd, k))
+
+
 def _robust_scale(f: np.ndarray) -> np.ndarray:
     """Each feature's robust spread (1.4826 · MAD), floored at a tenth of its standard deviation."""
     scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
@@ -371,12 +382,16 @@ def novelty_score(
     if stats is not None:
         s = stats.normalised(f, neighbours, parts)
         if s.size >= FRAME_MIN_PATCHES:
-            med = float(np.median(s))
-            s = s / max(1.0, med + FRAME_K * _MAD_TO_SIGMA * float(np.median(np.abs(s - med))))
+            s = s / max(1.0, _frame_bar(s))
     elif f.shape[0] == 0:
         s = np.zeros(0)
     else:
         c = contrast(f, neighbours, _robust_scale(f))
-        med = float(np.median(c))
-        s = c / max(med + FRAME_K * _MAD_TO_SIGMA * float(np.median(np.abs(c - med))), _FLOOR)
+        s = c / max(_frame_bar(c), _FLOOR)
     return (s / (1.0 + s)).astype(np.float32)
+
+
+def _frame_bar(scores: np.ndarray) -> float:
+    """The frame's own bar: its median + ``FRAME_K`` robust standard deviations of ``scores``."""
+    med, sd = _robust(scores)
+    return med + FRAME_K * sd
