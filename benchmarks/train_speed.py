@@ -35,7 +35,7 @@ from pyroved_import import import_pyroved
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.fused_likelihood import pixel_log_likelihood
+from models.fused_likelihood import native_bfloat16, pixel_log_likelihood
 from models.jtrvae import JTrVAE
 from models.likelihood_path import likelihood_path
 from models.nets import CoordDecoder
@@ -67,7 +67,7 @@ def _fresh_store_step(step: Callable[[], float]) -> float:
     return step()
 
 
-def ours_step(x: torch.Tensor, lr: float, device: str = "cpu") -> Callable[[], float]:
+def ours_step(x: torch.Tensor, lr: float, device: str = "cpu", matmul: str = "full") -> Callable[[], float]:
     cfg = ModelConfig(
         patch=tuple(x.shape[-2:]),
         n_classes=K,
@@ -81,6 +81,7 @@ def ours_step(x: torch.Tensor, lr: float, device: str = "cpu") -> Callable[[], f
     # the decoder's likelihood chunks side by side on as many threads as torch has (what the library did itself
     # before it stopped touching torch's thread count; pyroVED's side keeps torch's intra-op threads)
     model = JTrVAE(cfg, likelihood_threads=torch.get_num_threads()).to(device)
+    model.likelihood_matmul = matmul  # type: ignore[assignment]  # what fit sets from TrainConfig.decoder_matmul
     x = x.to(device)
     svi = SVI(model.model, model.guide, Adam({"lr": lr}), loss=make_elbo(model))
     beta = (1.0, 1.0, 1.0)
@@ -177,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--skip-pyroved", action="store_true")
     ap.add_argument("--devices", default="cpu", help="comma-separated devices for our rows: cpu, cuda")
+    ap.add_argument(
+        "--matmul",
+        default="full,bfloat16",
+        help="comma-separated precisions of the fused kernel's matmuls for our CPU rows: full, bfloat16 (TrainConfig."
+        "decoder_matmul; bfloat16 is skipped on a CPU without it natively)",
+    )
     ap.add_argument("--parity", action="store_true", help="check every likelihood path against the CPU kernel")
     ap.add_argument("--parity-tol", type=float, default=1e-4, help="largest relative difference that passes")
     args = ap.parse_args(argv)
@@ -196,10 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     steps: dict[str, Callable[[], float]] = {}
     notes: dict[str, str] = {}
-    ours = [f"{OURS} {d} {likelihood_path(d)}" for d in devices]
-    for name, device in zip(ours, devices, strict=True):
+    precisions = [m.strip() for m in args.matmul.split(",") if m.strip()]
+    if "bfloat16" in precisions and not native_bfloat16():
+        print("# bfloat16: skipped (this CPU has no native bfloat16; oneDNN would emulate it)")
+        precisions.remove("bfloat16")
+    variants = [(d, m) for d in devices for m in (precisions if likelihood_path(d) == "fused" else ["full"])]
+    ours = [f"{OURS} {d} {likelihood_path(d)}{' bf16' if m == 'bfloat16' else ''}" for d, m in variants]
+    for name, (device, matmul) in zip(ours, variants, strict=True):
         pyro.set_rng_seed(0)
-        steps[name] = ours_step(x, args.lr, device)
+        steps[name] = ours_step(x, args.lr, device, matmul)
     if args.skip_pyroved:
         notes[REF] = "skipped (--skip-pyroved)"
     else:

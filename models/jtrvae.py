@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
+from models.fused_likelihood import MatmulPrecision
 from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, MLPEncoder, posterior_means
 
 __all__ = ["CircularVonMises", "DecodedImage", "JTrVAE", "build_decoder", "build_encoder"]
@@ -95,9 +96,10 @@ class DecodedImage(dist.TorchDistribution):
         likelihood: str,
         gaussian_scale: float,
         threads: int = 1,
+        matmul: MatmulPrecision = "full",
     ) -> None:
         self.decoder, self.coords, self.z, self.onehot = decoder, coords, z, onehot
-        self.likelihood, self.gaussian_scale, self.threads = likelihood, gaussian_scale, threads
+        self.likelihood, self.gaussian_scale, self.threads, self.matmul = likelihood, gaussian_scale, threads, matmul
         lead = torch.broadcast_shapes(z.shape[:-1], () if onehot is None else onehot.shape[:-1], coords.shape[:-2])
         super().__init__(lead, coords.shape[-2:-1], validate_args=False)
 
@@ -113,6 +115,7 @@ class DecodedImage(dist.TorchDistribution):
             likelihood=self.likelihood,
             gaussian_scale=self.gaussian_scale,
             threads=self.threads,
+            matmul=self.matmul,
         )
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
@@ -158,13 +161,15 @@ class JTrVAE(nn.Module):
     (``models.fused_likelihood``); it is a setting of the machine, not of the model, so it is not saved with it.
     ``pixel_fraction`` < 1 scores a random subset of the pixels per step while in training mode (an unbiased,
     cheaper estimate of the reconstruction term: the decoder's cost is pixels × classes × hidden²); ``eval()`` and
-    everything after training score every pixel. Also a training setting, not saved.
+    everything after training score every pixel. Also a training setting, not saved. So is ``likelihood_matmul``,
+    the precision of the fused kernel's matmul operands (``models.fused_likelihood.MatmulPrecision``).
     """
 
     def __init__(self, cfg: ModelConfig, *, likelihood_threads: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
         self.likelihood_threads = likelihood_threads
+        self.likelihood_matmul: MatmulPrecision = "full"
         self.pixel_fraction = 1.0
         self.encoder = build_encoder(cfg)
         self.decoder = build_decoder(cfg)
@@ -206,7 +211,14 @@ class JTrVAE(nn.Module):
             grid, obs, weight = self._scored_pixels(x.reshape(b, -1))
             coords = rotate_shift_grid(grid.to(x.dtype), unit, shift)
             pixels = DecodedImage(
-                self.decoder, coords, z, onehot, cfg.likelihood, cfg.gaussian_scale, self.likelihood_threads
+                self.decoder,
+                coords,
+                z,
+                onehot,
+                cfg.likelihood,
+                cfg.gaussian_scale,
+                self.likelihood_threads,
+                self.likelihood_matmul if self.training else "full",  # validation and evaluation: full precision
             )
             with poutine.scale(scale=weight):
                 pyro.sample("x", pixels, obs=obs)  # batch (K, B) under enumeration: one decoder call

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused_likelihood import CHUNK_ROWS, coord_mlp_log_likelihood, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, MatmulPrecision, coord_mlp_log_likelihood, pixel_log_likelihood
 from models.likelihood_path import likelihood_path
 
 __all__ = [
@@ -363,9 +363,10 @@ class _AutogradLikelihood(nn.Module):
         likelihood: str,
         gaussian_scale: float,
         threads: int = 1,
+        matmul: MatmulPrecision = "full",
     ) -> Tensor:
-        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` is accepted for the coordinate
-        decoder's interface and unused (one autograd pass has no chunks to spread)."""
+        """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``; ``threads`` and ``matmul`` are accepted for the
+        coordinate decoder's interface and unused (one autograd pass has no chunks to spread)."""
         return pixel_log_likelihood(self(coords, z, y), x, likelihood, gaussian_scale).sum(-1)
 
 
@@ -415,13 +416,14 @@ class CoordDecoder(_AutogradLikelihood):
         gaussian_scale: float,
         threads: int = 1,
         chunk_rows: int = CHUNK_ROWS,
+        matmul: MatmulPrecision = "full",
     ) -> Tensor:
         """``Σ_p log p(x_p | decoder)`` per (…, image), ``(..., B)``, by the fused cache-sized kernel.
 
         Same value and gradients as ``pixel_log_likelihood(self(coords, z, y), x, ...).sum(-1)`` without
         materialising the ``(..., B, P, H)`` activations; ``threads`` and ``chunk_rows`` say how the work is cut and
-        spread (``models.fused_likelihood.coord_mlp_log_likelihood``). Off the CPU it is that autograd expression
-        itself (``models.likelihood_path``).
+        spread, ``matmul`` the precision of its matmul operands (``models.fused_likelihood.coord_mlp_log_likelihood``).
+        Off the CPU it is that autograd expression itself (``models.likelihood_path``).
         """
         if likelihood_path(coords.device) == "autograd":
             return super().log_likelihood(coords, z, y, x, likelihood=likelihood, gaussian_scale=gaussian_scale)
@@ -438,6 +440,7 @@ class CoordDecoder(_AutogradLikelihood):
             gaussian_scale=gaussian_scale,
             threads=threads,
             chunk_rows=chunk_rows,
+            matmul=matmul,
         )
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
 from models.config import ModelConfig, RunConfig, TrainConfig
 from models.evaluate import diagnose_classes, normalized_mutual_info
+from models.fused_likelihood import resolve_matmul
 from models.jtrvae import JTrVAE
 from models.shards import SingleProcess
 from models.warm_start import cluster_classes
@@ -93,10 +94,11 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 
 @torch.no_grad()
 def with_training_settings(model: JTrVAE, tc: TrainConfig) -> JTrVAE:
-    """``model`` with the two training settings ``JTrVAE`` does not read from its config (likelihood threads, pixel
-    share): ``fit`` and the budget planner's timed steps both go through here, so the step timed is the step
-    trained (the planner once timed one thread and used half its budget)."""
+    """``model`` with the training settings ``JTrVAE`` does not read from its config (likelihood threads and matmul
+    precision, pixel share): ``fit`` and the budget planner's timed steps both go through here, so the step timed
+    is the step trained (the planner once timed one thread and used half its budget)."""
     model.likelihood_threads = tc.likelihood_threads
+    model.likelihood_matmul = resolve_matmul(tc.decoder_matmul, getattr(torch, tc.dtype))
     model.pixel_fraction = tc.pixel_fraction
     return model
 

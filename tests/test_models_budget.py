@@ -14,9 +14,11 @@ def _run(**train: object) -> RunConfig:
     return RunConfig(model=model, train=TrainConfig(batch_size=8, progress=False, **train), data=DataConfig(source="x"))
 
 
-def test_the_timed_model_takes_fits_threads_and_pixel_share() -> None:
-    model = timing_model(_run(likelihood_threads=2, pixel_fraction=0.25))
+def test_the_timed_model_takes_fits_threads_matmul_precision_and_pixel_share() -> None:
+    model = timing_model(_run(likelihood_threads=2, pixel_fraction=0.25, decoder_matmul="bfloat16"))
     assert model.likelihood_threads == 2 and model.pixel_fraction == 0.25 and model.training
+    assert model.likelihood_matmul == "bfloat16"
+    assert timing_model(_run(decoder_matmul="full")).likelihood_matmul == "full"
 
 
 @pytest.mark.parametrize(("budget", "expected"), [(1e-6, 5), (1e9, 1000)])

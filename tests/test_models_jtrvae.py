@@ -246,3 +246,21 @@ def test_pixel_subsampled_likelihood_is_unbiased_and_only_while_training() -> No
     assert spread > 0  # the subsets really differ
     m.eval()
     assert scored()[1:] == (PATCH[0] * PATCH[1], 1.0)
+
+
+def test_bfloat16_matmuls_only_while_training() -> None:
+    """``likelihood_matmul`` is a training setting: validation, held-out ELBOs and evaluation score in full precision,
+    so restarts and runs are compared on the same arithmetic whatever each trained with."""
+    m = _tiny(2, True, False)
+    m.likelihood_matmul = "bfloat16"
+    x = torch.rand(3, *PATCH)
+    guide_tr = poutine.trace(poutine.enum(m.guide, first_available_dim=-2)).get_trace(x)
+
+    def matmul() -> str:
+        fn = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(x).nodes["x"]["fn"]
+        return getattr(fn, "base_dist", fn).matmul
+
+    m.train()
+    assert matmul() == "bfloat16"
+    m.eval()
+    assert matmul() == "full"

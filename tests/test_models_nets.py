@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.coords import pixel_grid, transform_grid
-from models.fused_likelihood import pixel_log_likelihood
+from models.fused_likelihood import native_bfloat16, pixel_log_likelihood, resolve_matmul
 from models.nets import BroadcastDecoder, ConvEncoder, CoordDecoder, DenseDecoder, InvariantFeatures, MLPEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,46 @@ def test_fused_log_likelihood_equals_autograd(likelihood: str, shared_grid: bool
     g_want = torch.autograd.grad((want * upstream).sum(), inputs)
     for a, w in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, w)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_bfloat16_matmuls_stay_within_about_one_percent_of_float64(likelihood: str) -> None:
+    """The bfloat16 path is an approximation: its value and every gradient (weights, coordinates, latent) are
+    compared in relative norm against float64 autograd, with chunks that split images and classes. A gradient
+    taken through the wrong operand or left in bfloat16 where it is summed over pixels misses by far more."""
+    torch.manual_seed(0)
+    dec = CoordDecoder(latent_dim=2, n_classes=3, hidden=(64, 64, 64))
+    b, p = 4, 400
+    coords = torch.rand(b, p, 2) * 2 - 1
+    z, y, x = torch.randn(b, 2), torch.eye(3).reshape(3, 1, 3), (torch.rand(b, p) > 0.6).float()
+    upstream = torch.randn(3, b)
+
+    def run(model: CoordDecoder, dtype: torch.dtype, matmul: str | None) -> list[torch.Tensor]:
+        c, lat = coords.to(dtype).requires_grad_(), z.to(dtype).requires_grad_()
+        xs, ys = x.to(dtype), y.to(dtype)
+        if matmul is None:
+            ll = pixel_log_likelihood(model(c, lat, ys), xs, likelihood, 0.3).sum(-1)
+        else:
+            ll = model.log_likelihood(c, lat, ys, xs, likelihood=likelihood, gaussian_scale=0.3, chunk_rows=700,
+                                      threads=2, matmul=matmul)  # fmt: skip
+        inputs = [c, lat, *model.parameters()]
+        return [ll.detach().double()] + [g.double() for g in torch.autograd.grad((ll * upstream).sum(), inputs)]
+
+    want = run(dec.double(), torch.float64, None)
+    got = run(dec.float(), torch.float32, "bfloat16")
+    full = run(dec, torch.float32, "full")
+    for g, f, w in zip(got, full, want, strict=True):
+        assert float((f - w).norm() / w.norm()) < 1e-5
+        assert float((g - w).norm() / w.norm()) < 1.5e-2
+    assert float((got[0] - want[0]).abs().max() / want[0].abs().max()) < 5e-4
+
+
+def test_matmul_precision_resolution() -> None:
+    assert resolve_matmul("auto", torch.float64) == "full"  # a float64 run asked for exact arithmetic
+    assert resolve_matmul("auto", torch.float32) == ("bfloat16" if native_bfloat16() else "full")
+    assert resolve_matmul("bfloat16", torch.float32) == "bfloat16"
+    with pytest.raises(ValueError, match="'half' is not one of auto, full, bfloat16"):
+        resolve_matmul("half", torch.float32)
 
 
 def test_fused_log_likelihood_without_grad_matches() -> None:

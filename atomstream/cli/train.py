@@ -121,6 +121,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     config_flag(
         opt,
+        "--decoder-matmul",
+        choices=("auto", "full", "bfloat16"),
+        where=_TRAIN,
+        field="decoder_matmul",
+        help="precision of the decoder's matmuls on the CPU (auto: bfloat16 where the CPU has it natively)",
+    )
+    config_flag(
+        opt,
         "--class-init",
         choices=("invariant_gmm", "random"),
         where=_TRAIN,
@@ -271,7 +279,18 @@ _MODEL_FLAGS = {
     "gaussian_scale": "gaussian_scale",
 }
 _TRAIN_FLAGS = {
-    n: n for n in ("epochs", "batch_size", "lr", "seed", "device", "val_fraction", "class_init", "pixel_fraction")
+    n: n
+    for n in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "device",
+        "val_fraction",
+        "class_init",
+        "pixel_fraction",
+        "decoder_matmul",
+    )
 }
 _ALL_FLAGS = {
     **_DATA_FLAGS,
