@@ -15,7 +15,13 @@ skipped with a line saying so. ``--parity`` checks, on the same weights and inpu
 log-likelihood and its gradients on every path against the CPU fused kernel (always including the autograd
 expression on the CPU), and exits 1 when one differs by more than ``--parity-tol`` (relative to the largest value).
 
+``--matmul full,bfloat16`` gives our CPU row once per precision of the fused kernel's matmul operands
+(``TrainConfig.decoder_matmul``; bfloat16 only where the CPU has it natively). ``--profile`` adds where each of those
+steps' time goes: the decoder's likelihood alone against the whole step, and its matmul GFLOP/s against the limit of
+this CPU on the same matmul shape and threads (what the ≥ 3× target has left to win, and where).
+
     python benchmarks/train_speed.py [--size 48] [--batch 32] [--steps 3] [--warmup 1] [--threads N]
+        [--matmul full,bfloat16] [--profile]
         [--devices cpu,cuda] [--parity] [--skip-pyroved]
 """
 
@@ -25,6 +31,7 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyro
@@ -35,7 +42,7 @@ from pyroved_import import import_pyroved
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.fused_likelihood import native_bfloat16, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, native_bfloat16, pixel_log_likelihood
 from models.jtrvae import JTrVAE
 from models.likelihood_path import likelihood_path
 from models.nets import CoordDecoder
@@ -111,10 +118,11 @@ def pyroved_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
     return lambda: _fresh_store_step(lambda: svi.step(x, scale_factor=[1.0, 1.0]))
 
 
-def likelihood_parity(size: int, devices: list[str], *, seed: int = 0) -> dict[str, float]:
+def likelihood_parity(size: int, devices: list[str], precisions: list[str], *, seed: int = 0) -> dict[str, float]:
     """Largest relative difference, over the summed log-likelihood per (class, image) and its gradient for every
     decoder weight, between each path and the CPU fused kernel, on the same weights and inputs (8 images of
-    ``size``², K classes enumerated, random rotations and shifts). ``cpu autograd`` is always among them."""
+    ``size``², K classes enumerated, random rotations and shifts). ``cpu autograd`` is always among them; so is the
+    CPU kernel on bfloat16 matmul operands when asked (an approximation, judged at its own tolerance)."""
     gen = torch.Generator().manual_seed(seed)
     decoder = CoordDecoder(latent_dim=D, n_classes=K, hidden=DECODER)
     images, _ = make_data(8, size, seed)
@@ -123,24 +131,104 @@ def likelihood_parity(size: int, devices: list[str], *, seed: int = 0) -> dict[s
     coords = rotate_shift_grid(pixel_grid(size, size), direction(angle), shift)
     z, y = torch.randn(8, D, generator=gen), torch.eye(K).reshape(K, 1, K)
 
-    def run(device: str, written_out: bool) -> list[torch.Tensor]:
+    def run(device: str, written_out: bool, matmul: str = "full") -> list[torch.Tensor]:
         dec = copy.deepcopy(decoder).to(device)
         args = [t.to(device) for t in (coords, z, y, x)]
         if written_out:  # the autograd expression the decoder runs off the CPU, written out so the CPU runs it too
             ll = pixel_log_likelihood(dec(*args[:3]), args[3], "bernoulli", 0.2).sum(-1)
         else:  # what training runs on that device: the path likelihood_path selects
-            ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2)
+            ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2, matmul=matmul)  # type: ignore[arg-type]
         grads = torch.autograd.grad(ll.sum(), list(dec.parameters()))
         return [t.detach().cpu() for t in (ll, *grads)]
 
     want = run("cpu", written_out=False)
+    paths = [("cpu", True, "full")] + [(d, False, "full") for d in devices if d != "cpu"]
+    paths += [("cpu", False, m) for m in precisions if m != "full"]
     out: dict[str, float] = {}
-    for device, written_out in [("cpu", True)] + [(d, False) for d in devices if d != "cpu"]:
-        got = run(device, written_out)
-        out[f"{device} {'autograd' if written_out else likelihood_path(device)}"] = max(
+    for device, written_out, matmul in paths:
+        got = run(device, written_out, matmul)
+        name = f"{device} {'autograd' if written_out else likelihood_path(device)}{' bf16' if matmul != 'full' else ''}"
+        out[name] = max(
             float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want, strict=True)
         )
     return out
+
+
+def matmul_limit(threads: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """GFLOP/s of this CPU on the kernel's own matmul shape (a ``CHUNK_ROWS``×256 block times 256×256), one block
+    per thread side by side as the kernel runs them: the ceiling a decoder step could reach in its matmuls."""
+    blocks = [(torch.randn(CHUNK_ROWS, 256).to(dtype), torch.randn(256, 256).to(dtype)) for _ in range(threads)]
+
+    def one(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(repeats):
+                torch.mm(*blocks[i])
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(one, range(threads)))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(one, range(threads)))
+        seconds = time.perf_counter() - t0
+    return 2 * CHUNK_ROWS * 256 * 256 * repeats * threads / seconds / 1e9
+
+
+def decoder_seconds(x: torch.Tensor, matmul: str, repeats: int = 2) -> float:
+    """Seconds of the decoder's likelihood alone (forward and backward, K classes enumerated, random transforms):
+    the share of a step the fused kernel takes; the rest is encoder, Pyro's bookkeeping and Adam."""
+    b, size = x.shape[0], x.shape[-1]
+    decoder = CoordDecoder(latent_dim=D, n_classes=K, hidden=DECODER)
+    gen = torch.Generator().manual_seed(0)
+    coords = rotate_shift_grid(
+        pixel_grid(size, size), direction(torch.rand(b, generator=gen) * 6.283), 0.1 * torch.randn(b, 2, generator=gen)
+    )
+    z, y = torch.randn(b, D, generator=gen, requires_grad=True), torch.eye(K).reshape(K, 1, K)
+    flat = x.reshape(b, -1)
+
+    def step() -> None:
+        ll = decoder.log_likelihood(
+            coords,
+            z,
+            y,
+            flat,
+            likelihood="bernoulli",
+            gaussian_scale=0.2,
+            threads=torch.get_num_threads(),
+            matmul=matmul,
+        )  # type: ignore[arg-type]
+        ll.sum().backward()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+def decoder_gflop(b: int, size: int) -> float:
+    """Matmul GFLOP of one step's decoder: every hidden H×H layer at K·B·P rows, three times (forward, the input's
+    gradient, the weight's gradient); the 2-wide coordinate layer and the 1-wide output are left out (< 1 %)."""
+    rows = K * b * size * size
+    return 3 * 2 * rows * sum(a * c for a, c in zip(DECODER[1:], DECODER[:-1], strict=True)) / 1e9
+
+
+def print_profile(x: torch.Tensor, measured: dict[str, float], ours: list[str], precisions: list[str]) -> None:
+    """Where a step's time goes, and how far its matmuls are from the CPU's limit on the same shapes."""
+    threads = torch.get_num_threads()
+    gflop = decoder_gflop(x.shape[0], x.shape[-1])
+    print(
+        f"# profile: decoder matmuls {gflop:.0f} GFLOP per step; limit = the same matmul shape on {threads} thread(s)"
+    )
+    print(
+        f"{'our row':<32} {'step s':>7} {'decoder s':>9} {'decoder %':>9} {'GFLOP/s':>8} {'limit':>8} {'of limit':>8}"
+    )
+    for name, matmul in zip([n for n in ours if " cpu " in n], precisions, strict=False):
+        step_s, dec_s = measured[name], decoder_seconds(x, matmul)
+        limit = matmul_limit(threads, torch.bfloat16 if matmul == "bfloat16" else torch.float32)
+        achieved = gflop / dec_s
+        print(
+            f"{name:<32} {step_s:>7.3f} {dec_s:>9.3f} {100 * dec_s / step_s:>8.0f}% {achieved:>8.0f} {limit:>8.0f} "
+            f"{100 * achieved / limit:>7.0f}%"
+        )
 
 
 def usable_devices(asked: list[str]) -> tuple[list[str], list[str]]:
@@ -184,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated precisions of the fused kernel's matmuls for our CPU rows: full, bfloat16 (TrainConfig."
         "decoder_matmul; bfloat16 is skipped on a CPU without it natively)",
     )
+    ap.add_argument("--profile", action="store_true", help="also print where our CPU steps' time goes")
     ap.add_argument("--parity", action="store_true", help="check every likelihood path against the CPU kernel")
     ap.add_argument("--parity-tol", type=float, default=1e-4, help="largest relative difference that passes")
+    ap.add_argument("--parity-tol-bf16", type=float, default=3e-2, help="the same for the bfloat16 matmul path")
     args = ap.parse_args(argv)
     devices, skipped = usable_devices([d.strip() for d in args.devices.split(",") if d.strip()])
     if args.threads:
@@ -230,13 +320,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ratio = f"{ref_time / t:.2f}×" if ref_time else "-"
         print(f"{name:<32} {t:>9.3f} {1000 * t / args.batch:>9.1f} {args.batch / t:>9.1f} {ratio:>9}")
+    if args.profile:
+        print_profile(x, measured, ours, precisions)
     if not args.parity:
         return 0
-    diffs = likelihood_parity(args.size, devices)
-    bad = {path: d for path, d in diffs.items() if not d <= args.parity_tol}
+    diffs = likelihood_parity(args.size, devices, precisions)
+    bad = {p: d for p, d in diffs.items() if not d <= (args.parity_tol_bf16 if p.endswith("bf16") else args.parity_tol)}
     cells = ", ".join(f"{path} {d:.1e}" for path, d in diffs.items())
     print(f"# parity, decoder log-likelihood and its gradients against the CPU fused kernel (largest relative "
-          f"difference, tolerance {args.parity_tol:g}): {cells} -> {'FAILED' if bad else 'ok'}")  # fmt: skip
+          f"difference, tolerance {args.parity_tol:g}, bf16 {args.parity_tol_bf16:g}): {cells} -> "
+          f"{'FAILED' if bad else 'ok'}")  # fmt: skip
     return 1 if bad else 0
 
 
