@@ -94,7 +94,10 @@ def test_train_encode_evaluate_plot_end_to_end(stack: Path, tmp_path: Path, caps
     argv += ["--batch-size", "16", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(run)]
     assert main(argv) == 0
     assert (run / "config.json").is_file()
-    usage = [line for line in capsys.readouterr().out.splitlines() if line.startswith("class usage: ")]
+    out = capsys.readouterr().out.splitlines()
+    usage = [line for line in out if line.startswith("class usage: ")]
+    matmul = [line for line in out if line.startswith("decoder matmuls: ")]
+    assert matmul and "(--decoder-matmul auto; bfloat16 " in matmul[0], out  # what auto became, and why
     printed = [part.split()[-1] for part in usage[0].removeprefix("class usage: ").split(", ")]
 
     enc_path = tmp_path / "enc.npz"

@@ -358,6 +358,7 @@ def _train(args: argparse.Namespace) -> int:
         plan = plan_epochs(cfg, patches.images, args.budget)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
         print(f"training plan: {plan.describe()}; --epochs or --budget changes it", flush=True)
+    print(f"decoder matmuls: {_matmul_line(cfg.train)}", flush=True)
     try:
         result = _fit(cfg, patches.images, args)
     except (FitError, CheckpointError) as exc:
@@ -374,6 +375,22 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.model.n_classes > 1:
         _name_and_report_classes(result.model, patches, cfg.model, args.out, result.diagnosis)
     return 0
+
+
+def _matmul_line(train: Any) -> str:
+    """What ``TrainConfig.decoder_matmul`` became on this machine, so a user comparing two machines sees why."""
+    import torch
+
+    from models.fused_likelihood import native_bfloat16, resolve_matmul
+    from models.likelihood_path import likelihood_path
+    from models.train import resolve_device
+
+    device = resolve_device(train.device)
+    if likelihood_path(device) != "fused":
+        return f"{train.dtype}, autograd on {device.type} (--decoder-matmul applies to the CPU kernel only)"
+    used = resolve_matmul(train.decoder_matmul, getattr(torch, train.dtype))
+    native = "native on this CPU" if native_bfloat16() else "not native on this CPU"
+    return f"{used} (--decoder-matmul {train.decoder_matmul}; bfloat16 {native})"
 
 
 def _fit(cfg: Any, images: Any, args: argparse.Namespace) -> Any:
