@@ -126,13 +126,10 @@ class _FusedCoordMLP(torch.autograd.Function):
         p_ = x.shape[1]
         n_pairs = m_ * b_
         weights, biases = hidden[0::2], hidden[1::2]
-        low = mm_dtype != latent.dtype
-        if low:  # the matmuls' operands, rounded once per call; the parameters themselves stay in latent.dtype
-            weights = [w.to(mm_dtype) for w in weights]
-            biases = [b.to(mm_dtype) for b in biases]
-            wo_mm, bo_mm, wc_mm = wo.to(mm_dtype), bo.to(mm_dtype), wc.to(mm_dtype)
-        else:
-            wo_mm, bo_mm, wc_mm = wo, bo, wc
+        # The hidden layers' matmul operands, rounded once per call (no copy in full precision); the parameters
+        # themselves, the first and the output layer, and every sum over pixels stay in the training dtype.
+        weights = [w.to(mm_dtype) for w in weights]
+        biases = [b.to(mm_dtype) for b in biases]
         lat2 = 2 * latent.reshape(n_pairs, h0)
         # Class-independent part of the first layer, once per image (or once, without transforms); pre-activations
         # are kept doubled for _tanh_of_double_.
@@ -153,31 +150,36 @@ class _FusedCoordMLP(torch.autograd.Function):
             i0, i1, g = m * b_ + b0, m * b_ + b1, b1 - b0
             cp = cpart[b0:b1] if coords.shape[0] > 1 else cpart
             h = _tanh_of_double_(torch.add(cp, lat2[i0:i1, None, :])).reshape(g * p_, h0)
-            hs = [h.to(mm_dtype)]
+            # hs: activations in the training dtype (tanh' and the likelihood read them); hm: the same rounded to the
+            # matmul dtype (the very same tensors in full precision). tanh' from a bfloat16 h would be 1 - h² of an h
+            # with 8 bits, which is 0 for every |h| > 0.998: saturated units would lose their gradient, a bias.
+            hs, hm = [h], [h.to(mm_dtype)]
             for w, b in zip(weights, biases, strict=True):
-                hs.append(_tanh_of_double_(torch.addmm(b, hs[-1], w.t(), beta=2, alpha=2)))
-            logits = torch.addmm(bo_mm, hs[-1], wo_mm.t()).reshape(g, p_).to(latent.dtype)
+                h = _tanh_of_double_(torch.addmm(b, hm[-1], w.t(), beta=2, alpha=2).to(latent.dtype))
+                hs.append(h)
+                hm.append(h.to(mm_dtype))
+            logits = torch.addmm(bo, hs[-1], wo.t()).reshape(g, p_)
             ll, slope = _ll_and_slope(logits, x[b0:b1], likelihood, sigma, need_grad)
             torch.sum(ll, dim=1, out=out[i0:i1])
             if not need_grad:
                 return
             # Backward of this chunk with unit upstream gradient per pair; parameter gradients kept per pair.
-            slope_mm = slope.to(mm_dtype)
-            g_wo[i0:i1] = torch.bmm(slope_mm.unsqueeze(1), hs[-1].reshape(g, p_, -1)).squeeze(1)
+            torch.bmm(slope.unsqueeze(1), hs[-1].reshape(g, p_, -1), out=g_wo[i0:i1].unsqueeze(1))
             torch.sum(slope, dim=1, out=g_bo[i0:i1])
-            grad = torch.outer(slope_mm.reshape(-1), wo_mm[0])  # dL/dh_last, (g·P, HL)
+            grad = torch.outer(slope.reshape(-1), wo[0])  # dL/dh_last, (g·P, HL)
             for layer in range(len(weights) - 1, -1, -1):
                 _tanh_backward_(grad, hs[layer + 1])
-                ga = grad.reshape(g, p_, -1)
-                torch.bmm(ga.transpose(1, 2), hs[layer].reshape(g, p_, -1), out=g_w[layer][i0:i1])
-                torch.sum(ga, dim=1, dtype=latent.dtype, out=g_b[layer][i0:i1])
-                grad = grad @ weights[layer]
+                torch.sum(grad.reshape(g, p_, -1), dim=1, out=g_b[layer][i0:i1])
+                grad_mm = grad.to(mm_dtype)
+                ga = grad_mm.reshape(g, p_, -1)
+                torch.bmm(ga.transpose(1, 2), hm[layer].reshape(g, p_, -1), out=g_w[layer][i0:i1])
+                grad = (grad_mm @ weights[layer]).to(latent.dtype)
             _tanh_backward_(grad, hs[0])
             ga = grad.reshape(g, p_, h0)
-            torch.sum(ga, dim=1, dtype=latent.dtype, out=g_lat[i0:i1])
+            torch.sum(ga, dim=1, out=g_lat[i0:i1])
             xy = coords[b0:b1] if coords.shape[0] > 1 else coords.expand(g, p_, 2)
-            g_wc[i0:i1] = torch.bmm(ga.transpose(1, 2), xy.to(mm_dtype))
-            g_xy[i0:i1] = torch.matmul(ga, wc_mm)
+            torch.bmm(ga.transpose(1, 2), xy, out=g_wc[i0:i1])
+            torch.matmul(ga, wc, out=g_xy[i0:i1])
 
         # Chunks never straddle two classes, so each one reads a contiguous slice of images: no gathers. They write
         # disjoint slices, so on CPU they can run side by side, one chunk per thread (see coord_mlp_log_likelihood).
