@@ -120,7 +120,7 @@ def test_fused_log_likelihood_equals_autograd(likelihood: str, shared_grid: bool
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_bfloat16_matmuls_stay_within_about_one_percent_of_float64(likelihood: str) -> None:
+def test_bfloat16_matmuls_stay_within_about_half_a_percent_of_float64(likelihood: str) -> None:
     """The bfloat16 path is an approximation: its value and every gradient (weights, coordinates, latent) are
     compared in relative norm against float64 autograd, with chunks that split images and classes. A gradient
     taken through the wrong operand or left in bfloat16 where it is summed over pixels misses by far more."""
@@ -147,8 +147,8 @@ def test_bfloat16_matmuls_stay_within_about_one_percent_of_float64(likelihood: s
     full = run(dec, torch.float32, "full")
     for g, f, w in zip(got, full, want, strict=True):
         assert float((f - w).norm() / w.norm()) < 1e-5
-        assert float((g - w).norm() / w.norm()) < 1.5e-2
-    assert float((got[0] - want[0]).abs().max() / want[0].abs().max()) < 5e-4
+        assert float((g - w).norm() / w.norm()) < 6e-3
+    assert float((got[0] - want[0]).abs().max() / want[0].abs().max()) < 1e-4
 
 
 def test_matmul_precision_resolution() -> None:
