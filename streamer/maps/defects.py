@@ -3,8 +3,9 @@
 **Score** (``defect_score``, float32 in [0, 1], one per patch), computed by ``streamer.maps.pipeline``:
 
 * ``class`` — with defect classes configured, the probability mass the encoder puts on them (``class_score``);
-* otherwise the calibrated novelty score of ``streamer.maps.novelty`` (``contrast``, ``density`` or ``combined``), which
-  does not depend on how the classes came out; 0.5 is the threshold calibrated on the training patches.
+* otherwise the calibrated novelty score of ``streamer.maps.novelty`` (``joint``, ``contrast``, ``density`` or
+  ``combined``), which does not depend on how the classes came out; 0.5 is the threshold calibrated on the training
+  patches.
 
 **Flagged** patches are those whose argmax class is a defect class, or whose score is at least the threshold.
 
@@ -17,16 +18,26 @@ is local, and a frame that lights up as a whole means the model or its calibrati
 
 **Peaks**: a connected region is published as one defect per *peak* of its score (``grid_peaks``, ``point_peaks``),
 because two defects a few patches apart often touch through a bridge of flagged patches, and one point at their
-mean sits on neither (the controller would scan between them). A defect on a patch border lights two to four
-neighbouring patches with no dip between them, so a peak stands alone only where the score really falls before it
-rises again: the flagged patches are visited in descending score (ties: the lower index first); a patch with no
-higher flagged neighbour starts a peak, any other joins the peak of its highest neighbour (steepest ascent — a
-watershed on −score inside the mask); where two peaks meet, at a saddle ``s``, the lower peak ``p`` stays its own
-defect only if ``p − s ≥ PEAK_DEPTH · (p − threshold)`` and ``p`` is over the threshold, else it and its patches go
-to the higher peak (the elder rule of persistence-based clustering, Chazal et al. 2013, "ToMATo"). Measuring the
-dip against the peak's height over the threshold makes the rule the same for a faint defect as for a strong one,
-and a region flagged by its class alone (its score under the threshold) stays whole. ``max_share`` still looks at
-the whole connected region: a frame that lights up as a whole is withheld however many peaks it has.
+mean sits on neither (the controller would scan between them). The flagged patches are visited in descending score
+(ties: the lower index first); a patch with no higher flagged neighbour starts a peak, any other joins the peak of
+its highest neighbour (steepest ascent — a watershed on −score inside the mask). Where two peaks meet, at a saddle
+``s``, the lower peak ``p`` stays its own defect only if it is over the threshold and the score really dips between
+them, else it and its patches go to the higher peak (the elder rule of persistence-based clustering, Chazal et al.
+2013, "ToMATo"). How deep the dip must be depends on whether one point could light both peaks:
+
+* their patch windows overlap (an overlapping grid, or atom-centred patches wider than the atom spacing): one defect
+  lights several neighbouring patches, and noise makes bumps on that blob, so ``p − s > PEAK_DEPTH · (p −
+  threshold)`` — the dip measured against the peak's height over the threshold, the same rule for a faint defect as
+  for a strong one;
+* their windows do not overlap (on a grid cut at the patch size, peaks are always two or more patches apart): no
+  point lies in both, so any dip, ``p > s``, makes them two defects. On the demo lattice (16-px patches at a 16-px
+  stride) the score between two neighbouring defects dipped by as little as 0.14 of the lower one's height: a
+  depth rule alone would have merged them.
+
+A region flagged by its class alone (its score under the threshold) stays whole. ``max_share`` still looks at the
+whole connected region: a frame that lights up as a whole is withheld however many peaks it has. A defect whose
+signature spreads beyond one patch (STM interference ripples) can light peaks whose windows do not overlap and is
+then published as several points.
 
 Each published defect: centroid ``(y, x)`` in frame pixels (score-weighted mean of its patch centres; a grid patch's
 centre is its geometric centre ``(y0 + i·sy + (ph-1)/2, x0 + j·sx + (pw-1)/2)``), area in patches, majority class
@@ -71,8 +82,8 @@ Connectivity = Literal[4, 8]
 LINK_FACTOR = 1.5
 DEFAULT_MAX_SHARE = 0.05
 ALWAYS_PUBLISHED_AREA = 4
-#: a lower peak is its own defect when the score dips before the higher one by this share of its height over the
-#: threshold (``streamer.maps.defects``' docstring says why)
+#: a lower peak whose patch window overlaps the higher one's is its own defect when the score dips between them by
+#: more than this share of its height over the threshold (``streamer.maps.defects``' docstring says why)
 PEAK_DEPTH = 0.5
 
 
@@ -164,13 +175,16 @@ def _point_pairs(mask: np.ndarray, centres: np.ndarray, link_factor: float) -> t
 def grid_peaks(
     regions: Regions,
     score: np.ndarray,
+    centres: np.ndarray,
     *,
+    patch: tuple[int, int],
     threshold: float,
     connectivity: Connectivity = 8,
     depth: float = PEAK_DEPTH,
     split: np.ndarray | None = None,
 ) -> Peaks:
-    """``regions`` of ``grid_regions`` (same ``connectivity``) split at the peaks of ``score`` (same 2-D shape).
+    """``regions`` of ``grid_regions`` (same ``connectivity``) split at the peaks of ``score`` (same 2-D shape);
+    ``centres`` ``(gh, gw, 2)`` of ``grid_centres`` and ``patch`` say whose windows overlap.
 
     ``split`` ``(regions.n,)`` bool: only those regions are split (the others — withheld ones — stay whole, unvisited).
     """
@@ -193,7 +207,8 @@ def grid_peaks(
     position[flagged] = np.arange(flagged.size)
     cell_pairs = position[np.concatenate(pairs)]
     cell_pairs = cell_pairs[(cell_pairs >= 0).all(axis=1)]
-    return _split_at_peaks(regions, flagged, cell_pairs, np.asarray(score).reshape(-1), threshold, depth, split)
+    flood = _Flood(np.asarray(score).reshape(-1), np.asarray(centres).reshape(-1, 2), patch, threshold, depth)
+    return _split_at_peaks(regions, flagged, cell_pairs, flood, split)
 
 
 def point_peaks(
@@ -201,25 +216,33 @@ def point_peaks(
     score: np.ndarray,
     centres: np.ndarray,
     *,
+    patch: tuple[int, int],
     threshold: float,
     link_factor: float = LINK_FACTOR,
     depth: float = PEAK_DEPTH,
     split: np.ndarray | None = None,
 ) -> Peaks:
     """``regions`` of ``point_regions`` (same ``link_factor``) split at the peaks of ``score`` ``(n,)`` over the
-    linked atoms. ``split``: as for ``grid_peaks``."""
+    linked atoms; ``patch``: the atom-centred patch, whose windows around two atoms may overlap. ``split``: as for
+    ``grid_peaks``."""
     flagged, pairs = _point_pairs(np.asarray(regions.labels) >= 0, centres, link_factor)
-    return _split_at_peaks(regions, flagged, pairs, np.asarray(score).reshape(-1), threshold, depth, split)
+    flood = _Flood(np.asarray(score).reshape(-1), np.asarray(centres).reshape(-1, 2), patch, threshold, depth)
+    return _split_at_peaks(regions, flagged, pairs, flood, split)
+
+
+@dataclass(frozen=True)
+class _Flood:
+    """What the flood compares, per patch of the frame: its score and centre; and the patch size, threshold, depth."""
+
+    score: np.ndarray
+    centres: np.ndarray
+    patch: tuple[int, int]
+    threshold: float
+    depth: float
 
 
 def _split_at_peaks(
-    regions: Regions,
-    flagged: np.ndarray,
-    pairs: np.ndarray,
-    score: np.ndarray,
-    threshold: float,
-    depth: float,
-    split: np.ndarray | None,
+    regions: Regions, flagged: np.ndarray, pairs: np.ndarray, flood: _Flood, split: np.ndarray | None
 ) -> Peaks:
     """The flood of the module docstring over the flagged patches (``flagged``: their flat indices; ``pairs``:
     neighbouring ones, as positions in ``flagged``), a union-find whose roots are the peaks."""
@@ -231,7 +254,9 @@ def _split_at_peaks(
         _, region_first = np.unique(flat[flagged], return_index=True)  # every region has a patch: index by label
         root[whole] = region_first[flat[flagged][whole]]
         pairs = pairs[~whole[pairs[:, 0]]]  # both ends of a pair lie in one region
-    s = score[flagged].astype(np.float64)
+    s = flood.score[flagged].astype(np.float64)
+    pos = flood.centres[flagged].astype(np.float64)
+    window = np.asarray(flood.patch, np.float64)
     if pairs.size:
         graph = coo_matrix((np.ones(2 * len(pairs)), (pairs.reshape(-1), pairs[:, ::-1].reshape(-1))), shape=(m, m))
         graph = graph.tocsr()
@@ -256,8 +281,9 @@ def _split_at_peaks(
                 if a == b:
                     continue
                 elder, younger = (a, b) if rank[a] < rank[b] else (b, a)
-                height = s[younger] - threshold
-                if height <= 0 or s[younger] - s[i] < depth * height:
+                height = s[younger] - flood.threshold
+                one_point = bool((np.abs(pos[younger] - pos[elder]) < window).all())  # windows overlap
+                if height <= 0 or s[younger] - s[i] <= (flood.depth * height if one_point else 0.0):
                     root[younger] = elder
         for i in range(m):
             root[i] = find(i)

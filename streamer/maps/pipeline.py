@@ -412,12 +412,18 @@ class Pipeline:
             regions = grid_regions(mask.reshape(prepared.grid), rule.connectivity)
             keep, note = publishable(regions, rule.max_share)
             peaks = grid_peaks(
-                regions, score.reshape(lead), threshold=rule.threshold, connectivity=rule.connectivity, split=keep
+                regions,
+                score.reshape(lead),
+                centres,
+                patch=self.patch,
+                threshold=rule.threshold,
+                connectivity=rule.connectivity,
+                split=keep,
             )
         else:
             regions = point_regions(mask, centres)
             keep, note = publishable(regions, rule.max_share)
-            peaks = point_peaks(regions, score, centres, threshold=rule.threshold, split=keep)
+            peaks = point_peaks(regions, score, centres, patch=self.patch, threshold=rule.threshold, split=keep)
             arrays["centers"] = centres.astype(np.float32)
         defects = regions_to_defects(
             peaks, centres, cls.reshape(lead), score.reshape(lead), kind=kind, keep=keep[peaks.region]
