@@ -13,12 +13,15 @@ from artifact_factory import make_artifact
 from sim.lattice import LatticeConfig, synth_scan
 from streamer.maps.defects import (
     LINK_FACTOR,
+    PEAK_DEPTH,
     DefectRule,
     Regions,
     class_score,
     defect_mask,
     grid_centres,
+    grid_peaks,
     grid_regions,
+    point_peaks,
     point_regions,
     publishable,
     regions_to_defects,
@@ -152,6 +155,174 @@ def test_point_regions_match_a_full_distance_matrix_search() -> None:
             got = point_regions(mask, pts.astype(np.float32))
             want, n_want = _reference_points(mask, pts.astype(np.float32))
             assert got.n == n_want and np.array_equal(got.labels, want), (len(pts), density)
+
+
+# ------------------------------------------------------------------ peaks: one defect per score peak
+
+WIDE = (10**6, 10**6)  # a patch so wide that every two windows overlap: the depth rule everywhere
+
+
+def _peak_defects(score: np.ndarray, patch: tuple[int, int] = PATCH) -> tuple[list, str | None]:
+    """What the pipeline publishes from a grid score map (``STRIDE``) with the threshold 0.5 and no defect classes."""
+    rule = DefectRule(threshold=0.5, max_share=0.05)
+    cls = np.zeros(score.shape, np.uint8)
+    regions = grid_regions(defect_mask(cls, score, rule))
+    keep, note = publishable(regions, rule.max_share)
+    centres = grid_centres(score.shape, PATCH, STRIDE, ORIGIN)
+    peaks = grid_peaks(regions, score, centres, patch=patch, threshold=rule.threshold, split=keep)
+    return regions_to_defects(peaks, centres, cls, score, kind="joint", keep=keep[peaks.region]), note
+
+
+def _grid_peak_count(score: np.ndarray, mask: np.ndarray, patch: tuple[int, int]) -> int:
+    centres = grid_centres(score.shape, PATCH, STRIDE, ORIGIN)
+    return grid_peaks(grid_regions(mask), score, centres, patch=patch, threshold=0.5).n
+
+
+def test_two_peaks_joined_by_a_flagged_bridge_are_two_defects_at_their_peaks() -> None:
+    score = np.full((16, 18), 0.1, np.float32)  # 288 patches: the 9 flagged are under max_share 0.05
+    score[3:5, 2:4] = [[0.90, 0.85], [0.80, 0.95]]  # a defect on a patch corner: a 2×2 block, one peak
+    score[4, 4:7] = [0.62, 0.55, 0.66]  # the bridge: flagged, but well under both peaks
+    score[4:6, 7] = [0.88, 0.75]  # the second defect, on two patches
+    assert grid_regions(score >= 0.5).n == 1  # one connected region, as before the split
+    for patch in (PATCH, WIDE):  # the dip is deep enough for either rule
+        defects, note = _peak_defects(score, patch)
+        assert note is None and len(defects) == 2
+        a, b = sorted(defects, key=lambda d: d.x)
+        assert (a.score, b.score) == pytest.approx((0.95, 0.88))
+        assert (a.area, b.area) == (5, 4)  # the bridge's lowest patch goes with its highest neighbour (0.66)
+        # each within one stride of its own patches (the bridge patches pull a little); one region gave a point between
+        assert np.hypot(a.y - _centre(3.5, 2.5)[0], a.x - _centre(3.5, 2.5)[1]) < STRIDE[0]
+        assert np.hypot(b.y - _centre(4.5, 7)[0], b.x - _centre(4.5, 7)[1]) < STRIDE[0]
+
+
+def test_one_broad_blob_stays_one_defect_and_a_shallow_dip_splits_only_windows_that_do_not_overlap() -> None:
+    score = np.full((16, 16), 0.1, np.float32)
+    score[2:5, 2:5] = [[0.55, 0.80, 0.60], [0.82, 0.90, 0.86], [0.60, 0.88, 0.70]]  # a defect spread over its cells
+    dip = 0.88 - 0.5 * PEAK_DEPTH * (0.88 - 0.5)  # maxima 0.9 and 0.88 four cells apart, a dip of half the depth rule
+    score[7, 2:7] = [0.90, 0.85, dip, 0.86, 0.88]
+    # 16-px windows four 8-px strides apart do not overlap: no point lights both maxima, so the dip parts them
+    defects, _ = _peak_defects(score)
+    assert sorted(d.area for d in defects) == [2, 3, 9]
+    blob = next(d for d in defects if d.area == 9)
+    assert (blob.y, blob.x) == pytest.approx(_centre(3, 3), abs=1.0)  # the blob is nearly symmetric about its peak
+    # 48-px windows overlap at that distance: one defect could light both, and the dip is too shallow to part them
+    assert sorted(d.area for d in _peak_defects(score, (48, 48))[0]) == [5, 9]
+
+
+def test_a_peak_stands_alone_when_the_dip_passes_the_depth_share_of_its_height() -> None:
+    """p − s > PEAK_DEPTH · (p − threshold) where windows overlap: the boundary on both sides, and a dip under the
+    threshold splits; where they do not overlap any dip splits."""
+    at = 0.8 - PEAK_DEPTH * (0.8 - 0.5)  # the saddle where the lower peak 0.8 starts to stand alone
+    for saddle, want, want_apart in ((at + 0.02, 1, 2), (at - 0.02, 2, 2), (0.45, 2, 2), (0.8, 1, 1)):
+        score = np.full((3, 7), 0.1, np.float32)
+        score[1, 1:6] = [0.95, 0.9, saddle, 0.8, 0.7]  # (0.8: no dip at all, a shoulder)
+        mask = score >= 0.5
+        mask[1, 3] = True  # the saddle flagged even under the threshold (a defect class), so one region
+        assert grid_regions(mask).n == 1
+        assert _grid_peak_count(score, mask, WIDE) == want, (saddle, PEAK_DEPTH)
+        assert _grid_peak_count(score, mask, (1, 1)) == want_apart, saddle
+
+
+def test_a_region_over_the_share_is_withheld_whole_whatever_its_peaks() -> None:
+    score = np.full((10, 10), 0.6, np.float32)  # a frame that lights up as a whole ...
+    score[2, 2] = score[7, 7] = 0.95  # ... with two clear peaks in it
+    score[0, 9] = 0.1
+    defects, note = _peak_defects(score)
+    assert defects == [] and note is not None and "99 patches" in note
+    regions = grid_regions(score >= 0.5)
+    centres = grid_centres(score.shape, PATCH, STRIDE, ORIGIN)
+    whole = grid_peaks(regions, score, centres, patch=PATCH, threshold=0.5, split=np.array([False]))
+    assert whole.n == 1 and whole.region.tolist() == [0]  # not even visited
+    assert grid_peaks(regions, score, centres, patch=PATCH, threshold=0.5).n == 2
+
+
+def test_class_flagged_regions_under_the_threshold_are_never_split() -> None:
+    score = np.array([[0.3, 0.1, 0.2, 0.05, 0.4]], np.float32)  # three maxima, none over the threshold
+    assert _grid_peak_count(score, np.ones(score.shape, bool), (1, 1)) == 1
+
+
+def _reference_peaks(score: np.ndarray, pairs: list[tuple[int, int]], threshold: float, depth: float) -> set[int]:
+    """The peaks that stand alone, from the definition: each local maximum's saddle by growing the superlevel set
+    one patch at a time (descending score, ties by index) until its component holds a higher patch."""
+    n = score.size
+    order = sorted(range(n), key=lambda i: (-score[i], i))
+    rank = {i: r for r, i in enumerate(order)}
+    nb: dict[int, set[int]] = {i: set() for i in range(n)}
+    for a, b in pairs:
+        nb[a].add(b)
+        nb[b].add(a)
+    kept = set()
+    for p in range(n):
+        if any(rank[q] < rank[p] for q in nb[p]):
+            continue  # not a peak
+        saddle = None
+        for k in range(rank[p], n):
+            inside = set(order[: k + 1])
+            comp, todo = {p}, [p]
+            while todo:
+                for q in nb[todo.pop()] & inside:
+                    if q not in comp:
+                        comp.add(q)
+                        todo.append(q)
+            if any(rank[q] < rank[p] for q in comp):
+                saddle = score[order[k]]
+                break
+        height = score[p] - threshold
+        if saddle is None or (height > 0 and score[p] - saddle > depth * height):
+            kept.add(p)
+    return kept
+
+
+def test_grid_peaks_match_the_definition_on_random_maps() -> None:
+    """All windows overlapping (the depth rule) and none overlapping (any dip) against a brute-force search."""
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        shape = (int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+        score = np.round(rng.random(shape), 1 if trial % 3 == 0 else 3).astype(np.float32)  # some ties
+        mask = rng.random(shape) < 0.7
+        regions = grid_regions(mask)
+        idx = np.arange(score.size).reshape(shape)
+        pairs = []
+        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            for i in range(shape[0]):
+                for j in range(shape[1]):
+                    y, x = i + dy, j + dx
+                    if y < shape[0] and 0 <= x < shape[1] and mask[i, j] and mask[y, x]:
+                        pairs.append((int(idx[i, j]), int(idx[y, x])))
+        flat = score.reshape(-1).astype(np.float64)
+        masked = np.where(mask.reshape(-1), flat, -np.inf)  # off-mask patches never join a component
+        centres = grid_centres(shape, PATCH, STRIDE, ORIGIN)
+        for patch, depth in ((WIDE, PEAK_DEPTH), ((1, 1), 0.0)):
+            peaks = grid_peaks(regions, score, centres, patch=patch, threshold=0.4)
+            want = {p for p in _reference_peaks(masked, pairs, 0.4, depth) if mask.reshape(-1)[p]}
+            got = set()  # each peak's label holds its highest patch; patches of one label lie in one region
+            for k in range(peaks.n):
+                cells = np.nonzero(peaks.labels.reshape(-1) == k)[0]
+                got.add(int(cells[np.lexsort((cells, -flat[cells]))[0]]))
+                assert np.unique(regions.labels.reshape(-1)[cells]).tolist() == [peaks.region[k]]
+            assert got == want, (trial, patch)
+
+
+def test_point_peaks_split_two_atoms_linked_by_flagged_atoms_and_keep_a_blob_whole() -> None:
+    k = np.stack(np.meshgrid(np.arange(12), np.arange(12), indexing="ij"), -1).reshape(-1, 2)
+    pts = (k * 10.0 + np.random.default_rng(2).normal(0, 0.5, k.shape)).astype(np.float32)
+    score = np.full(len(pts), 0.1, np.float32)
+    at = {tuple(v): i for i, v in enumerate(k.tolist())}
+    for ij, v in (((3, 2), 0.95), ((3, 3), 0.8), ((3, 4), 0.58), ((3, 5), 0.7), ((3, 6), 0.9)):
+        score[at[ij]] = v  # a defect lighting two atoms, a flagged atom between, and a second defect on two atoms
+    for ij, v in (((8, 8), 0.92), ((8, 9), 0.85), ((9, 8), 0.86), ((9, 9), 0.8)):
+        score[at[ij]] = v  # a third, on four atoms with no dip: one defect
+    mask = score >= 0.5
+    regions = point_regions(mask, pts)
+    assert regions.n == 2
+    peaks = point_peaks(regions, score, pts, patch=(24, 24), threshold=0.5)
+    assert peaks.n == 3 and peaks.region.tolist() == [0, 0, 1]
+    defects = regions_to_defects(peaks, pts, np.zeros(len(pts), np.uint8), score, kind="joint")
+    # the atom between goes with its higher neighbour (0.8); each point lies within half a spacing of its defect
+    for (y, x), area, top in (((3, 2.5), 3, 0.95), ((3, 5.5), 2, 0.9), ((8.5, 8.5), 4, 0.92)):
+        (d,) = [d for d in defects if np.hypot(d.y - y * 10, d.x - x * 10) < 5]
+        assert d.area == area and d.score == pytest.approx(top)
+    assert sum(d.area for d in defects) == int(mask.sum())
 
 
 # ------------------------------------------------------------------ the score

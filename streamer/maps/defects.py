@@ -3,8 +3,9 @@
 **Score** (``defect_score``, float32 in [0, 1], one per patch), computed by ``streamer.maps.pipeline``:
 
 * ``class`` — with defect classes configured, the probability mass the encoder puts on them (``class_score``);
-* otherwise the calibrated novelty score of ``streamer.maps.novelty`` (``contrast``, ``density`` or ``combined``), which
-  does not depend on how the classes came out; 0.5 is the threshold calibrated on the training patches.
+* otherwise the calibrated novelty score of ``streamer.maps.novelty`` (``joint``, ``contrast``, ``density`` or
+  ``combined``), which does not depend on how the classes came out; 0.5 is the threshold calibrated on the training
+  patches.
 
 **Flagged** patches are those whose argmax class is a defect class, or whose score is at least the threshold.
 
@@ -15,9 +16,32 @@ of 8-connectivity). A region covering more than ``max_share`` of the frame's pat
 is local, and a frame that lights up as a whole means the model or its calibration does not fit the data, which the
 ``defects`` message says in its ``note`` rather than sending a controller to the frame's centre.
 
-Each published region: centroid ``(y, x)`` in frame pixels (score-weighted mean of its patch centres; a grid patch's
+**Peaks**: a connected region is published as one defect per *peak* of its score (``grid_peaks``, ``point_peaks``),
+because two defects a few patches apart often touch through a bridge of flagged patches, and one point at their
+mean sits on neither (the controller would scan between them). The flagged patches are visited in descending score
+(ties: the lower index first); a patch with no higher flagged neighbour starts a peak, any other joins the peak of
+its highest neighbour (steepest ascent — a watershed on −score inside the mask). Where two peaks meet, at a saddle
+``s``, the lower peak ``p`` stays its own defect only if it is over the threshold and the score really dips between
+them, else it and its patches go to the higher peak (the elder rule of persistence-based clustering, Chazal et al.
+2013, "ToMATo"). How deep the dip must be depends on whether one point could light both peaks:
+
+* their patch windows overlap (an overlapping grid, or atom-centred patches wider than the atom spacing): one defect
+  lights several neighbouring patches, and noise makes bumps on that blob, so ``p − s > PEAK_DEPTH · (p −
+  threshold)`` — the dip measured against the peak's height over the threshold, the same rule for a faint defect as
+  for a strong one;
+* their windows do not overlap (on a grid cut at the patch size, peaks are always two or more patches apart): no
+  point lies in both, so any dip, ``p > s``, makes them two defects. On the demo lattice (16-px patches at a 16-px
+  stride) the score between two neighbouring defects dipped by as little as 0.14 of the lower one's height: a
+  depth rule alone would have merged them.
+
+A region flagged by its class alone (its score under the threshold) stays whole. ``max_share`` still looks at the
+whole connected region: a frame that lights up as a whole is withheld however many peaks it has. A defect whose
+signature spreads beyond one patch (STM interference ripples) can light peaks whose windows do not overlap and is
+then published as several points.
+
+Each published defect: centroid ``(y, x)`` in frame pixels (score-weighted mean of its patch centres; a grid patch's
 centre is its geometric centre ``(y0 + i·sy + (ph-1)/2, x0 + j·sx + (pw-1)/2)``), area in patches, majority class
-(ties go to the lower index), the largest score, and the score's kind.
+(ties go to the lower index), the largest score, and the score's kind — all over the patches of its peak.
 """
 
 from __future__ import annotations
@@ -38,13 +62,17 @@ __all__ = [
     "ALWAYS_PUBLISHED_AREA",
     "DEFAULT_MAX_SHARE",
     "LINK_FACTOR",
+    "PEAK_DEPTH",
     "Connectivity",
     "DefectRule",
+    "Peaks",
     "Regions",
     "class_score",
     "defect_mask",
     "grid_centres",
+    "grid_peaks",
     "grid_regions",
+    "point_peaks",
     "point_regions",
     "publishable",
     "regions_to_defects",
@@ -54,6 +82,9 @@ Connectivity = Literal[4, 8]
 LINK_FACTOR = 1.5
 DEFAULT_MAX_SHARE = 0.05
 ALWAYS_PUBLISHED_AREA = 4
+#: a lower peak whose patch window overlaps the higher one's is its own defect when the score dips between them by
+#: more than this share of its height over the threshold (``streamer.maps.defects``' docstring says why)
+PEAK_DEPTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,16 @@ class Regions:
 
     labels: np.ndarray
     n: int
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Connected regions split at their score peaks: ``labels`` (``-1`` off the mask, else ``0..n-1``, numbered by
+    each peak's first patch in index order) and ``region`` ``(n,)``, the connected region each peak lies in."""
+
+    labels: np.ndarray
+    n: int
+    region: np.ndarray
 
 
 def class_score(class_prob: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -105,16 +146,10 @@ def point_regions(mask: np.ndarray, centres: np.ndarray, *, link_factor: float =
 
     Numbered in the order of their first flagged atom.
     """
-    pts = np.asarray(centres, np.float64).reshape(-1, 2)
-    labels = np.full(pts.shape[0], -1, dtype=np.int64)
-    flagged = np.nonzero(np.asarray(mask, dtype=bool))[0]
+    flagged, pairs = _point_pairs(mask, centres, link_factor)
+    labels = np.full(np.asarray(mask).size, -1, dtype=np.int64)
     if flagged.size == 0:
         return Regions(labels=labels, n=0)
-    pairs = np.zeros((0, 2), np.int64)
-    if pts.shape[0] >= 2 and flagged.size >= 2:
-        nearest, _ = cKDTree(pts).query(pts, k=2)
-        link = link_factor * float(np.median(nearest[:, 1]))
-        pairs = cKDTree(pts[flagged]).query_pairs(link, output_type="ndarray")
     m = flagged.size
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
     _, comp = connected_components(graph, directed=False)
@@ -123,6 +158,143 @@ def point_regions(mask: np.ndarray, centres: np.ndarray, *, link_factor: float =
     order[np.argsort(first)] = np.arange(first.size)
     labels[flagged] = order[comp]
     return Regions(labels=labels, n=int(first.size))
+
+
+def _point_pairs(mask: np.ndarray, centres: np.ndarray, link_factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(flagged atoms' indices (m,), linked pairs (p, 2) as positions in flagged)``."""
+    pts = np.asarray(centres, np.float64).reshape(-1, 2)
+    flagged = np.nonzero(np.asarray(mask, dtype=bool).reshape(-1))[0]
+    pairs = np.zeros((0, 2), np.int64)
+    if pts.shape[0] >= 2 and flagged.size >= 2:
+        nearest, _ = cKDTree(pts).query(pts, k=2)
+        link = link_factor * float(np.median(nearest[:, 1]))
+        pairs = cKDTree(pts[flagged]).query_pairs(link, output_type="ndarray").astype(np.int64)
+    return flagged, pairs
+
+
+def grid_peaks(
+    regions: Regions,
+    score: np.ndarray,
+    centres: np.ndarray,
+    *,
+    patch: tuple[int, int],
+    threshold: float,
+    connectivity: Connectivity = 8,
+    depth: float = PEAK_DEPTH,
+    split: np.ndarray | None = None,
+) -> Peaks:
+    """``regions`` of ``grid_regions`` (same ``connectivity``) split at the peaks of ``score`` (same 2-D shape);
+    ``centres`` ``(gh, gw, 2)`` of ``grid_centres`` and ``patch`` say whose windows overlap.
+
+    ``split`` ``(regions.n,)`` bool: only those regions are split (the others — withheld ones — stay whole, unvisited).
+    """
+    labels = np.asarray(regions.labels)
+    if labels.ndim != 2 or np.shape(score) != labels.shape:
+        raise ValueError(f"score of shape {np.shape(score)} must be the grid's {labels.shape}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity={connectivity!r} must be 4 or 8")
+    gh, gw = labels.shape
+    index = np.arange(gh * gw).reshape(gh, gw)
+    offsets = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])
+    pairs = []
+    for dy, dx in offsets:  # each neighbour pair once: right, down, and for 8-connectivity the two diagonals down
+        x0, x1 = max(0, -dx), gw - max(0, dx)  # the columns whose neighbour at dx is on the grid
+        a, b = index[: gh - dy, x0:x1], index[dy:, x0 + dx : x1 + dx]
+        pairs.append(np.stack([a.reshape(-1), b.reshape(-1)], axis=1))
+    flat = labels.reshape(-1)
+    flagged = np.nonzero(flat >= 0)[0]
+    position = np.full(flat.size, -1, np.int64)
+    position[flagged] = np.arange(flagged.size)
+    cell_pairs = position[np.concatenate(pairs)]
+    cell_pairs = cell_pairs[(cell_pairs >= 0).all(axis=1)]
+    flood = _Flood(np.asarray(score).reshape(-1), np.asarray(centres).reshape(-1, 2), patch, threshold, depth)
+    return _split_at_peaks(regions, flagged, cell_pairs, flood, split)
+
+
+def point_peaks(
+    regions: Regions,
+    score: np.ndarray,
+    centres: np.ndarray,
+    *,
+    patch: tuple[int, int],
+    threshold: float,
+    link_factor: float = LINK_FACTOR,
+    depth: float = PEAK_DEPTH,
+    split: np.ndarray | None = None,
+) -> Peaks:
+    """``regions`` of ``point_regions`` (same ``link_factor``) split at the peaks of ``score`` ``(n,)`` over the
+    linked atoms; ``patch``: the atom-centred patch, whose windows around two atoms may overlap. ``split``: as for
+    ``grid_peaks``."""
+    flagged, pairs = _point_pairs(np.asarray(regions.labels) >= 0, centres, link_factor)
+    flood = _Flood(np.asarray(score).reshape(-1), np.asarray(centres).reshape(-1, 2), patch, threshold, depth)
+    return _split_at_peaks(regions, flagged, pairs, flood, split)
+
+
+@dataclass(frozen=True)
+class _Flood:
+    """What the flood compares, per patch of the frame: its score and centre; and the patch size, threshold, depth."""
+
+    score: np.ndarray
+    centres: np.ndarray
+    patch: tuple[int, int]
+    threshold: float
+    depth: float
+
+
+def _split_at_peaks(
+    regions: Regions, flagged: np.ndarray, pairs: np.ndarray, flood: _Flood, split: np.ndarray | None
+) -> Peaks:
+    """The flood of the module docstring over the flagged patches (``flagged``: their flat indices; ``pairs``:
+    neighbouring ones, as positions in ``flagged``), a union-find whose roots are the peaks."""
+    flat = np.asarray(regions.labels).reshape(-1)
+    m = flagged.size
+    root = np.arange(m)  # union-find over the flagged patches; a root is its peak's first (highest) patch
+    if split is not None:  # regions left whole: every patch joins the region's first patch, no flood
+        whole = ~np.asarray(split, bool)[flat[flagged]]
+        _, region_first = np.unique(flat[flagged], return_index=True)  # every region has a patch: index by label
+        root[whole] = region_first[flat[flagged][whole]]
+        pairs = pairs[~whole[pairs[:, 0]]]  # both ends of a pair lie in one region
+    s = flood.score[flagged].astype(np.float64)
+    pos = flood.centres[flagged].astype(np.float64)
+    window = np.asarray(flood.patch, np.float64)
+    if pairs.size:
+        graph = coo_matrix((np.ones(2 * len(pairs)), (pairs.reshape(-1), pairs[:, ::-1].reshape(-1))), shape=(m, m))
+        graph = graph.tocsr()
+        indptr, neighbours = graph.indptr, graph.indices
+        order = np.lexsort((np.arange(m), -s))  # descending score, ties: the lower index first
+        rank = np.empty(m, np.int64)
+        rank[order] = np.arange(m)
+
+        def find(i: int) -> int:
+            while root[i] != i:
+                root[i] = root[root[i]]
+                i = int(root[i])
+            return i
+
+        for i in order[np.diff(indptr)[order] > 0].tolist():
+            higher = [j for j in neighbours[indptr[i] : indptr[i + 1]].tolist() if rank[j] < rank[i]]
+            if not higher:
+                continue  # a peak
+            root[i] = find(min(higher, key=rank.__getitem__))  # steepest ascent: the highest neighbour's peak
+            for j in higher:  # i is the saddle between its peak and each other peak it touches
+                a, b = find(i), find(j)
+                if a == b:
+                    continue
+                elder, younger = (a, b) if rank[a] < rank[b] else (b, a)
+                height = s[younger] - flood.threshold
+                one_point = bool((np.abs(pos[younger] - pos[elder]) < window).all())  # windows overlap
+                if height <= 0 or s[younger] - s[i] <= (flood.depth * height if one_point else 0.0):
+                    root[younger] = elder
+        for i in range(m):
+            root[i] = find(i)
+    peak_ids, first, per_patch = np.unique(root, return_index=True, return_inverse=True)
+    order_of = np.empty(peak_ids.size, np.int64)  # renumber: by each peak's first patch in index order
+    order_of[np.argsort(first)] = np.arange(peak_ids.size)
+    labels = np.full(flat.size, -1, np.int64)
+    labels[flagged] = order_of[per_patch.reshape(-1)]
+    region = np.empty(peak_ids.size, np.int64)
+    region[order_of] = flat[flagged[peak_ids]]
+    return Peaks(labels=labels.reshape(np.shape(regions.labels)), n=int(peak_ids.size), region=region)
 
 
 def grid_centres(
@@ -154,7 +326,7 @@ def publishable(regions: Regions, max_share: float) -> tuple[np.ndarray, str | N
 
 
 def regions_to_defects(
-    regions: Regions,
+    regions: Regions | Peaks,
     centres: np.ndarray,
     cls: np.ndarray,
     score: np.ndarray,
@@ -162,7 +334,7 @@ def regions_to_defects(
     kind: str,
     keep: np.ndarray | None = None,
 ) -> list[Defect]:
-    """One ``Defect`` per region (those ``keep`` marks, when given); ``centres`` is ``labels.shape + (2,)``."""
+    """One ``Defect`` per region or peak (those ``keep`` marks, when given); ``centres`` is ``labels.shape + (2,)``."""
     flat = regions.labels.reshape(-1)
     pts = centres.reshape(-1, 2).astype(np.float64)
     w = score.reshape(-1).astype(np.float64)

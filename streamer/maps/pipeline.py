@@ -9,8 +9,8 @@ small frames, several calls for one huge frame):
 2. ``encode(patches)`` — the encoder in calls of at most ``max_batch_patches`` (``call_encoder``), outputs back on
    the host once, as numpy, and joined in order (``join``).
 3. ``assemble(prepared, outputs)`` — one frame's rows of the outputs (``split`` cuts a cross-frame batch's outputs
-   into them) → ``FrameMaps``: the arrays of DESIGN.md in their published order and the defect regions
-   (``streamer.maps.defects`` documents the score and the connectivity).
+   into them) → ``FrameMaps``: the arrays of DESIGN.md in their published order and the defects
+   (``streamer.maps.defects`` documents the score, the regions and their peaks).
 
 ``process(frame)`` chains them for one frame, cutting the patches the plain way (``PreparedFrame.patches``). The
 service runs the same methods — ``prepare``, ``call_encoder`` per chunk, ``join``, ``split``, ``assemble`` — with
@@ -41,7 +41,9 @@ from streamer.maps.defects import (
     class_score,
     defect_mask,
     grid_centres,
+    grid_peaks,
     grid_regions,
+    point_peaks,
     point_regions,
     publishable,
     regions_to_defects,
@@ -403,14 +405,29 @@ class Pipeline:
         if self.manifest.latent.translation:
             arrays["shift"] = np.asarray(outputs["shift"], dtype=np.float32).reshape((*lead, 2))
         arrays["defect_score"] = score.reshape(lead)
-        mask = defect_mask(cls, score, self.rule)
+        rule = self.rule
+        mask = defect_mask(cls, score, rule)
+        # withheld or not by the whole connected region; published one defect per score peak in it
         if prepared.grid is not None:
-            regions = grid_regions(mask.reshape(prepared.grid), self.rule.connectivity)
+            regions = grid_regions(mask.reshape(prepared.grid), rule.connectivity)
+            keep, note = publishable(regions, rule.max_share)
+            peaks = grid_peaks(
+                regions,
+                score.reshape(lead),
+                centres,
+                patch=self.patch,
+                threshold=rule.threshold,
+                connectivity=rule.connectivity,
+                split=keep,
+            )
         else:
             regions = point_regions(mask, centres)
+            keep, note = publishable(regions, rule.max_share)
+            peaks = point_peaks(regions, score, centres, patch=self.patch, threshold=rule.threshold, split=keep)
             arrays["centers"] = centres.astype(np.float32)
-        keep, note = publishable(regions, self.rule.max_share)
-        defects = regions_to_defects(regions, centres, cls.reshape(lead), score.reshape(lead), kind=kind, keep=keep)
+        defects = regions_to_defects(
+            peaks, centres, cls.reshape(lead), score.reshape(lead), kind=kind, keep=keep[peaks.region]
+        )
         return FrameMaps(
             layout=self.layout,
             grid=prepared.grid,

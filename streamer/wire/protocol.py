@@ -227,11 +227,11 @@ class Maps(_Msg):
 class Defect(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    y: float = Field(description="region centroid, frame pixels")
-    x: float = Field(description="region centroid, frame pixels")
-    class_: int = Field(alias="class", description="majority class of the region")
-    score: float = Field(description="largest defect score in the region")
-    area: int = Field(description="patches in the region")
+    y: float = Field(description="score-weighted centroid of the defect's patches (one score peak), frame pixels")
+    x: float = Field(description="score-weighted centroid of the defect's patches (one score peak), frame pixels")
+    class_: int = Field(alias="class", description="majority class of the defect's patches")
+    score: float = Field(description="largest defect score of its patches (the peak)")
+    area: int = Field(description="patches in the defect: those flagged around its score peak")
     kind: Literal["class", "contrast", "density", "combined", "joint"] = Field(
         "class",
         description="what the score is: the defect classes' probability, or the calibrated novelty score "
