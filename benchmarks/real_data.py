@@ -93,9 +93,8 @@ PUBLISHED_KIND: list[NoveltyKind] = ["joint"]
 EPOCHS: list[int | None] = [None]
 BUDGET_S: list[float] = [DEFAULT_BUDGET_S]
 #: the default run: the demo at the 5 seeds issue 15 asks for, one seed per real scan, each model trained for
-#: BENCH_BUDGET_S — half of atomstream train's default, so eight trainings and their streaming fit in 30 minutes on 2
-#: cores (with bfloat16 decoder matmuls a step takes ~0.6× its float32 time, so this is about the epochs the CLI's
-#: default bought before them)
+#: BENCH_BUDGET_S — half of atomstream train's default, so that eight trainings and their streaming fit in 30 minutes
+#: on 2 cores; ``--budget 300`` trains as the CLI does (about 50 minutes)
 DEFAULT_SEEDS = {"demo": 5}
 BENCH_BUDGET_S = 150.0
 #: published thresholds the demo also reports (0.5 is the calibrated one): what a controller's ``set`` would trade

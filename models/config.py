@@ -173,10 +173,11 @@ class TrainConfig(_Frozen):
         "setting fit leaves alone (atomstream train sets both)",
     )
     decoder_matmul: Literal["auto", "full", "bfloat16"] = Field(
-        "auto",
-        description="precision of the fused decoder kernel's matmul operands on the CPU: bfloat16 halves the step "
-        "time where the CPU has it natively (gradients within 0.5 % of full precision, held-out quality unchanged: "
-        "docs/training.md); auto picks it there when dtype is float32, full precision elsewhere",
+        "full",
+        description="precision of the fused decoder kernel's matmul operands on the CPU: bfloat16 takes ~0.6x the step "
+        "time at 48 px where the CPU has it natively (gradients within 0.3 % of float64), but at equal epochs its "
+        "held-out ELBO came out 5-9 nats worse on 24-px cards (docs/training.md), so it is opt-in; auto picks it "
+        "where the CPU has it natively and dtype is float32",
     )
     pixel_fraction: float = Field(
         1.0,
