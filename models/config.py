@@ -174,10 +174,11 @@ class TrainConfig(_Frozen):
     )
     decoder_matmul: Literal["auto", "full", "bfloat16"] = Field(
         "full",
-        description="precision of the fused decoder kernel's matmul operands on the CPU: bfloat16 takes ~0.6x the step "
-        "time at 48 px where the CPU has it natively (gradients within 0.3 % of float64), but at equal epochs its "
-        "held-out ELBO came out 5-9 nats worse on 24-px cards (docs/training.md), so it is opt-in; auto picks it "
-        "where the CPU has it natively and dtype is float32",
+        description="precision of the fused decoder kernel's matmul operands on the CPU: with 256-wide decoder layers "
+        "bfloat16 takes ~0.6x the step time where the CPU has it natively (gradients within 0.3 % of float64); with "
+        "the default 64-wide ones it is hardly faster, and at equal epochs its held-out ELBO came out 5-9 nats worse "
+        "on 24-32 px cards (docs/training.md), so it is opt-in; auto picks it where the CPU has it natively and "
+        "dtype is float32",
     )
     pixel_fraction: float = Field(
         1.0,
