@@ -43,7 +43,7 @@ from pyroved_import import import_pyroved
 
 from models.config import ModelConfig
 from models.coords import direction, pixel_grid, rotate_shift_grid
-from models.fused_likelihood import CHUNK_ROWS, native_bfloat16, pixel_log_likelihood
+from models.fused_likelihood import CHUNK_ROWS, MatmulPrecision, native_bfloat16, pixel_log_likelihood
 from models.jtrvae import JTrVAE
 from models.likelihood_path import likelihood_path
 from models.nets import CoordDecoder
@@ -75,7 +75,7 @@ def _fresh_store_step(step: Callable[[], float]) -> float:
     return step()
 
 
-def ours_step(x: torch.Tensor, lr: float, device: str = "cpu", matmul: str = "full") -> Callable[[], float]:
+def ours_step(x: torch.Tensor, lr: float, device: str = "cpu", matmul: MatmulPrecision = "full") -> Callable[[], float]:
     cfg = ModelConfig(
         patch=tuple(x.shape[-2:]),
         n_classes=K,
@@ -88,7 +88,7 @@ def ours_step(x: torch.Tensor, lr: float, device: str = "cpu", matmul: str = "fu
     pyro.clear_param_store()
     threads = torch.get_num_threads()
     model = JTrVAE(cfg, likelihood_threads=threads).to(device)
-    model.likelihood_matmul = matmul  # type: ignore[assignment]  # what fit sets from TrainConfig.decoder_matmul
+    model.likelihood_matmul = matmul  # what fit sets from TrainConfig.decoder_matmul
     x = x.to(device)
     svi = SVI(model.model, model.guide, Adam({"lr": lr}), loss=make_elbo(model))
     beta = (1.0, 1.0, 1.0)
@@ -131,6 +131,20 @@ def pyroved_step(x: torch.Tensor, lr: float) -> Callable[[], float]:
     return lambda: _fresh_store_step(lambda: svi.step(x, scale_factor=[1.0, 1.0]))
 
 
+def random_poses(b: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder inputs for ``b`` images of ``size``²: coordinates under random rotations and shifts, a random z, and
+    the K one-hot classes enumerated ``(K, 1, K)``."""
+    angle, shift = torch.rand(b, generator=gen) * 6.283, 0.1 * torch.randn(b, 2, generator=gen)
+    coords = rotate_shift_grid(pixel_grid(size, size), direction(angle), shift)
+    return coords, torch.randn(b, D, generator=gen), torch.eye(K).reshape(K, 1, K)
+
+
+def path_name(device: str, matmul: MatmulPrecision = "full", *, written_out: bool = False) -> str:
+    """``cpu fused``, ``cpu fused bf16``, ``cpu autograd``, ``cuda autograd``: one name per likelihood path."""
+    path = "autograd" if written_out else likelihood_path(device)
+    return f"{device} {path}{' bf16' if matmul == 'bfloat16' else ''}"
+
+
 def likelihood_parity(size: int, devices: list[str], precisions: list[str], *, seed: int = 0) -> dict[str, float]:
     """Largest relative difference, over the summed log-likelihood per (class, image) and its gradient for every
     decoder weight, between each path and the CPU fused kernel, on the same weights and inputs (8 images of
@@ -140,28 +154,27 @@ def likelihood_parity(size: int, devices: list[str], precisions: list[str], *, s
     decoder = CoordDecoder(latent_dim=D, n_classes=K, hidden=DECODER)
     images, _ = make_data(8, size, seed)
     x = torch.from_numpy(images).reshape(8, -1)
-    angle, shift = torch.rand(8, generator=gen) * 6.283, 0.1 * torch.randn(8, 2, generator=gen)
-    coords = rotate_shift_grid(pixel_grid(size, size), direction(angle), shift)
-    z, y = torch.randn(8, D, generator=gen), torch.eye(K).reshape(K, 1, K)
+    coords, z, y = random_poses(8, size, gen)
 
-    def run(device: str, written_out: bool, matmul: str = "full") -> list[torch.Tensor]:
+    def run(device: str, written_out: bool, matmul: MatmulPrecision = "full") -> list[torch.Tensor]:
         dec = copy.deepcopy(decoder).to(device)
         args = [t.to(device) for t in (coords, z, y, x)]
         if written_out:  # the autograd expression the decoder runs off the CPU, written out so the CPU runs it too
             ll = pixel_log_likelihood(dec(*args[:3]), args[3], "bernoulli", 0.2).sum(-1)
         else:  # what training runs on that device: the path likelihood_path selects
-            ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2, matmul=matmul)  # type: ignore[arg-type]
+            ll = dec.log_likelihood(*args, likelihood="bernoulli", gaussian_scale=0.2, matmul=matmul)
         grads = torch.autograd.grad(ll.sum(), list(dec.parameters()))
         return [t.detach().cpu() for t in (ll, *grads)]
 
     want = run("cpu", written_out=False)
-    paths = [("cpu", True, "full")] + [(d, False, "full") for d in devices if d != "cpu"]
-    paths += [("cpu", False, m) for m in precisions if m != "full"]
+    paths: list[tuple[str, bool, MatmulPrecision]] = [("cpu", True, "full")]
+    paths += [(d, False, "full") for d in devices if d != "cpu"] + [
+        ("cpu", False, m) for m in precisions if m != "full"
+    ]
     out: dict[str, float] = {}
     for device, written_out, matmul in paths:
         got = run(device, written_out, matmul)
-        name = f"{device} {'autograd' if written_out else likelihood_path(device)}{' bf16' if matmul != 'full' else ''}"
-        out[name] = max(
+        out[path_name(device, matmul, written_out=written_out)] = max(
             float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want, strict=True)
         )
     return out
@@ -191,16 +204,13 @@ def matmul_limit(threads: int, dtype: torch.dtype, repeats: int = 20) -> float:
     return 2 * CHUNK_ROWS * 256 * 256 * repeats * threads / seconds / 1e9
 
 
-def decoder_seconds(x: torch.Tensor, matmul: str, repeats: int = 2) -> float:
+def decoder_seconds(x: torch.Tensor, matmul: MatmulPrecision, repeats: int = 2) -> float:
     """Seconds of the decoder's likelihood alone (forward and backward, K classes enumerated, random transforms):
     the share of a step the fused kernel takes; the rest is encoder, Pyro's bookkeeping and Adam."""
     b, size = x.shape[0], x.shape[-1]
     decoder = CoordDecoder(latent_dim=D, n_classes=K, hidden=DECODER)
-    gen = torch.Generator().manual_seed(0)
-    coords = rotate_shift_grid(
-        pixel_grid(size, size), direction(torch.rand(b, generator=gen) * 6.283), 0.1 * torch.randn(b, 2, generator=gen)
-    )
-    z, y = torch.randn(b, D, generator=gen, requires_grad=True), torch.eye(K).reshape(K, 1, K)
+    coords, z, y = random_poses(b, size, torch.Generator().manual_seed(0))
+    z.requires_grad_()
     flat, threads = x.reshape(b, -1), torch.get_num_threads()  # the chunks' threads, read before as_the_cli sets 1
 
     def step() -> None:
@@ -213,7 +223,7 @@ def decoder_seconds(x: torch.Tensor, matmul: str, repeats: int = 2) -> float:
             gaussian_scale=0.2,
             threads=threads,
             matmul=matmul,
-        )  # type: ignore[arg-type]
+        )
         ll.sum().backward()
 
     def timed() -> float:
@@ -233,7 +243,9 @@ def decoder_gflop(b: int, size: int) -> float:
     return 3 * 2 * rows * sum(a * c for a, c in zip(DECODER[1:], DECODER[:-1], strict=True)) / 1e9
 
 
-def print_profile(x: torch.Tensor, measured: dict[str, float], ours: list[str], precisions: list[str]) -> None:
+def print_profile(
+    x: torch.Tensor, measured: dict[str, float], variants: dict[str, tuple[str, MatmulPrecision]]
+) -> None:
     """Where a step's time goes, and how far its matmuls are from the CPU's limit on the same shapes."""
     threads = torch.get_num_threads()
     gflop = decoder_gflop(x.shape[0], x.shape[-1])
@@ -243,7 +255,7 @@ def print_profile(x: torch.Tensor, measured: dict[str, float], ours: list[str], 
     print(
         f"{'our row':<32} {'step s':>7} {'decoder s':>9} {'decoder %':>9} {'GFLOP/s':>8} {'limit':>8} {'of limit':>8}"
     )
-    for name, matmul in zip([n for n in ours if " cpu " in n], precisions, strict=False):
+    for name, matmul in ((n, m) for n, (device, m) in variants.items() if device == "cpu"):
         step_s, dec_s = measured[name], decoder_seconds(x, matmul)
         limit = matmul_limit(threads, torch.bfloat16 if matmul == "bfloat16" else torch.float32)
         achieved = gflop / dec_s
@@ -319,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     if "bfloat16" in precisions and not native_bfloat16():
         print("# bfloat16: skipped (this CPU has no native bfloat16; oneDNN would emulate it)")
         precisions.remove("bfloat16")
-    variants = [(d, m) for d in devices for m in (precisions if likelihood_path(d) == "fused" else ["full"])]
-    ours = [f"{OURS} {d} {likelihood_path(d)}{' bf16' if m == 'bfloat16' else ''}" for d, m in variants]
-    for name, (device, matmul) in zip(ours, variants, strict=True):
+    variants: dict[str, tuple[str, MatmulPrecision]] = {
+        f"{OURS} {path_name(d, m)}": (d, m)
+        for d in devices
+        for m in (precisions if likelihood_path(d) == "fused" else ["full"])
+    }
+    ours = list(variants)
+    for name, (device, matmul) in variants.items():
         pyro.set_rng_seed(0)
         steps[name] = ours_step(x, args.lr, device, matmul)
     if args.skip_pyroved:
@@ -343,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{ref_time / t:.2f}×" if ref_time else "-"
         print(f"{name:<32} {t:>9.3f} {1000 * t / args.batch:>9.1f} {args.batch / t:>9.1f} {ratio:>9}")
     if args.profile:
-        print_profile(x, measured, ours, precisions)
+        print_profile(x, measured, variants)
     if not args.parity:
         return 0
     diffs = likelihood_parity(args.size, devices, precisions)
