@@ -12,18 +12,11 @@ answer decided ``TrainConfig.decoder_matmul``'s default (docs/training.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import time
-from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
-from robustness import _draw
+from robustness import _draw, train_with_cli
 
-from atomstream.cli import main as cli
-from models.checkpoint import load_run
 from models.evaluate import clustering_accuracy, encode_images
 from models.fused_likelihood import native_bfloat16
 
@@ -31,19 +24,10 @@ PRECISIONS = ("full", "bfloat16")
 
 
 def train_once(images: np.ndarray, labels: np.ndarray, seed: int, matmul: str, length: list[str]) -> dict:
-    with TemporaryDirectory() as tmp:
-        data, run = Path(tmp) / "train.npz", Path(tmp) / "run"
-        np.savez(data, images=images, labels=labels)
-        log = io.StringIO()
-        argv = ["train", "--data", str(data), "--classes", "4", "--out", str(run), "--seed", str(seed)]
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            code = cli([*argv, *length, "--decoder-matmul", matmul, "--no-progress"])
-        if code != 0:
-            raise RuntimeError(f"atomstream train failed:\n{log.getvalue()}")
-        history = json.loads((run / "history.json").read_text())
-        model, _ = load_run(run)
-    return {"model": model, "epochs": len(history), "val_loss": history[-1]["val_loss"],
-            "seconds": sum(h["seconds"] for h in history)}  # fmt: skip
+    flags = [*length, "--decoder-matmul", matmul, "--no-progress"]
+    trained = train_with_cli(images, labels, seed, flags, f"{matmul} seed {seed}")
+    return {"model": trained.model, "epochs": len(trained.history), "val_loss": trained.history[-1]["val_loss"],
+            "seconds": sum(h["seconds"] for h in trained.history)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

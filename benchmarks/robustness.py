@@ -26,6 +26,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -96,23 +97,42 @@ def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
         return cluster_classes(features.calibrate(torch.from_numpy(images)[:, None]).numpy(), k, seed=seed).labels
 
 
-def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    train_x, train_y = _draw(family, args.n_train, size, rotation, 1000 + seed)
-    test_x, test_y = _draw(family, args.n_test, size, rotation, 2000 + seed)
+@dataclass(frozen=True)
+class Trained:
+    """What one `atomstream train` run left: its model and config, diagnosis, per-epoch history, wall seconds."""
+
+    model: Any
+    cfg: Any
+    diagnosis: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def train_with_cli(images: np.ndarray, labels: np.ndarray, seed: int, flags: list[str], case: str) -> Trained:
+    """``atomstream train --classes 4 --seed seed *flags`` on these cards, in a scratch directory, as a user runs it
+    (its output kept quiet unless it fails: then the error names ``case`` and carries the output)."""
     with TemporaryDirectory() as tmp:
         data, run = Path(tmp) / "train.npz", Path(tmp) / "run"
-        np.savez(data, images=train_x, labels=train_y)
+        np.savez(data, images=images, labels=labels)
         log = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             argv = ["train", "--data", str(data), "--classes", "4", "--out", str(run), "--seed", str(seed)]
-            code = cli(argv + shlex.split(args.train_flags))
+            code = cli(argv + flags)
         seconds = time.perf_counter() - t0
         if code != 0:
-            case = f"{family} {size}px ±{rotation}° seed {seed}"
             raise RuntimeError(f"atomstream train failed on {case}:\n{log.getvalue()}")
         model, cfg = load_run(run)
-        diagnosis = load_diagnosis(run) or {}
+        history = json.loads((run / "history.json").read_text())
+        return Trained(model, cfg, load_diagnosis(run) or {}, history, seconds)
+
+
+def run_cards(family: str, size: int, rotation: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    train_x, train_y = _draw(family, args.n_train, size, rotation, 1000 + seed)
+    test_x, test_y = _draw(family, args.n_test, size, rotation, 2000 + seed)
+    case = f"{family} {size}px ±{rotation}° seed {seed}"
+    trained = train_with_cli(train_x, train_y, seed, shlex.split(args.train_flags), case)
+    model, cfg, diagnosis, seconds = trained.model, trained.cfg, trained.diagnosis, trained.seconds
     pred = encode_images(model, test_x)["class_prob"].argmax(axis=1)
     init = _invariant_clusters(test_x, 4, seed)
     base = _pixel_baseline(test_x, 4, seed)
