@@ -91,8 +91,14 @@ def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
     from models.config import ModelConfig
     from models.nets import InvariantFeatures
 
-    quantiles = ModelConfig.model_fields["class_quantiles"].default
-    features = InvariantFeatures(images.shape[1:], rotation=True, translation=True, quantiles=quantiles)
+    defaults = ModelConfig()
+    features = InvariantFeatures(
+        images.shape[1:],
+        rotation=True,
+        translation=True,
+        quantiles=defaults.class_quantiles,
+        moments=defaults.class_moments,
+    )
     with torch.no_grad():
         return cluster_classes(features.calibrate(torch.from_numpy(images)[:, None]).numpy(), k, seed=seed).labels
 

@@ -152,6 +152,9 @@ def load_config(run_dir: str | Path) -> RunConfig:
     if isinstance(model, dict) and "class_quantiles" not in model:
         # ... and one saved before the intensity quantiles read only the spectral invariants.
         model["class_quantiles"] = 0
+    if isinstance(model, dict) and "class_moments" not in model:
+        # ... and one saved before the intensity moments read none (its quantiles, if any, are in its config).
+        model["class_moments"] = 0
     return RunConfig.model_validate(data)
 
 

@@ -134,6 +134,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         "translation": cfg.translation,
         "invariant_class": cfg.class_head == "invariant",
         "class_quantiles": cfg.class_quantiles,
+        "class_moments": cfg.class_moments,
     }
     if cfg.encoder == "mlp":
         return MLPEncoder(cfg.patch, hidden=cfg.encoder_hidden, **common)

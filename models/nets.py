@@ -80,6 +80,82 @@ class _Heads(nn.Module):
         return out
 
 
+#: The intensity moments ``InvariantFeatures`` can read, in order (``moments=n`` reads the first n).
+_MOMENTS = ("mean", "standard deviation", "skewness", "kurtosis")
+
+
+def _intensity_moments(flat: Tensor, n: int) -> Tensor:
+    """The first ``n`` of mean, standard deviation, skewness and kurtosis of each row of ``flat`` ``(B, P)``.
+
+    Why these and not sorted values: both describe the patch's own intensity distribution and neither moves under
+    any rearrangement of its pixels, but a sort of every patch cost more than the rest of the encoder together (the
+    exported TopK was 58 % of its time) while these are a few passes over the pixels; and on the warm start they
+    scored as well or better (docs/training.md). The ε keeps a flat patch's skewness and kurtosis finite and equal
+    in every runtime: divided by a near-zero spread, float rounding would become feature differences.
+    """
+    mean = flat.mean(dim=1, keepdim=True)
+    out = [mean]
+    if n > 1:
+        centred = flat - mean
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        out.append(torch.sqrt(var + 1e-12))
+        if n > 2:
+            cubed = centred * centred * centred
+            out.append(cubed.mean(dim=1, keepdim=True) / (var * out[1] + 1e-9))
+        if n > 3:
+            out.append((cubed * centred).mean(dim=1, keepdim=True) / (var * var + 1e-9))
+    return torch.cat(out, dim=1)
+
+
+def _ring_harmonics(patch: tuple[int, int], spectral: bool, n_radii: int, n_angles: int, harmonics: int) -> Tensor:
+    """The linear map from a patch's values to its rings' angular harmonics, ``(inputs, R·2·(M+1))`` in float64.
+
+    Each ring samples ``n_angles`` points bilinearly; of each ring the (cos, sin) parts of harmonics 0..M. Sampling
+    and harmonics are both linear, so they are one matrix: one dense matmul, which exports to a plain MatMul and
+    runs at the machine's matmul speed, where gathering four corners per sample ran several times slower. The
+    inputs are either the pixels or, with ``spectral``, the half spectrum ``InvariantFeatures._spectral`` computes
+    (the columns of non-negative x-frequency; a sample in the other half reads its mirror image, which holds the
+    same magnitude), both row-major.
+    """
+    h, w = patch
+    radii = (torch.arange(n_radii, dtype=torch.float64) + 0.5) * (min(h, w) / 2 / n_radii)
+    theta = torch.arange(n_angles, dtype=torch.float64) * (2 * math.pi / n_angles)
+    centre = (h // 2, w // 2) if spectral else ((h - 1) / 2, (w - 1) / 2)
+    ys = (centre[0] + radii[:, None] * torch.sin(theta)[None]).reshape(-1)
+    xs = (centre[1] + radii[:, None] * torch.cos(theta)[None]).reshape(-1)
+    if spectral:
+        # The spectrum is periodic (index 0 holds the Nyquist frequency, next to +n/2 - 1 at the far end):
+        # interpolating across that seam keeps the outer ring exactly invariant to a quarter turn.
+        y0, x0 = ys.floor(), xs.floor()
+        fy, fx = ys - y0, xs - x0
+        y0, x0 = y0.long() % h, x0.long() % w
+        y1, x1 = (y0 + 1) % h, (x0 + 1) % w
+    else:
+        ys, xs = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
+        y0, x0 = ys.floor().clamp(max=h - 2 if h > 1 else 0), xs.floor().clamp(max=w - 2 if w > 1 else 0)
+        fy, fx = ys - y0, xs - x0
+        y0, x0 = y0.long(), x0.long()
+        y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    corners = [(y0, x0, (1 - fy) * (1 - fx)), (y0, x1, (1 - fy) * fx), (y1, x0, fy * (1 - fx)), (y1, x1, fy * fx)]
+    m = torch.arange(harmonics + 1, dtype=torch.float64)
+    trig = torch.stack([torch.cos(torch.outer(theta, m)), torch.sin(torch.outer(theta, m))], dim=1)  # (T, 2, M+1)
+    n_in = (w // 2 + 1) * h if spectral else h * w
+    out = torch.zeros(n_in, n_radii, n_angles, dtype=torch.float64)
+    ring = torch.arange(n_radii).repeat_interleave(n_angles)
+    angle = torch.arange(n_angles).repeat(n_radii)
+    for yy, xx, weight in corners:
+        if spectral:
+            fq_y, fq_x = yy - h // 2, xx - w // 2  # the sample's frequencies
+            mirror = (fq_x < 0) & ~((w % 2 == 0) & (fq_x == -(w // 2)))  # read at (-fy, -fx) instead
+            col = torch.where(mirror, -fq_x, fq_x.abs())
+            row = torch.where(mirror, (-fq_y + h // 2) % h, yy)
+            index = row * (w // 2 + 1) + col
+        else:
+            index = yy * w + xx
+        out.index_put_((index, ring, angle), weight, accumulate=True)
+    return torch.einsum("irt,tcm->ircm", out, trig).reshape(n_in, -1)
+
+
 class InvariantFeatures(nn.Module):
     r"""Features of a patch that the model's own transforms leave unchanged, as fixed linear maps (exportable).
 
@@ -89,9 +165,9 @@ class InvariantFeatures(nn.Module):
       magnitudes of its first angular harmonics :math:`|\sum_\theta f(r,\theta) e^{-im\theta}|`, which a rotation
       about the centre does not change;
     * both off: the pixels;
-    * with ``quantiles`` > 0 and any invariance on, also the patch's own intensity distribution: its sorted pixel
-      values at ``quantiles`` evenly spaced ranks, which no rearrangement of the pixels — so no rotation or shift —
-      changes.
+    * with ``moments`` > 0 and any invariance on, also the patch's own intensity distribution: its mean, standard
+      deviation, skewness and kurtosis (the first ``moments`` of them); with ``quantiles`` > 0 its sorted pixel values
+      at that many evenly spaced ranks. No rearrangement of the pixels — so no rotation or shift — changes either.
 
     ``½·log1p(|·|²)`` compresses the spectrum's range (the log of the magnitude for large values, with no square root
     whose slope at 0 would turn float rounding into export-parity errors); per-feature ``mean``/``scale`` buffers
@@ -101,11 +177,15 @@ class InvariantFeatures(nn.Module):
     shifted suit is the same suit, and on atom-centred or grid patches the same freedom lets the class split by
     sublattice or registration; here it cannot.
 
-    Why the intensity quantiles: the spectrum is taken of the mean-free patch and the ring harmonics keep only
+    Why the intensity moments: the spectrum is taken of the mean-free patch and the ring harmonics keep only
     magnitudes, so how bright a patch is — what tells a heavier cation's film from its substrate in Z-contrast —
-    reaches those features only indirectly. Measured (docs/training.md): the warm start's film/substrate balanced
-    accuracy on the real PbTiO3/SrRuO3 scan rises from 0.931 to 0.998 with them, and on the demo lattice from
-    0.79–0.86 to 0.86–0.97.
+    reaches those features only indirectly (docs/training.md has the measurements). Quantiles carry the same and came
+    first, but sorting every patch took more than half of the exported encoder's time.
+
+    Why the formulation: the spectrum's two transforms are two large matmuls over the whole batch, and ring
+    sampling with the angular harmonics is one fixed matrix (``_ring_harmonics``), so ONNX Runtime and TorchScript
+    run the features at matmul speed; gathering four corners per ring sample, and a batch of 32×32 matmuls per
+    patch, made them several times the encoder trunk's cost.
     """
 
     def __init__(
@@ -117,78 +197,67 @@ class InvariantFeatures(nn.Module):
         harmonics: int = 8,
         n_angles: int = 32,
         quantiles: int = 0,
+        moments: int = 0,
     ) -> None:
         super().__init__()
         h, w = patch
+        if not 0 <= moments <= len(_MOMENTS):
+            raise ValueError(f"moments={moments}: the intensity moments are {', '.join(_MOMENTS)} (0 to 4 of them)")
         self.rotation, self.translation = rotation, translation
         self.quantiles = quantiles if (rotation or translation) else 0
+        self.moments = moments if (rotation or translation) else 0
         ranks = torch.linspace(0, h * w - 1, self.quantiles, dtype=torch.float64).round().long()
         self.register_buffer("quantile_ranks", ranks, persistent=False)
+        # With rotation, the spectrum is only read on the rings, and the spectrum of a real patch is symmetric
+        # (|F(k)| = |F(-k)|): the columns of non-negative x-frequency (w // 2 + 1 of them) hold every value needed.
+        self.half = w // 2 + 1 if rotation else w
         if translation:
-            for name, n in (("h", h), ("w", w)):
-                k = torch.arange(n, dtype=torch.float64)
-                rows = (k - n // 2) % n  # fftshift: row i holds frequency i - n // 2
-                phase = 2 * math.pi * torch.outer(rows, k) / n
-                self.register_buffer(f"cos_{name}", torch.cos(phase).float(), persistent=False)
-                self.register_buffer(f"sin_{name}", torch.sin(phase).float(), persistent=False)
+            ky = (torch.arange(h, dtype=torch.float64) - h // 2) % h  # fftshift: row i holds frequency i - h // 2
+            ay = 2 * math.pi * torch.outer(ky, torch.arange(h, dtype=torch.float64)) / h
+            kx = torch.arange(self.half, dtype=torch.float64) if rotation else (torch.arange(w) - w // 2) % w
+            ax = 2 * math.pi * torch.outer(kx.double(), torch.arange(w, dtype=torch.float64)) / w
+            # Along x, one matmul of all (B·H, W) rows with [cos | sin]; along y, [cos; sin] times each patch's
+            # (H, 2X) result — two matmuls for the whole batch, and no transpose between them.
+            self.register_buffer("dft_x", torch.cat([torch.cos(ax), torch.sin(ax)]).t().float(), persistent=False)
+            self.register_buffer("dft_y", torch.cat([torch.cos(ay), torch.sin(ay)]).float(), persistent=False)
         n_features = h * w
         if rotation:
-            centre = (h // 2, w // 2) if translation else ((h - 1) / 2, (w - 1) / 2)
-            n_radii = max(2, min(h, w) // 2)
-            radii = (torch.arange(n_radii, dtype=torch.float64) + 0.5) * (min(h, w) / 2 / n_radii)
-            theta = torch.arange(n_angles, dtype=torch.float64) * (2 * math.pi / n_angles)
-            ys = (centre[0] + radii[:, None] * torch.sin(theta)[None]).reshape(-1)
-            xs = (centre[1] + radii[:, None] * torch.cos(theta)[None]).reshape(-1)
-            if translation:
-                # The spectrum is periodic (index 0 holds the Nyquist frequency, next to +n/2 - 1 at the far end):
-                # interpolating across that seam keeps the outer ring exactly invariant to a quarter turn.
-                y0, x0 = ys.floor(), xs.floor()
-                fy, fx = ys - y0, xs - x0
-                y0, x0 = y0.long() % h, x0.long() % w
-                y1, x1 = (y0 + 1) % h, (x0 + 1) % w
-            else:
-                ys, xs = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
-                y0, x0 = ys.floor().clamp(max=h - 2 if h > 1 else 0), xs.floor().clamp(max=w - 2 if w > 1 else 0)
-                fy, fx = ys - y0, xs - x0
-                y0, x0 = y0.long(), x0.long()
-                y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
-            index = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1)
-            weight = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=-1)
-            self.register_buffer("ring_index", index, persistent=False)
-            self.register_buffer("ring_weight", weight.float(), persistent=False)
-            m = torch.arange(harmonics + 1, dtype=torch.float64)
-            ang = torch.outer(theta, m)
-            self.register_buffer("harm_cos", torch.cos(ang).float(), persistent=False)
-            self.register_buffer("harm_sin", torch.sin(ang).float(), persistent=False)
-            self.n_radii, self.n_angles = n_radii, n_angles
-            n_features = n_radii * (harmonics + 1)
-        self.n_features = n_features + self.quantiles
+            self.n_radii = max(2, min(h, w) // 2)
+            self.harmonics = harmonics
+            rings = _ring_harmonics((h, w), translation, self.n_radii, n_angles, harmonics)
+            self.register_buffer("rings", rings.float(), persistent=False)
+            n_features = self.n_radii * (harmonics + 1)
+        self.n_features = n_features + self.moments + self.quantiles
         self.register_buffer("mean", torch.zeros(self.n_features))
         self.register_buffer("scale", torch.ones(self.n_features))
 
     def raw(self, x: Tensor) -> Tensor:
         """Unstandardised features ``(B, F)`` of patches ``(B, 1, H, W)``."""
-        spectral = self._spectral(x[:, 0])
-        if self.quantiles == 0:
-            return spectral
-        ordered = torch.sort(x.reshape(x.shape[0], -1), dim=1).values
-        return torch.cat([spectral, ordered[:, self.quantile_ranks]], dim=1)
+        parts = [self._spectral(x[:, 0])]
+        flat = x.reshape(x.shape[0], -1)
+        if self.moments:
+            parts.append(_intensity_moments(flat, self.moments))
+        if self.quantiles:
+            parts.append(torch.sort(flat, dim=1).values[:, self.quantile_ranks])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _spectral(self, f: Tensor) -> Tensor:
+        b, h, w = f.shape
         if self.translation:
             f = f - f.mean(dim=(-2, -1), keepdim=True)
-            a = self.cos_h @ f  # (B, H, W): transform along rows ...
-            b = self.sin_h @ f
-            re = a @ self.cos_w.T - b @ self.sin_w.T  # ... then along columns (the sign of Im does not matter)
-            im = a @ self.sin_w.T + b @ self.cos_w.T
+            x_parts = (f.reshape(b * h, w) @ self.dft_x).reshape(b, h, 2 * self.half)  # [cos | sin] along x
+            yx = self.dft_y @ x_parts  # (B, 2H, 2X): [cos; sin] along y of each
+            n, m = h, self.half
+            re = yx[:, :n, :m] - yx[:, n:, m:]  # cos·cos - sin·sin
+            im = yx[:, :n, m:] + yx[:, n:, :m]  # (the sign of Im does not matter)
             f = 0.5 * torch.log1p(re * re + im * im)  # log of the magnitude, with no sqrt to amplify rounding near 0
-        flat = f.reshape(f.shape[0], -1)
+        flat = f.reshape(b, -1)
         if not self.rotation:
             return flat
-        rings = (flat[:, self.ring_index] * self.ring_weight).sum(-1)  # (B, R·T)
-        rings = rings.reshape(-1, self.n_radii, self.n_angles)
-        c, s = rings @ self.harm_cos, rings @ self.harm_sin
-        return 0.5 * torch.log1p(c * c + s * s).reshape(f.shape[0], -1)
+        k = self.harmonics + 1
+        parts = (flat @ self.rings).reshape(b, self.n_radii, 2 * k)  # each ring's harmonics: [cos | sin] parts
+        c, s = parts[..., :k], parts[..., k:]
+        return 0.5 * torch.log1p(c * c + s * s).reshape(b, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.raw(x) - self.mean) / self.scale
@@ -218,10 +287,13 @@ class InvariantClassHead(nn.Module):
         rotation: bool,
         translation: bool,
         quantiles: int = 0,
+        moments: int = 0,
         hidden: int = 128,
     ) -> None:
         super().__init__()
-        self.features = InvariantFeatures(patch, rotation=rotation, translation=translation, quantiles=quantiles)
+        self.features = InvariantFeatures(
+            patch, rotation=rotation, translation=translation, quantiles=quantiles, moments=moments
+        )
         self.net = nn.Sequential(nn.Linear(self.features.n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -274,12 +346,18 @@ class _Encoder(nn.Module):
         translation: bool,
         invariant_class: bool,
         class_quantiles: int = 0,
+        class_moments: int = 0,
     ) -> None:
         branch = invariant_class and n_classes > 0
         self.heads = _Heads(width, latent_dim, 0 if branch else n_classes, rotation, translation)
         self.class_head = (
             InvariantClassHead(
-                patch, n_classes=n_classes, rotation=rotation, translation=translation, quantiles=class_quantiles
+                patch,
+                n_classes=n_classes,
+                rotation=rotation,
+                translation=translation,
+                quantiles=class_quantiles,
+                moments=class_moments,
             )
             if branch
             else None
@@ -306,6 +384,7 @@ class MLPEncoder(_Encoder):
         hidden: tuple[int, ...] = (256, 256),
         invariant_class: bool = False,
         class_quantiles: int = 0,
+        class_moments: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -314,7 +393,9 @@ class MLPEncoder(_Encoder):
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
         self.trunk = nn.Sequential(*layers)
-        self._attach_heads(patch, width, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles)
+        self._attach_heads(
+            patch, width, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles, class_moments
+        )
 
 
 class ConvEncoder(_Encoder):
@@ -335,6 +416,7 @@ class ConvEncoder(_Encoder):
         hidden: int = 256,
         invariant_class: bool = False,
         class_quantiles: int = 0,
+        class_moments: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -345,7 +427,7 @@ class ConvEncoder(_Encoder):
         layers += [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.Tanh()]
         self.trunk = nn.Sequential(*layers)
         self._attach_heads(
-            patch, hidden, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles
+            patch, hidden, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles, class_moments
         )
 
 

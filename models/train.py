@@ -300,6 +300,7 @@ def _invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
         rotation=model_cfg.rotation,
         translation=model_cfg.translation,
         quantiles=model_cfg.class_quantiles,
+        moments=model_cfg.class_moments,
     )
     return features.to(x.device, x.dtype).calibrate(x)
 

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,15 +175,15 @@ def test_dense_decoder_refuses_a_grid_of_another_size() -> None:
         dec(torch.zeros(1, 20, 2), torch.zeros(1, 2))
 
 
-@pytest.mark.parametrize("quantiles", [0, 16])
-def test_invariant_features_ignore_a_shift_and_a_quarter_turn_but_not_brightness(quantiles: int) -> None:
+@pytest.mark.parametrize(("quantiles", "moments"), [(0, 0), (16, 0), (0, 4), (8, 2)])
+def test_invariant_features_ignore_a_shift_and_a_quarter_turn_but_not_brightness(quantiles: int, moments: int) -> None:
     """The class head's features must not move when the model's own transforms act (a circular shift; a quarter
     turn, which maps the sampling rings onto themselves), and must move when the content does: a brighter patch of
     the same shape is what tells a heavy-cation film from its substrate."""
     torch.manual_seed(0)
     x = torch.rand(4, 1, 16, 16)
-    features = InvariantFeatures((16, 16), rotation=True, translation=True, quantiles=quantiles)
-    assert features.n_features == 8 * 9 + quantiles
+    features = InvariantFeatures((16, 16), rotation=True, translation=True, quantiles=quantiles, moments=moments)
+    assert features.n_features == 8 * 9 + moments + quantiles
     base = features.raw(x)
     shifted = features.raw(torch.roll(x, shifts=(3, -5), dims=(-2, -1)))
     turned = features.raw(torch.rot90(x, 1, dims=(-2, -1)))
@@ -190,7 +191,66 @@ def test_invariant_features_ignore_a_shift_and_a_quarter_turn_but_not_brightness
     torch.testing.assert_close(turned, base, atol=1e-4, rtol=1e-4)
     brighter = features.raw(x + 0.3)
     moved = (brighter - base).abs().amax(dim=1)
-    if quantiles:
-        assert bool((moved > 0.25).all()), "the intensity quantiles must see a brighter patch"
+    if quantiles or moments:
+        assert bool((moved > 0.25).all()), "the intensity quantiles or moments must see a brighter patch"
     else:
         assert bool((moved < 1e-4).all()), "the mean-free spectrum alone is blind to a uniform offset"
+
+
+def _reference_ring_features(x: np.ndarray, spectral: bool, harmonics: int = 8, n_angles: int = 32) -> np.ndarray:
+    """The documented function written the plain way: numpy's FFT, four explicit bilinear corners per ring sample
+    and a DFT over each ring's angles — independent of the matmul formulation the module exports."""
+    n, h, w = x.shape
+    if spectral:
+        f = x - x.mean(axis=(1, 2), keepdims=True)
+        f = 0.5 * np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(f), axes=(1, 2))) ** 2)
+        cy, cx = h // 2, w // 2
+    else:
+        f, cy, cx = x, (h - 1) / 2, (w - 1) / 2
+    n_radii = max(2, min(h, w) // 2)
+    radii = (np.arange(n_radii) + 0.5) * (min(h, w) / 2 / n_radii)
+    theta = np.arange(n_angles) * 2 * np.pi / n_angles
+    ys, xs = cy + radii[:, None] * np.sin(theta), cx + radii[:, None] * np.cos(theta)
+    if spectral:
+        y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        fy, fx = ys - y0, xs - x0
+        y1, x1 = (y0 + 1) % h, (x0 + 1) % w
+        y0, x0 = y0 % h, x0 % w
+    else:
+        ys, xs = ys.clip(0, h - 1), xs.clip(0, w - 1)
+        y0, x0 = np.minimum(np.floor(ys), h - 2).astype(int), np.minimum(np.floor(xs), w - 2).astype(int)
+        fy, fx = ys - y0, xs - x0
+        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    rings = (
+        f[:, y0, x0] * (1 - fy) * (1 - fx) + f[:, y0, x1] * (1 - fy) * fx
+        + f[:, y1, x0] * fy * (1 - fx) + f[:, y1, x1] * fy * fx
+    )  # fmt: skip
+    spectrum = np.fft.fft(rings, axis=2)[..., : harmonics + 1]
+    return (0.5 * np.log1p(np.abs(spectrum) ** 2)).reshape(n, -1)
+
+
+@pytest.mark.parametrize("patch", [(16, 16), (15, 17), (24, 20)])
+@pytest.mark.parametrize("translation", [True, False])
+def test_invariant_features_equal_the_plain_fft_and_ring_sampling(patch: tuple[int, int], translation: bool) -> None:
+    """The exported formulation (half spectrum, ring sampling and harmonics folded into one matrix) must be the
+    function the docstring describes, on even and odd sides (to the float32 rounding of its fixed matrices)."""
+    x = np.random.default_rng(0).random((6, *patch))
+    features = InvariantFeatures(patch, rotation=True, translation=translation).double()
+    got = features.raw(torch.from_numpy(x)[:, None]).numpy()
+    np.testing.assert_allclose(got, _reference_ring_features(x, spectral=translation), rtol=1e-6, atol=1e-6)
+
+
+def test_intensity_moments_are_the_textbook_ones_and_finite_on_a_flat_patch() -> None:
+    x = np.random.default_rng(1).gamma(2.0, 0.1, size=(5, 1, 12, 12))
+    got = InvariantFeatures((12, 12), rotation=True, translation=True, moments=4).double().raw(torch.from_numpy(x))
+    flat = x.reshape(5, -1)
+    mean, std = flat.mean(1), flat.std(1)
+    z = (flat - mean[:, None]) / std[:, None]
+    want = np.stack([mean, std, (z**3).mean(1), (z**4).mean(1)], axis=1)
+    np.testing.assert_allclose(got[:, -4:].numpy(), want, rtol=1e-4)
+    flat_patch = InvariantFeatures((12, 12), rotation=True, translation=True, moments=4).raw(
+        torch.full((1, 1, 12, 12), 0.4)
+    )
+    assert bool(torch.isfinite(flat_patch).all())
+    with pytest.raises(ValueError, match="0 to 4"):
+        InvariantFeatures((12, 12), rotation=True, translation=True, moments=5)
