@@ -28,7 +28,10 @@ class DemoOptions:
     train_frames: int = 5
     patch: int = 16
     stride: int = 16
-    classes: int = 3
+    #: the sample has two phases; point defects are the class-free defect score's job (no class is designated one),
+    #: so a third class had nothing to hold but nuisance scattered over both phases (seeds 0-4: phase accuracy
+    #: 0.980, 0.961, 0.966, 0.979, 0.898 with K = 3; 0.986, 0.954, 0.978, 0.978, 0.961 with K = 2)
+    classes: int = 2
     epochs: int = 15
     n_defects: int = 12
     seed: int = 0
