@@ -30,7 +30,7 @@ class DemoOptions:
     stride: int = 16
     #: the sample has two phases; point defects are the class-free defect score's job (no class is designated one),
     #: so a third class had nothing to hold but nuisance scattered over both phases (seeds 0-4: phase accuracy
-    #: 0.980, 0.961, 0.966, 0.979, 0.898 with K = 3; 0.986, 0.954, 0.978, 0.978, 0.961 with K = 2)
+    #: 0.986, 0.957, 0.969, 0.990, 0.924 with K = 3; 0.984, 0.951, 0.980, 0.983, 0.953 with K = 2; docs/training.md)
     classes: int = 2
     epochs: int = 15
     n_defects: int = 12

@@ -54,20 +54,20 @@ class ModelConfig(_Frozen):
         "the paper's shared encoder trunk",
     )
     class_moments: int = Field(
-        4,
+        6,
         ge=0,
-        le=4,
-        description="with the invariant class head, how many moments of the patch's own intensity distribution it "
-        "also reads: mean, standard deviation, skewness, kurtosis (unchanged by any rotation or shift); they carry "
-        "the brightness that tells a heavy-cation film from its substrate, which the mean-free spectrum does not "
-        "(docs/training.md); 0 = none",
+        le=6,
+        description="with the invariant class head, how many statistics of the patch's own intensity distribution "
+        "it also reads, in this order: mean, standard deviation, skewness, kurtosis, minimum, maximum (unchanged by "
+        "any rotation or shift); they carry the brightness that tells a heavy-cation film from its substrate, which "
+        "the mean-free spectrum does not, and the extremes a point defect moves (docs/training.md); 0 = none",
     )
     class_quantiles: int = Field(
         0,
         ge=0,
         le=256,
         description="with the invariant class head, how many quantiles of the patch's intensity distribution it also "
-        "reads (sorted pixel values at evenly spaced ranks); the moments carry the same at a fraction of the cost "
+        "reads (sorted pixel values at evenly spaced ranks); class_moments carries the same at a fraction of the cost "
         "(a sort per patch was most of the exported encoder's time), so 0 by default; runs trained with them keep them",
     )
     encoder_hidden: tuple[_Width, ...] = (256, 256)

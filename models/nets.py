@@ -81,17 +81,19 @@ class _Heads(nn.Module):
 
 
 #: The intensity moments ``InvariantFeatures`` can read, in order (``moments=n`` reads the first n).
-_MOMENTS = ("mean", "standard deviation", "skewness", "kurtosis")
+_MOMENTS = ("mean", "standard deviation", "skewness", "kurtosis", "minimum", "maximum")
 
 
 def _intensity_moments(flat: Tensor, n: int) -> Tensor:
-    """The first ``n`` of mean, standard deviation, skewness and kurtosis of each row of ``flat`` ``(B, P)``.
+    """The first ``n`` of mean, standard deviation, skewness, kurtosis, minimum and maximum of each row of ``flat``.
 
     Why these and not sorted values: both describe the patch's own intensity distribution and neither moves under
     any rearrangement of its pixels, but a sort of every patch cost more than the rest of the encoder together (the
-    exported TopK was 58 % of its time) while these are a few passes over the pixels; and on the warm start they
-    scored as well or better (docs/training.md). The ε keeps a flat patch's skewness and kurtosis finite and equal
-    in every runtime: divided by a near-zero spread, float rounding would become feature differences.
+    exported TopK was 58 % of its time) while these are a few passes over the pixels. The extremes are the
+    quantiles a point defect moves most (a vacancy's dark pixel, a heavy substitution's bright one): without them
+    the joint defect score on the demo lattice lost precision (docs/training.md). The ε keeps a flat patch's
+    skewness and kurtosis finite and equal in every runtime: divided by a near-zero spread, float rounding would
+    become feature differences.
     """
     mean = flat.mean(dim=1, keepdim=True)
     out = [mean]
@@ -104,6 +106,10 @@ def _intensity_moments(flat: Tensor, n: int) -> Tensor:
             out.append(cubed.mean(dim=1, keepdim=True) / (var * out[1] + 1e-9))
         if n > 3:
             out.append((cubed * centred).mean(dim=1, keepdim=True) / (var * var + 1e-9))
+    if n > 4:
+        out.append(flat.amin(dim=1, keepdim=True))
+    if n > 5:
+        out.append(flat.amax(dim=1, keepdim=True))
     return torch.cat(out, dim=1)
 
 
@@ -166,8 +172,9 @@ class InvariantFeatures(nn.Module):
       about the centre does not change;
     * both off: the pixels;
     * with ``moments`` > 0 and any invariance on, also the patch's own intensity distribution: its mean, standard
-      deviation, skewness and kurtosis (the first ``moments`` of them); with ``quantiles`` > 0 its sorted pixel values
-      at that many evenly spaced ranks. No rearrangement of the pixels — so no rotation or shift — changes either.
+      deviation, skewness, kurtosis, minimum and maximum (the first ``moments`` of them); with ``quantiles`` > 0 its
+      sorted pixel values at that many evenly spaced ranks. No rearrangement of the pixels — so no rotation or
+      shift — changes either.
 
     ``½·log1p(|·|²)`` compresses the spectrum's range (the log of the magnitude for large values, with no square root
     whose slope at 0 would turn float rounding into export-parity errors); per-feature ``mean``/``scale`` buffers
@@ -202,7 +209,7 @@ class InvariantFeatures(nn.Module):
         super().__init__()
         h, w = patch
         if not 0 <= moments <= len(_MOMENTS):
-            raise ValueError(f"moments={moments}: the intensity moments are {', '.join(_MOMENTS)} (0 to 4 of them)")
+            raise ValueError(f"moments={moments}: the intensity moments are {', '.join(_MOMENTS)} (0 to 6 of them)")
         self.rotation, self.translation = rotation, translation
         self.quantiles = quantiles if (rotation or translation) else 0
         self.moments = moments if (rotation or translation) else 0

@@ -175,7 +175,7 @@ def test_dense_decoder_refuses_a_grid_of_another_size() -> None:
         dec(torch.zeros(1, 20, 2), torch.zeros(1, 2))
 
 
-@pytest.mark.parametrize(("quantiles", "moments"), [(0, 0), (16, 0), (0, 4), (8, 2)])
+@pytest.mark.parametrize(("quantiles", "moments"), [(0, 0), (16, 0), (0, 6), (8, 2)])
 def test_invariant_features_ignore_a_shift_and_a_quarter_turn_but_not_brightness(quantiles: int, moments: int) -> None:
     """The class head's features must not move when the model's own transforms act (a circular shift; a quarter
     turn, which maps the sampling rings onto themselves), and must move when the content does: a brighter patch of
@@ -242,15 +242,15 @@ def test_invariant_features_equal_the_plain_fft_and_ring_sampling(patch: tuple[i
 
 def test_intensity_moments_are_the_textbook_ones_and_finite_on_a_flat_patch() -> None:
     x = np.random.default_rng(1).gamma(2.0, 0.1, size=(5, 1, 12, 12))
-    got = InvariantFeatures((12, 12), rotation=True, translation=True, moments=4).double().raw(torch.from_numpy(x))
+    got = InvariantFeatures((12, 12), rotation=True, translation=True, moments=6).double().raw(torch.from_numpy(x))
     flat = x.reshape(5, -1)
     mean, std = flat.mean(1), flat.std(1)
     z = (flat - mean[:, None]) / std[:, None]
-    want = np.stack([mean, std, (z**3).mean(1), (z**4).mean(1)], axis=1)
-    np.testing.assert_allclose(got[:, -4:].numpy(), want, rtol=1e-4)
-    flat_patch = InvariantFeatures((12, 12), rotation=True, translation=True, moments=4).raw(
+    want = np.stack([mean, std, (z**3).mean(1), (z**4).mean(1), flat.min(1), flat.max(1)], axis=1)
+    np.testing.assert_allclose(got[:, -6:].numpy(), want, rtol=1e-4)
+    flat_patch = InvariantFeatures((12, 12), rotation=True, translation=True, moments=6).raw(
         torch.full((1, 1, 12, 12), 0.4)
     )
     assert bool(torch.isfinite(flat_patch).all())
-    with pytest.raises(ValueError, match="0 to 4"):
-        InvariantFeatures((12, 12), rotation=True, translation=True, moments=5)
+    with pytest.raises(ValueError, match="0 to 6"):
+        InvariantFeatures((12, 12), rotation=True, translation=True, moments=7)
