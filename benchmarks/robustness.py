@@ -89,18 +89,10 @@ def _invariant_clusters(images: np.ndarray, k: int, seed: int) -> np.ndarray:
     import torch
 
     from models.config import ModelConfig
-    from models.nets import InvariantFeatures
+    from models.train import invariant_features
 
-    defaults = ModelConfig()
-    features = InvariantFeatures(
-        images.shape[1:],
-        rotation=True,
-        translation=True,
-        quantiles=defaults.class_quantiles,
-        moments=defaults.class_moments,
-    )
-    with torch.no_grad():
-        return cluster_classes(features.calibrate(torch.from_numpy(images)[:, None]).numpy(), k, seed=seed).labels
+    features = invariant_features(ModelConfig(patch=images.shape[1:]), torch.from_numpy(images)[:, None])
+    return cluster_classes(features.numpy(), k, seed=seed).labels
 
 
 @dataclass(frozen=True)

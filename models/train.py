@@ -34,6 +34,7 @@ __all__ = [
     "TrainResult",
     "evaluate_loss",
     "fit",
+    "invariant_features",
     "make_elbo",
     "resolve_device",
     "split_validation",
@@ -196,7 +197,7 @@ def fit(
     features = None if resume or head is None else head.features.calibrate(model._flat(x_train))
     if not resume and cfg.model.n_classes > 1 and tc.class_init == "invariant_gmm":
         if features is None:  # a pixel class head: cluster in the invariant features all the same
-            features = _invariant_features(cfg.model, model._flat(x_train))
+            features = invariant_features(cfg.model, model._flat(x_train))
         init = cluster_classes(features.cpu().numpy(), cfg.model.n_classes, seed=tc.seed)
         anchor = torch.as_tensor(init.responsibilities, device=device, dtype=dtype)
         _fit_class_head(model, x_train, anchor, lr=tc.lr, batch_size=tc.batch_size, seed=tc.seed)
@@ -291,8 +292,10 @@ def _diagnose(model: JTrVAE, x: Tensor, anchor: Tensor | None, *, batch_size: in
 
 
 @torch.no_grad()
-def _invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
-    """Standardised invariant features of patches ``x`` ``(N, 1, H, W)`` for a model whose class head reads pixels."""
+def invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
+    """Standardised invariant features of patches ``x`` ``(N, 1, H, W)`` as ``model_cfg``'s invariant class head
+    reads them: what the warm start clusters (for a model whose class head reads pixels too), and the one place a
+    config's feature fields become an ``InvariantFeatures`` outside the encoder."""
     from models.nets import InvariantFeatures
 
     features = InvariantFeatures(
