@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from models.nets import posterior_means
-from models.reconstruction import Redraw
+from models.reconstruction import Redraw, redraw_step
 from streamer.maps.manifest import LatentLayout, TensorSpec, expected_outputs
 
 __all__ = ["InferenceWrapper", "ParityReference", "redraw_of"]
@@ -91,11 +91,15 @@ class ParityReference:
 
 
 def redraw_of(model: nn.Module) -> Redraw:
-    """A ``Redraw`` on the model's own decoder (shared, not copied: the caller decides whether to copy the model)."""
+    """A ``Redraw`` on the model's own decoder (shared, not copied: the caller decides whether to copy the model),
+    on the pixel sub-grid ``redraw_step`` picks for its patch size — the same for calibration, export and parity."""
     cfg = model.cfg
+    patch = (int(cfg.patch[0]), int(cfg.patch[1]))
     return Redraw(
         model.decoder,
         model.grid,
+        patch=patch,
+        step=redraw_step(patch),
         n_classes=cfg.n_classes,
         rotation=cfg.rotation,
         translation=cfg.translation,

@@ -9,7 +9,9 @@ import torch
 
 from exporters.wrapper import redraw_of
 from models.config import ModelConfig
+from models.coords import direction, rotate_shift_grid
 from models.jtrvae import JTrVAE
+from models.reconstruction import redraw_blocks, redraw_step
 
 
 def _model(n_classes: int, rotation: bool, translation: bool, likelihood: str) -> JTrVAE:
@@ -68,3 +70,32 @@ def test_the_redrawing_does_not_jump_where_two_classes_tie() -> None:
         moved = abs(float(redraw(far, x)["recon_nll"]) - nll[0])
     assert moved > 0  # the class does change the redrawing ...
     assert abs(nll[1] - nll[0]) < 1e-3 * max(moved, 1e-3)  # ... but smoothly through the tie
+
+
+def test_a_large_patch_is_redrawn_on_block_means_against_the_decoder_at_the_block_centres() -> None:
+    """The cost stays ~REDRAW_PIXELS values a patch at any size, and every pixel still counts (a block mean)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        patch=(33, 32), n_classes=2, latent_dim=2, rotation=True, translation=True, encoder_hidden=(16,),
+        decoder_hidden=(16, 16),
+    )  # fmt: skip
+    model = JTrVAE(cfg).eval()
+    redraw = redraw_of(model)
+    assert redraw.step == redraw_step((33, 32)) == 2 and redraw.pixels == 16 * 16
+    blocks = redraw_blocks((33, 32), 2)
+    assert torch.allclose(blocks.sum(0), torch.ones(256, dtype=torch.float64))  # each column a mean of 4 pixels
+    assert int((blocks > 0).sum()) == 32 * 32  # the row left over is dropped, every other pixel is in one block
+    x = torch.rand(4, 1, 33, 32)
+    x[:, :, 8:10, 20:22] = 0.0  # a dark spot: it must move exactly one block mean
+    with torch.no_grad():
+        heads = model.encoder(model._flat(x))
+        out = redraw(heads, x)
+        enc = model.encode(x)
+        coords = rotate_shift_grid((blocks.t() @ model.grid.double()).float(), direction(enc["angle"]), enc["shift"])
+        want = torch.sigmoid(model.decoder(coords, enc["z"], enc["class_prob"]))
+    means = x.reshape(4, -1).double() @ blocks
+    assert out["recon_residual"].shape == (4, 256)
+    assert torch.allclose(out["recon_residual"], means.float() - want, atol=1e-5)
+    assert torch.allclose(means[:, (8 // 2) * 16 + (20 // 2)], torch.zeros(4, dtype=torch.float64))
+    bce = -(means * want.double().log() + (1 - means) * (1 - want.double()).log()).sum(-1)
+    assert torch.allclose(out["recon_nll"].double(), 4 * bce, rtol=1e-4)

@@ -135,8 +135,9 @@ class LatentLayout(_Frozen):
     reconstruction_pixels: int = Field(
         0,
         ge=0,
-        description="0, or the patch's pixel count when the graph also redraws each patch from its posterior means "
-        "and returns recon_nll (B,) and recon_residual (B, pixels) for the defect score (models.reconstruction)",
+        description="0, or how many values of the patch the graph redraws from the posterior means — every pixel "
+        "of a small patch, about 256 block means of a larger one — returning recon_nll (B,) and recon_residual "
+        "(B, pixels) for the defect score (models.reconstruction)",
     )
 
 
