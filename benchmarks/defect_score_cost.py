@@ -1,8 +1,8 @@
 """What the ``joint`` defect score costs at serving time: patches/s with the decoder's redrawing in the exported graph
 against the same encoder exported without it (the ``contrast`` score), both through ``Pipeline`` as the service runs
 them (ONNX Runtime, CPU), encode and assemble (defect score, regions) together. The redrawing is measured twice: on
-the pixel sub-grid the exporter uses (``models.reconstruction.redraw_step``: about ``REDRAW_PIXELS`` a patch) and on
-every pixel of the patch (what the exporter did before), so the table shows what the sub-grid saves.
+the blocks the exporter redraws (``models.reconstruction.redraw_step``: about ``REDRAW_PIXELS`` block means a patch)
+and on every pixel of the patch (what the exporter did before), so the table shows what the blocks save.
 
 The model is the CLI's default architecture (encoder 2×256, decoder 3×64, K classes, rotation and translation) and
 untrained: speed does not depend on the weights. Both artifacts are calibrated on the same synthetic lattice patches.
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     frames, _ = synth_scan(LatticeConfig(shape=(args.frame, args.frame), n_defects=8), 3, seed=0)
     print(
-        "| patch | patches/frame | contrast (encoder only) ms | joint, whole patch ms | joint, sub-grid ms "
-        "| redrawn pixels | joint patches/s | cost of joint | sub-grid saves |"
+        "| patch | patches/frame | contrast (encoder only) ms | joint, whole patch ms | joint, blocks ms "
+        "| redrawn values | joint patches/s | cost of joint | blocks save |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     default_pixels = reconstruction.REDRAW_PIXELS

@@ -41,7 +41,7 @@ __all__ = ["REDRAW_PIXELS", "Redraw", "redraw_blocks", "redraw_step"]
 
 #: about how many values of each patch the defect score's redrawing scores (read when a ``Redraw`` is built, so a
 #: benchmark can compare against every pixel)
-REDRAW_PIXELS = 256
+REDRAW_PIXELS = 64
 
 
 def redraw_step(patch: tuple[int, int], target: int | None = None) -> int:

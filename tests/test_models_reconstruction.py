@@ -81,12 +81,16 @@ def test_a_large_patch_is_redrawn_on_block_means_against_the_decoder_at_the_bloc
     )  # fmt: skip
     model = JTrVAE(cfg).eval()
     redraw = redraw_of(model)
-    assert redraw.step == redraw_step((33, 32)) == 2 and redraw.pixels == 16 * 16
-    blocks = redraw_blocks((33, 32), 2)
-    assert torch.allclose(blocks.sum(0), torch.ones(256, dtype=torch.float64))  # each column a mean of 4 pixels
-    assert int((blocks > 0).sum()) == 32 * 32  # the row left over is dropped, every other pixel is in one block
+    step = redraw.step
+    assert step == redraw_step((33, 32)) > 1  # a 33x32 patch is larger than REDRAW_PIXELS
+    bh, bw = 33 // step, 32 // step
+    assert redraw.pixels == bh * bw
+    blocks = redraw_blocks((33, 32), step)
+    assert torch.allclose(blocks.sum(0), torch.ones(bh * bw, dtype=torch.float64))  # each column a block's mean
+    assert int((blocks > 0).sum()) == bh * bw * step * step  # leftover edge rows dropped, every other pixel used once
+    r0, c0 = (33 - bh * step) // 2, (32 - bw * step) // 2
     x = torch.rand(4, 1, 33, 32)
-    x[:, :, 8:10, 20:22] = 0.0  # a dark spot: it must move exactly one block mean
+    x[:, :, r0 + 2 * step : r0 + 3 * step, c0 + 5 * step : c0 + 6 * step] = 0.0  # a dark spot filling block (2, 5)
     with torch.no_grad():
         heads = model.encoder(model._flat(x))
         out = redraw(heads, x)
@@ -94,8 +98,8 @@ def test_a_large_patch_is_redrawn_on_block_means_against_the_decoder_at_the_bloc
         coords = rotate_shift_grid((blocks.t() @ model.grid.double()).float(), direction(enc["angle"]), enc["shift"])
         want = torch.sigmoid(model.decoder(coords, enc["z"], enc["class_prob"]))
     means = x.reshape(4, -1).double() @ blocks
-    assert out["recon_residual"].shape == (4, 256)
+    assert out["recon_residual"].shape == (4, bh * bw)
     assert torch.allclose(out["recon_residual"], means.float() - want, atol=1e-5)
-    assert torch.allclose(means[:, (8 // 2) * 16 + (20 // 2)], torch.zeros(4, dtype=torch.float64))
+    assert torch.allclose(means[:, 2 * bw + 5], torch.zeros(4, dtype=torch.float64))
     bce = -(means * want.double().log() + (1 - means) * (1 - want.double()).log()).sum(-1)
-    assert torch.allclose(out["recon_nll"].double(), 4 * bce, rtol=1e-4)
+    assert torch.allclose(out["recon_nll"].double(), step * step * bce, rtol=1e-4)
