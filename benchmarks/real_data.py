@@ -27,7 +27,7 @@ the raw pixels against the same neighbours (pixel contrast), PCA + k-means (film
 file is absent.
 
     python benchmarks/real_data.py --data-dir shared/data [--quick] [--seeds N] [--epochs N | --budget S] \
-        [--cases pto,mos2,graphene,demo] [--json out.json] [--figures docs/figures/real-data]
+        [--cases pto,mos2,graphene,demo] [--json out.json] [--figures docs/figures/real-data] [--redraw-values N]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ if str(_ROOT) not in sys.path:
 
 from polarisation import b_displacement, neighbour_agreement  # noqa: E402
 
+import models.reconstruction as reconstruction  # noqa: E402
 from atomstream.cli import build_parser  # noqa: E402
 from atomstream.cli.train import DEFAULT_BUDGET_S, run_config  # noqa: E402
 from exporters.calibrate import calibrate_novelty, patch_neighbours  # noqa: E402
@@ -497,7 +498,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     ap.add_argument("--defect-score", choices=SCORE_KINDS, default="joint", help="the published kind")
     ap.add_argument("--figures", type=Path, default=None, help="write the maps figures here")
+    ap.add_argument(
+        "--redraw-values",
+        type=int,
+        default=None,
+        help="about how many values of a patch the joint score redraws (block means; default the exporter's "
+        f"{reconstruction.REDRAW_PIXELS}; a number above the patch's pixels redraws every pixel)",
+    )
     args = ap.parse_args(argv)
+    if args.redraw_values is not None:
+        reconstruction.REDRAW_PIXELS = args.redraw_values  # read when calibration and export build the redrawing
     PUBLISHED_KIND[0] = args.defect_score
     EPOCHS[0] = args.epochs if args.epochs is not None else (2 if args.quick else None)
     BUDGET_S[0] = args.budget

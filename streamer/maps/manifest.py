@@ -136,8 +136,8 @@ class LatentLayout(_Frozen):
         0,
         ge=0,
         description="0, or how many values of the patch the graph redraws from the posterior means — every pixel "
-        "of a small patch, about 64 block means of a larger one (models.reconstruction.REDRAW_PIXELS) — returning recon_nll (B,) and recon_residual "
-        "(B, pixels) for the defect score (models.reconstruction)",
+        "of a small patch, about 64 block means of a larger one (models.reconstruction.REDRAW_PIXELS) — returning "
+        "recon_nll (B,) and recon_residual (B, pixels) for the defect score (models.reconstruction)",
     )
 
 
