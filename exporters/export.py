@@ -27,7 +27,7 @@ from exporters.verify import check_parity
 from exporters.wrapper import InferenceWrapper, redraw_of
 from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
-from models.reconstruction import redraw_blocks, redraw_step
+from models.reconstruction import redrawn_values
 from streamer.maps.manifest import (
     INPUT_NAME,
     MANIFEST_NAME,
@@ -73,14 +73,8 @@ def latent_layout(cfg: ModelConfig, *, reconstruction: bool = False) -> LatentLa
         latent_dim=cfg.latent_dim,
         rotation=cfg.rotation,
         translation=cfg.translation,
-        reconstruction_pixels=_redrawn_pixels(cfg) if reconstruction else 0,
+        reconstruction_pixels=redrawn_values((int(cfg.patch[0]), int(cfg.patch[1]))) if reconstruction else 0,
     )
-
-
-def _redrawn_pixels(cfg: ModelConfig) -> int:
-    patch = (int(cfg.patch[0]), int(cfg.patch[1]))
-    step = redraw_step(patch)
-    return patch[0] * patch[1] if step == 1 else int(redraw_blocks(patch, step).shape[1])
 
 
 def build_wrapper(model: JTrVAE, *, fp16: bool = False, reconstruction: bool = False) -> InferenceWrapper:

@@ -92,7 +92,7 @@ class ParityReference:
 
 def redraw_of(model: nn.Module) -> Redraw:
     """A ``Redraw`` on the model's own decoder (shared, not copied: the caller decides whether to copy the model),
-    on the pixel sub-grid ``redraw_step`` picks for its patch size — the same for calibration, export and parity."""
+    on the blocks ``redraw_step`` picks for its patch size — the same for calibration, export and parity."""
     cfg = model.cfg
     patch = (int(cfg.patch[0]), int(cfg.patch[1]))
     return Redraw(

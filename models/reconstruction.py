@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from models.coords import rotate_shift_grid
 from models.fused_likelihood import pixel_log_likelihood
 
-__all__ = ["REDRAW_PIXELS", "Redraw", "redraw_blocks", "redraw_step"]
+__all__ = ["REDRAW_PIXELS", "Redraw", "redraw_blocks", "redraw_step", "redrawn_values"]
 
 #: about how many values of each patch the defect score's redrawing scores (read when a ``Redraw`` is built, so a
 #: benchmark can compare against every pixel)
@@ -65,6 +65,12 @@ def redraw_blocks(patch: tuple[int, int], step: int) -> Tensor:
     out = torch.zeros(h * w, bh * bw, dtype=torch.float64)
     out[torch.arange(h * w)[keep], block.reshape(-1)[keep]] = 1.0 / (step * step)
     return out
+
+
+def redrawn_values(patch: tuple[int, int]) -> int:
+    """How many values ``Redraw`` returns per patch (``recon_residual``'s width): the manifest records it."""
+    step = redraw_step(patch)
+    return patch[0] * patch[1] if step == 1 else (patch[0] // step) * (patch[1] // step)
 
 
 class Redraw(nn.Module):

@@ -11,7 +11,7 @@ from exporters.wrapper import redraw_of
 from models.config import ModelConfig
 from models.coords import direction, rotate_shift_grid
 from models.jtrvae import JTrVAE
-from models.reconstruction import redraw_blocks, redraw_step
+from models.reconstruction import redraw_blocks, redraw_step, redrawn_values
 
 
 def _model(n_classes: int, rotation: bool, translation: bool, likelihood: str) -> JTrVAE:
@@ -84,7 +84,7 @@ def test_a_large_patch_is_redrawn_on_block_means_against_the_decoder_at_the_bloc
     step = redraw.step
     assert step == redraw_step((33, 32)) > 1  # a 33x32 patch is larger than REDRAW_PIXELS
     bh, bw = 33 // step, 32 // step
-    assert redraw.pixels == bh * bw
+    assert redraw.pixels == bh * bw == redrawn_values((33, 32))  # what the manifest records
     blocks = redraw_blocks((33, 32), step)
     assert torch.allclose(blocks.sum(0), torch.ones(bh * bw, dtype=torch.float64))  # each column a block's mean
     assert int((blocks > 0).sum()) == bh * bw * step * step  # leftover edge rows dropped, every other pixel used once
