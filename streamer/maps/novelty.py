@@ -5,7 +5,8 @@ depend on them. Two families of features per patch, each compared with the patch
 away (grid: the 8 cells ``step`` cells away; atom-centred patches: the ``k`` nearest atoms):
 
 * **joint** (the default an export writes): the decoder's redrawing of the patch from its own posterior means
-  (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its per-pixel residual.
+  (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its residual per redrawn
+  value (each pixel of a small patch, each block mean of a larger one).
   A defect is what the model did not learn to draw, and comparing with the neighbours cancels what the model draws
   badly everywhere (a registration it never learnt, a dose gradient). The two parts are calibrated separately and
   the larger normalised score is published.
