@@ -58,12 +58,10 @@ def redraw_blocks(patch: tuple[int, int], step: int) -> Tensor:
     if bh < 1 or bw < 1:
         raise ValueError(f"a {step}x{step} block does not fit a {h}x{w} patch")
     r0, c0 = (h - bh * step) // 2, (w - bw * step) // 2
-    rows, cols = torch.arange(h) - r0, torch.arange(w) - c0
-    inside_r, inside_c = (rows >= 0) & (rows < bh * step), (cols >= 0) & (cols < bw * step)
-    block = (rows.clamp(0, bh * step - 1) // step)[:, None] * bw + (cols.clamp(0, bw * step - 1) // step)[None, :]
-    keep = (inside_r[:, None] & inside_c[None, :]).reshape(-1)
+    pixel = torch.arange(h * w).reshape(h, w)[r0 : r0 + bh * step, c0 : c0 + bw * step]
+    block = torch.arange(bh * bw).reshape(bh, bw).repeat_interleave(step, 0).repeat_interleave(step, 1)
     out = torch.zeros(h * w, bh * bw, dtype=torch.float64)
-    out[torch.arange(h * w)[keep], block.reshape(-1)[keep]] = 1.0 / (step * step)
+    out[pixel.reshape(-1), block.reshape(-1)] = 1.0 / (step * step)
     return out
 
 
