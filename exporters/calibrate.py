@@ -37,7 +37,14 @@ from streamer.maps.novelty import (
     point_neighbours,
 )
 
-__all__ = ["DEFAULT_KIND", "calibrate_novelty", "encoder_outputs", "patch_neighbours", "training_patches"]
+__all__ = [
+    "DEFAULT_KIND",
+    "calibrate_novelty",
+    "encoder_outputs",
+    "patch_neighbours",
+    "score_features",
+    "training_patches",
+]
 
 #: chosen by measurement (benchmarks/real_data.py; docs/real-data.md has the table)
 DEFAULT_KIND: NoveltyKind = "joint"
@@ -80,6 +87,17 @@ def patch_neighbours(patches: PatchSet, *, grid_step: int = 1, k: int = _POINT_N
     return np.concatenate(out) if out else np.zeros((0, 8), np.int64)
 
 
+def score_features(kind: NoveltyKind, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """``(N, F)``: what a score of ``kind`` compares with the neighbours — the redrawing's parts for ``joint``, the
+    encoder's outputs otherwise — so the neighbour step is judged on what will be scored."""
+    if kind != "joint":
+        return encoder_features(outputs)
+    parts = part_features(outputs)
+    if not parts:
+        raise ValueError("kind 'joint' needs the redrawing's outputs (encoder_outputs(..., reconstruction=True))")
+    return np.concatenate([parts[source] for source in sorted(parts)], axis=1)
+
+
 def _grid_step(patches: PatchSet, features: np.ndarray) -> int:
     """The neighbour distance in grid cells (module docstring), judged on the ``(N, F)`` features the score reads."""
     ph, pw = patches.images.shape[1:]
@@ -103,8 +121,7 @@ def calibrate_novelty(
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
     outputs = encoder_outputs(model, patches.images, reconstruction=kind == "joint")
     features, parts = encoder_features(outputs), part_features(outputs)
-    read = np.concatenate([parts[s] for s in sorted(parts)], axis=1) if kind == "joint" else features
-    step = _grid_step(patches, read) if patches.grid is not None else 1
+    step = _grid_step(patches, score_features(kind, outputs)) if patches.grid is not None else 1
     neighbours = patch_neighbours(patches, grid_step=step)
     return fit_novelty(
         features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, parts=parts

@@ -1,0 +1,59 @@
+"""The neighbour step calibration picks: the nearest non-overlapping one, or a farther one that lands on the
+lattice's registration — judged on the features the published score reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exporters.calibrate import _grid_step, score_features
+from models.config import DataConfig
+from models.data import PatchSet
+
+GRID = (40, 40)
+
+
+def _grid_patches(patch: int = 16, stride: int = 4) -> PatchSet:
+    gh, gw = GRID
+    iy, ix = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    positions = np.stack([np.zeros(gh * gw, np.int64), iy.ravel() * stride, ix.ravel() * stride], axis=1)
+    data = DataConfig(kind="grid", patch=(patch, patch), stride=(stride, stride))
+    images = np.zeros((gh * gw, patch, patch), np.float32)
+    return PatchSet(images=images, positions=positions, data=data, grid=GRID)
+
+
+def _periodic_features(period: int, noise: float, seed: int = 0) -> np.ndarray:
+    """Features that repeat every ``period`` grid cells (a registration), with a little noise."""
+    iy, ix = np.meshgrid(np.arange(GRID[0]), np.arange(GRID[1]), indexing="ij")
+    phase = [2 * np.pi * iy.ravel() / period, 2 * np.pi * ix.ravel() / period]
+    f = np.stack([g(p) for p in phase for g in (np.cos, np.sin)], axis=1)
+    return f + noise * np.random.default_rng(seed).standard_normal(f.shape)
+
+
+def test_a_step_on_the_registration_wins_and_without_one_the_nearest_non_overlapping_step_stays() -> None:
+    patches = _grid_patches()  # 16-px patches every 4 px: step 4 is the first that does not overlap
+    assert _grid_step(patches, _periodic_features(6, noise=0.05)) == 6
+    assert _grid_step(patches, _periodic_features(5, noise=0.05)) == 5
+    iid = np.random.default_rng(1).standard_normal((GRID[0] * GRID[1], 4))
+    assert _grid_step(patches, iid) == 4
+
+
+def test_the_joint_score_is_judged_on_the_redrawing_and_the_others_on_the_encoder() -> None:
+    n = GRID[0] * GRID[1]
+    rng = np.random.default_rng(2)
+    outputs = {
+        "z_loc": rng.standard_normal((n, 2)),
+        "z_scale": np.exp(rng.standard_normal((n, 2))),
+        "recon_nll": rng.standard_normal(n),
+        "recon_residual": _periodic_features(6, noise=0.05).reshape(n, 2, 2),
+    }
+    joint = score_features("joint", outputs)
+    assert joint.shape == (n, 5)  # the likelihood and the 4 residual values; nothing of the encoder's
+    np.testing.assert_array_equal(joint[:, 1:], outputs["recon_residual"].reshape(n, 4))
+    assert score_features("contrast", outputs).shape == (n, 4)  # z and log z-scale
+    # the residual here lands on a 6-cell registration that the encoder's outputs do not have
+    patches = _grid_patches()
+    assert _grid_step(patches, joint) == 6
+    assert _grid_step(patches, score_features("contrast", outputs)) == 4
+    with pytest.raises(ValueError, match="redrawing"):
+        score_features("joint", {"z_loc": outputs["z_loc"]})
