@@ -17,7 +17,7 @@ Truths are built here, independently of the model:
   stream the right half. A patch within 40 px of a mark is a defect patch, one beyond 80 px is not (between: unsure).
   Real-space patches, as ``atomstream train`` cuts a scan by default; ``--graphene-fft`` cuts the paper's FFT patches
   instead (48 px spans three lattice periods, so a defect's superstructure sits within two frequency bins of zero:
-  every score ranks the marks worse there, the model's most).
+  the model and the raw pixels against their neighbours rank the marks worse there — docs/real-data.md).
 * **PbTiO₃ / SrRuO₃** (HAADF): film or substrate from the frame's intensity profile (the bright SrRuO₃ layer: the
   interface is the steepest rise of the smoothed row mean, per 64-px block of columns); the B-column displacement
   from 2-D Gaussian fits of every column, sublattices told apart by geometry (``benchmarks/polarisation.py``): on
