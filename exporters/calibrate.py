@@ -87,12 +87,12 @@ def patch_neighbours(patches: PatchSet, *, grid_step: int = 1, k: int = _POINT_N
     return np.concatenate(out) if out else np.zeros((0, 8), np.int64)
 
 
-def score_features(kind: NoveltyKind, outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """``(N, F)``: what a score of ``kind`` compares with the neighbours — the redrawing's parts for ``joint``, the
-    encoder's outputs otherwise — so the neighbour step is judged on what will be scored."""
+def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """``(N, F)``: what a score of ``kind`` compares with the neighbours — the redrawing's ``parts``
+    (``part_features``) for ``joint``, the encoder's ``features`` otherwise — so the neighbour step is judged on
+    what will be scored."""
     if kind != "joint":
-        return encoder_features(outputs)
-    parts = part_features(outputs)
+        return features
     if not parts:
         raise ValueError("kind 'joint' needs the redrawing's outputs (encoder_outputs(..., reconstruction=True))")
     return np.concatenate([parts[source] for source in sorted(parts)], axis=1)
@@ -121,7 +121,7 @@ def calibrate_novelty(
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
     outputs = encoder_outputs(model, patches.images, reconstruction=kind == "joint")
     features, parts = encoder_features(outputs), part_features(outputs)
-    step = _grid_step(patches, score_features(kind, outputs)) if patches.grid is not None else 1
+    step = _grid_step(patches, score_features(kind, features, parts)) if patches.grid is not None else 1
     neighbours = patch_neighbours(patches, grid_step=step)
     return fit_novelty(
         features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, parts=parts

@@ -9,6 +9,7 @@ import pytest
 from exporters.calibrate import _grid_step, score_features
 from models.config import DataConfig
 from models.data import PatchSet
+from streamer.maps.novelty import encoder_features, part_features
 
 GRID = (40, 40)
 
@@ -47,13 +48,14 @@ def test_the_joint_score_is_judged_on_the_redrawing_and_the_others_on_the_encode
         "recon_nll": rng.standard_normal(n),
         "recon_residual": _periodic_features(6, noise=0.05).reshape(n, 2, 2),
     }
-    joint = score_features("joint", outputs)
+    features, parts = encoder_features(outputs), part_features(outputs)
+    joint = score_features("joint", features, parts)
     assert joint.shape == (n, 5)  # the likelihood and the 4 residual values; nothing of the encoder's
     np.testing.assert_array_equal(joint[:, 1:], outputs["recon_residual"].reshape(n, 4))
-    assert score_features("contrast", outputs).shape == (n, 4)  # z and log z-scale
+    assert score_features("contrast", features, parts).shape == (n, 4)  # z and log z-scale
     # the residual here lands on a 6-cell registration that the encoder's outputs do not have
     patches = _grid_patches()
     assert _grid_step(patches, joint) == 6
-    assert _grid_step(patches, score_features("contrast", outputs)) == 4
+    assert _grid_step(patches, score_features("contrast", features, parts)) == 4
     with pytest.raises(ValueError, match="redrawing"):
-        score_features("joint", {"z_loc": outputs["z_loc"]})
+        score_features("joint", features, {})
