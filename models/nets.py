@@ -440,7 +440,14 @@ class ConvEncoder(_Encoder):
 
 class _AutogradLikelihood(nn.Module):
     """``log_likelihood`` by plain autograd through the materialised logits: the dense and broadcast decoders always,
-    the coordinate decoder off the CPU (where its fused kernel is not used, ``models.likelihood_path``)."""
+    the coordinate decoder off the CPU (where its fused kernel is not used, ``models.likelihood_path``).
+
+    ``pointwise``: whether the decoder draws any list of coordinates point by point (the coordinate MLP), so it can
+    be evaluated at a few chosen points (``models.reconstruction`` redraws block centres); the dense and broadcast
+    decoders draw the whole patch grid at once.
+    """
+
+    pointwise: bool = False
 
     def log_likelihood(
         self,
@@ -467,6 +474,8 @@ class CoordDecoder(_AutogradLikelihood):
     ``W_z·z`` once per image, ``W_y·y`` once per class (a row of ``W_y`` for a one-hot ``y``). Concatenating inputs
     expanded to ``K×B×P×(2+D+K)`` would compute the same thing with a lot of copying and repeated work.
     """
+
+    pointwise = True
 
     def __init__(self, *, latent_dim: int, n_classes: int, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
         super().__init__()

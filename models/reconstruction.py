@@ -21,7 +21,8 @@ scan. A larger patch is redrawn on ``step``×``step`` blocks (about ``REDRAW_PIX
 is the same at any patch size): each block's mean value against the decoder at the block's centre. Averaging, not
 sampling every ``step``-th pixel: a sub-grid throws away the counts of the pixels it skips, and on the low-dose
 MoS₂ scan it cut the dopants' ROC AUC from 0.996 to 0.79 (docs/real-data.md); a block mean keeps every pixel's
-signal and averages its noise.
+signal and averages its noise. A decoder that draws only the whole grid at once (dense, spatial broadcast) draws
+every pixel and its means are averaged over the same blocks: the same values, at the cost of a full redrawing.
 
 Pure torch (no Pyro) so it traces and exports with the encoder; the likelihood is the model's own
 (``models.fused_likelihood.pixel_log_likelihood``), so "unlikely" means what it meant in training.
@@ -99,10 +100,12 @@ class Redraw(nn.Module):
         if grid.shape[0] != patch[0] * patch[1]:
             raise ValueError(f"grid has {grid.shape[0]} points, a {patch[0]}x{patch[1]} patch {patch[0] * patch[1]}")
         self.step = step
+        self.pointwise = bool(getattr(decoder, "pointwise", False))
         if step > 1:
             blocks = redraw_blocks(patch, step)
             self.register_buffer("blocks", blocks.to(grid.dtype), persistent=False)
-            grid = (blocks.t() @ grid.detach().to(torch.float64)).to(grid.dtype)  # the block centres
+            if self.pointwise:
+                grid = (blocks.t() @ grid.detach().to(torch.float64)).to(grid.dtype)  # the block centres
         self.pixels = int(grid.shape[0])
         self.register_buffer("grid", grid.detach().clone())
         self.n_classes, self.rotation, self.translation = n_classes, rotation, translation
@@ -120,8 +123,12 @@ class Redraw(nn.Module):
             shift = heads["shift_loc"].to(dtype)
         coords = rotate_shift_grid(self.grid, unit, shift)
         x = patches.to(dtype).reshape(patches.shape[0], -1)
+        logits = self.decoder(coords, z, y)
         if self.step > 1:
             x = x @ self.blocks
-        logits = self.decoder(coords, z, y).expand(*x.shape)  # (1, P) broadcast when nothing depends on the patch
+            if not self.pointwise:  # the whole grid was drawn: its means averaged over the blocks, back to logits
+                mean = torch.sigmoid(logits) @ self.blocks
+                logits = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+        logits = logits.expand(*x.shape)  # (1, m) broadcast when nothing depends on the patch
         nll = -pixel_log_likelihood(logits, x, self.likelihood, self.gaussian_scale).sum(-1) * (self.step**2)
         return {"recon_nll": nll, "recon_residual": x - torch.sigmoid(logits)}

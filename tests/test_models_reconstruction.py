@@ -103,3 +103,26 @@ def test_a_large_patch_is_redrawn_on_block_means_against_the_decoder_at_the_bloc
     assert torch.allclose(means[:, 2 * bw + 5], torch.zeros(4, dtype=torch.float64))
     bce = -(means * want.double().log() + (1 - means) * (1 - want.double()).log()).sum(-1)
     assert torch.allclose(out["recon_nll"].double(), step * step * bce, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["dense", "spatial_broadcast"])
+def test_a_decoder_that_draws_the_whole_grid_is_redrawn_whole_and_averaged_over_the_blocks(decoder: str) -> None:
+    """Dense and broadcast decoders cannot be evaluated at the block centres alone (a 32-px dense model once failed
+    its export: "this decoder draws 1024 pixels, the grid has 64"); their full drawing is averaged instead."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        patch=(32, 32), n_classes=2, latent_dim=2, rotation=False, translation=False, encoder_hidden=(16,),
+        decoder_hidden=(16, 16), decoder=decoder,
+    )  # fmt: skip
+    model = JTrVAE(cfg).eval()
+    redraw = redraw_of(model)
+    assert redraw.step > 1
+    blocks = redraw_blocks((32, 32), redraw.step)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        out = redraw(model.encoder(model._flat(x)), x)
+        enc = model.encode(x)
+        want = torch.sigmoid(model.decoder(model.grid, enc["z"], enc["class_prob"])).double() @ blocks
+    means = x.reshape(3, -1).double() @ blocks
+    assert out["recon_residual"].shape == (3, redrawn_values((32, 32)))
+    assert torch.allclose(out["recon_residual"].double(), means - want, atol=1e-5)
