@@ -547,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures is not None:
         from real_data_figures import write_figures
 
-        for path in write_figures([c for c in cases if c.name.endswith("seed 0")], args.figures):
+        for path in write_figures(
+            [c for c in cases if c.name.endswith("seed 0")], args.figures, score_kind=PUBLISHED_KIND[0]
+        ):
             print(path)
     if args.json is not None:
         args.json.write_text(

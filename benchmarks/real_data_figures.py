@@ -30,8 +30,9 @@ def _draw(ax: Any, maps: Any, values: np.ndarray, **kw: Any) -> Any:
     return ax.scatter(c[:, 1], c[:, 0], c=values, s=14, **kw)
 
 
-def write_figures(cases: list[Any], out: Path) -> list[Path]:
-    """One PNG per case (its name, slugged) in ``out``; returns the paths."""
+def write_figures(cases: list[Any], out: Path, *, score_kind: str) -> list[Path]:
+    """One PNG per case (its name, slugged) in ``out``; returns the paths. ``score_kind`` is the published defect
+    score's kind, named in the title even when a frame published nothing."""
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -84,8 +85,7 @@ def write_figures(cases: list[Any], out: Path) -> list[Path]:
             axes[2].scatter(found[:, 1], found[:, 0], marker="x", s=90, c="#39ff14", linewidths=2)
         if truth is not None and len(truth):
             axes[2].scatter(truth[:, 1], truth[:, 0], s=160, facecolors="none", edgecolors="#00e5ff", linewidths=1)
-        kind = maps.defects[0].kind if maps.defects else "calibrated"
-        axes[2].set_title(f"defect score ({kind}); published defects (×): {len(found)}")
+        axes[2].set_title(f"defect score ({score_kind}); published defects (×): {len(found)}")
         bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02)
         bar.set_label("s/(1+s), s = score / calibrated threshold\n0.5 (white line) = threshold")
         bar.ax.axhline(0.5, color="white", linewidth=1)

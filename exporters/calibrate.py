@@ -35,6 +35,7 @@ from streamer.maps.novelty import (
     grid_neighbours,
     part_features,
     point_neighbours,
+    robust_scale,
 )
 
 __all__ = [
@@ -105,7 +106,7 @@ def _grid_step(patches: PatchSet, features: np.ndarray) -> int:
     first = max(1, math.ceil(max(ph / sy, pw / sx)))
     gh, gw = patches.grid if patches.grid is not None else (0, 0)
     candidates = [s for s in range(first, first + 4) if 2 * s < min(gh, gw)] or [1]
-    scale = np.maximum(1.4826 * np.median(np.abs(features - np.median(features, 0)), 0), 1e-6)
+    scale = robust_scale(features)
     medians = [float(np.median(contrast(features, patch_neighbours(patches, grid_step=s), scale))) for s in candidates]
     best = int(np.argmin(medians))
     # a farther step only when clearly better (it lands on the lattice's registration), not by noise: nearer

@@ -59,6 +59,7 @@ __all__ = [
     "novelty_score",
     "part_features",
     "point_neighbours",
+    "robust_scale",
 ]
 
 NoveltyKind = Literal["contrast", "density", "combined", "joint"]
@@ -346,13 +347,13 @@ def _calibrated_contrast(
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One feature family's contrast calibration on the training patches: its per-feature scale, the training
     contrasts, and their (median, robust sd, threshold) — the same for the encoder's features and each part."""
-    scale = _robust_scale(f)
+    scale = robust_scale(f)
     c = contrast(f, neighbours, scale)
     med, sd = _robust(c)
     return scale, c, (med, sd, _threshold(med, sd, k))
 
 
-def _robust_scale(f: np.ndarray) -> np.ndarray:
+def robust_scale(f: np.ndarray) -> np.ndarray:
     """Each feature's robust spread (1.4826 · MAD), floored at a tenth of its standard deviation."""
     scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
     return np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
@@ -387,7 +388,7 @@ def novelty_score(
     elif f.shape[0] == 0:
         s = np.zeros(0)
     else:
-        c = contrast(f, neighbours, _robust_scale(f))
+        c = contrast(f, neighbours, robust_scale(f))
         s = c / max(_frame_bar(c), _FLOOR)
     return (s / (1.0 + s)).astype(np.float32)
 
