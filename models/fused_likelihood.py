@@ -252,7 +252,8 @@ def coord_mlp_log_likelihood(
     another on the calling thread, each op using torch's intra-op threads as the process has them. ``threads > 1``
     runs them side by side on that many CPU threads; that is fastest when each op is single-threaded (no barrier
     after every small op, which is what makes fine-grained intra-op threading slow on a busy machine), so pair it
-    with ``torch.set_num_threads(1)`` — a process-wide setting this function leaves to its caller (the CLI).
+    with one intra-op thread — a process-wide setting this function leaves to its caller (the CLI's
+    ``training_threads``).
 
     ``matmul="bfloat16"`` runs the hidden layers' matmuls on bfloat16 operands (activations and gradients stay in
     the training dtype between them): on a CPU with native bfloat16 a step with 256-wide layers takes about 0.6× the
