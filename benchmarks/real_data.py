@@ -78,7 +78,7 @@ from models.data import PatchSet, scan_patches  # noqa: E402
 from models.evaluate import encode_images  # noqa: E402
 from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
-from streamer.maps.atoms import find_atoms, gaussian_smooth  # noqa: E402
+from streamer.maps.atoms import find_atoms, gaussian_smooth, median_spacing  # noqa: E402
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
     NoveltyKind,
@@ -312,7 +312,7 @@ def mos2_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case = Case(name=f"MoS2 V-doped, dopant columns, seed {seed}")
     scores = {**kind_scores(served, range(1), patches), **baseline_scores(patches, patches, k_pca=5)}
     case.auc = {name: roc_auc(s, truth) for name, s in scores.items()}
-    nn = _median_spacing(centres)
+    nn = median_spacing(centres)
     case.published = _published(served.maps, [centres[truth]], radius=0.5 * nn)
     case.other["columns (one sublattice)"] = len(patches)
     case.other["truth: |robust z| > 4 (dark / bright)"] = f"{int((robust_z < -4).sum())} / {int((robust_z > 4).sum())}"
@@ -387,13 +387,6 @@ def _substrate(frame: np.ndarray, centres: np.ndarray, block: int = 64) -> np.nd
     return below
 
 
-def _median_spacing(points: np.ndarray) -> float:
-    """Median distance from each point to its nearest other point (the column spacing)."""
-    from scipy.spatial import cKDTree
-
-    return float(np.median(cKDTree(points).query(points, k=2)[0][:, 1]))
-
-
 def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     t0 = time.perf_counter()
     frame = np.load(path).astype(np.float32)
@@ -430,7 +423,7 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.other["B displacement spread on A columns (px, std dy / dx)"] = (
         f"{disp.vector[on_a, 0].std():.2f} / {disp.vector[on_a, 1].std():.2f}" if on_a.any() else "n/a"
     )
-    spacing = _median_spacing(centres[on_a])
+    spacing = median_spacing(centres[on_a])
     smooth = neighbour_agreement(centres[on_a], disp.vector[on_a], 1.15 * spacing) if on_a.sum() > 3 else None
     case.other["B displacement against its neighbours' mean (R dy / dx; noise gives 0)"] = (
         f"{smooth[0]:.2f} / {smooth[1]:.2f}" if smooth else "n/a"

@@ -47,7 +47,15 @@ from streamer.maps.arrays import (
     zeros,
 )
 
-__all__ = ["SUBLATTICES", "AtomFinderError", "Sublattice", "find_atoms", "gaussian_smooth", "one_sublattice"]
+__all__ = [
+    "SUBLATTICES",
+    "AtomFinderError",
+    "Sublattice",
+    "find_atoms",
+    "gaussian_smooth",
+    "median_spacing",
+    "one_sublattice",
+]
 
 Sublattice = Literal["all", "brightest"]
 SUBLATTICES: tuple[str, ...] = ("all", "brightest")
@@ -145,14 +153,18 @@ def _centre_of_mass(values: Array, peaks_yx: Array, radius: int) -> Array:
     return _where((total > 0)[:, None], refined, astype(peaks_yx, dtype))
 
 
+def median_spacing(points: np.ndarray) -> float:
+    """Median distance from each of ``points`` (N ≥ 2, 2) to its nearest other point: the column spacing."""
+    return float(np.median(cKDTree(points).query(points, k=2)[0][:, 1]))
+
+
 def _refine_radius(peaks_yx: np.ndarray, min_distance: int) -> int:
     """The centre-of-mass half width: 0.3 of the median nearest-neighbour distance of the peaks (every column, both
     sublattices), so the window holds the column's flanks and stops short of the next column; ``min_distance // 2``
     (at least 1) when there are too few peaks to measure a spacing."""
     if len(peaks_yx) < 3:
         return max(1, min_distance // 2)
-    spacing = float(np.median(cKDTree(peaks_yx).query(peaks_yx, k=2)[0][:, 1]))
-    return max(1, round(_REFINE_SHARE * spacing))
+    return max(1, round(_REFINE_SHARE * median_spacing(peaks_yx)))
 
 
 def one_sublattice(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -243,9 +255,10 @@ def _find(
     yx = peaks.nonzero() if is_tensor(peaks) else np.argwhere(peaks)
     if yx.shape[0] == 0:
         return empty
-    every = to_host(yx).astype(np.float64)
-    radius = _refine_radius(every, min_distance)
-    if sublattice == "brightest":
+    # every peak on the host, once, only for what reads it: the spacing (before one sublattice is kept) and the split
+    every = to_host(yx).astype(np.float64) if subpixel or sublattice == "brightest" else None
+    radius = _refine_radius(every, min_distance) if every is not None and subpixel else 0
+    if sublattice == "brightest" and every is not None:
         values = to_host(smooth[yx[:, 0], yx[:, 1]]).astype(np.float64)
         keep = one_sublattice(every, values)
         yx = yx[asarray_like(keep, yx)]
