@@ -106,7 +106,7 @@ class Redraw(nn.Module):
             self.register_buffer("blocks", blocks.to(grid.dtype), persistent=False)
             if self.pointwise:
                 grid = (blocks.t() @ grid.detach().to(torch.float64)).to(grid.dtype)  # the block centres
-        self.pixels = int(grid.shape[0])
+        self.pixels = int(self.blocks.shape[1]) if step > 1 else int(grid.shape[0])  # the values it returns
         self.register_buffer("grid", grid.detach().clone())
         self.n_classes, self.rotation, self.translation = n_classes, rotation, translation
         self.likelihood, self.gaussian_scale = likelihood, gaussian_scale

@@ -117,6 +117,7 @@ def test_a_decoder_that_draws_the_whole_grid_is_redrawn_whole_and_averaged_over_
     model = JTrVAE(cfg).eval()
     redraw = redraw_of(model)
     assert redraw.step > 1
+    assert redraw.pixels == redrawn_values((32, 32))  # what the manifest records
     blocks = redraw_blocks((32, 32), redraw.step)
     x = torch.rand(3, 1, 32, 32)
     with torch.no_grad():
