@@ -75,6 +75,7 @@ from models.baselines import (  # noqa: E402
 from models.budget import plan_epochs  # noqa: E402
 from models.config import DataConfig, RunConfig  # noqa: E402
 from models.data import PatchSet, scan_patches  # noqa: E402
+from models.deadline import Deadline  # noqa: E402
 from models.evaluate import encode_images  # noqa: E402
 from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
@@ -158,7 +159,9 @@ def train_and_serve(
 ) -> Served:
     """Fit on ``train`` (a seeded subset of at most ``max_train``), export calibrated on all of ``train``, stream.
 
-    Without ``--epochs`` the epochs are planned as ``atomstream train`` plans them: what fits in ``BUDGET_S[0]``."""
+    Without ``--epochs`` the epochs are planned as ``atomstream train`` plans them: what fits in ``BUDGET_S[0]``,
+    re-planned at the epochs' own pace to end by then."""
+    deadline = Deadline.starting_now(BUDGET_S[0]) if EPOCHS[0] is None else None
     images = train.images
     if max_train is not None and len(images) > max_train:
         images = images[np.random.default_rng(run.train.seed).choice(len(images), max_train, replace=False)]
@@ -166,7 +169,10 @@ def train_and_serve(
         plan = plan_epochs(run, images, BUDGET_S[0])
         run = run.model_copy(update={"train": run.train.model_copy(update={"epochs": plan.epochs})})
         print(f"training plan: {plan.describe()}", flush=True)
-    model = fit(run, images, None).model.eval()
+    result = fit(run, images, None, deadline=deadline)
+    if result.epochs != run.train.epochs:
+        print(f"re-planned at the epochs' pace: {result.epochs} epochs", flush=True)
+    model = result.model.eval()
     parity = torch.from_numpy(train.images[:, None])
     if parity.shape[0] > MAX_PARITY_PATCHES:
         parity = parity[torch.linspace(0, parity.shape[0] - 1, MAX_PARITY_PATCHES).round().long()]

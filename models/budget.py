@@ -3,7 +3,8 @@
 Why: the cost of one step is ``pixels × classes × batch × hidden²`` and varies by two orders of magnitude between a
 16-px stack and a 48-px scan, so no fixed epoch count is right for both; a newcomer's 3-epoch run took 13 minutes
 and a default 100-epoch one would have taken hours. Timing a few real steps of the real configuration is the only
-estimate that knows this machine, its load and its thread count.
+estimate that knows this machine, its load and its thread count. Three steps are still a noisy clock on a shared
+machine, so ``fit`` re-plans from the epochs' own pace as it goes (``models.deadline``); this plan is the start.
 """
 
 from __future__ import annotations

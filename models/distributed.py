@@ -160,4 +160,4 @@ def fit_distributed(
             raise _USER_ERRORS[kind](message) from None
         model, _ = load_run(run_dir, device=str(device))
         history = load_training_state(run_dir, device=str(device)).history
-        return TrainResult(model=model, history=history, diagnosis=load_diagnosis(run_dir))
+        return TrainResult(model=model, history=history, diagnosis=load_diagnosis(run_dir), epochs=cfg.train.epochs)

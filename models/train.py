@@ -23,6 +23,7 @@ from torch import Tensor
 
 from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
 from models.config import ModelConfig, RunConfig, TrainConfig
+from models.deadline import Deadline
 from models.evaluate import diagnose_classes, normalized_mutual_info
 from models.fused_likelihood import resolve_matmul
 from models.jtrvae import JTrVAE
@@ -51,6 +52,7 @@ class TrainResult:
     model: JTrVAE
     history: list[dict]  # per epoch: epoch (0-based), loss, val_loss (None without validation), beta1..3, seconds
     diagnosis: dict | None = None  # models.evaluate.ClassDiagnosis.to_dict() on the training patches (K > 1)
+    epochs: int = 0  # the epochs the run has in all (a deadline may have re-planned cfg.train.epochs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,6 +155,7 @@ def fit(
     val_images: np.ndarray | Tensor | None = None,
     resume: bool = False,
     steps: SingleProcess | None = None,
+    deadline: Deadline | None = None,
 ) -> TrainResult:
     """Train the model ``cfg.model`` on ``images`` (N×H×W in [0, 1]) for ``cfg.train.epochs`` epochs.
 
@@ -161,8 +164,12 @@ def fit(
     every ``checkpoint_every`` epochs and at the end. ``resume=True`` continues the run in ``out_dir`` from its last
     finished epoch with its weights, optimiser state and history, up to ``cfg.train.epochs`` in total.
     ``steps`` spreads each step over shards or processes (``models.shards``; ``models.distributed`` runs ranks).
+    ``deadline`` (one process only: ranks would re-plan apart) re-plans ``cfg.train.epochs`` after each epoch so that
+    the epochs end by it (``models.deadline``); the result's ``epochs`` and the saved config say what was trained.
     """
     steps = steps or SingleProcess()
+    if deadline is not None and steps.world_size > 1:
+        raise FitError("a deadline re-plans the epochs in each process on its own clock: give ranks fixed epochs")
     tc = cfg.train
     device = resolve_device(tc.device)
     dtype = torch.float64 if tc.dtype == "float64" else torch.float32
@@ -224,7 +231,8 @@ def fit(
     batch = steps.global_batch(tc.batch_size)
     steps_per_epoch = math.ceil(n / batch)
     bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress and steps.is_main)
-    for epoch in range(start_epoch, tc.epochs):
+    epoch = start_epoch
+    while epoch < tc.epochs:
         beta = tc.annealing.at(epoch, tc.epochs)
         f = _anchor_fraction(tc.annealing.ramp_fraction, epoch, tc.epochs)
         weight = tc.class_anchor_end + f * (tc.class_anchor - tc.class_anchor_end)
@@ -252,15 +260,25 @@ def fit(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
+        done = epoch + 1
+        if deadline is not None:
+            epochs = deadline.replan(done, tc.epochs, [r["seconds"] for r in history[start_epoch:]])
+            if epochs != tc.epochs:
+                tc = tc.model_copy(update={"epochs": epochs})
+                cfg = cfg.model_copy(update={"train": tc})
+                if bar is not None:
+                    bar.total = (epochs - start_epoch) * steps_per_epoch
+                    bar.refresh()
+            row["planned_epochs"] = tc.epochs
         if bar is not None:
             bar.set_postfix(
                 epoch=f"{epoch + 1}/{tc.epochs}",
                 loss=f"{loss:.2f}",
                 val=f"{val_loss:.2f}" if val_loss is not None else "-",
             )
-        done = epoch + 1
         if out_dir is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.epochs:
             save_run(out_dir, model, cfg, epoch=done, history=history, optimizer_state=optim.get_state())
+        epoch = done
     if bar is not None:
         bar.close()
     model.eval()
@@ -275,7 +293,7 @@ def fit(
             optimizer_state=optim.get_state(),
             diagnosis=diagnosis,
         )
-    return TrainResult(model=model, history=history, diagnosis=diagnosis)
+    return TrainResult(model=model, history=history, diagnosis=diagnosis, epochs=max(tc.epochs, start_epoch))
 
 
 @torch.no_grad()

@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atomstream.cli import CommandError
 from atomstream.cli._flags import config_flag, from_config, in_flags
+
+if TYPE_CHECKING:
+    from models.deadline import Deadline
 
 __all__ = [
     "DEFAULT_BUDGET_S",
@@ -106,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--budget",
         type=float,
         default=DEFAULT_BUDGET_S,
-        help="training time in seconds when --epochs is not given (default: %(default)g)",
+        help="seconds the whole command may take when --epochs is not given: a timed warm-up plans the epochs and "
+        "the epochs' own pace re-plans them (at least 5; default: %(default)g)",
     )
     config_flag(opt, "--batch-size", type=int, where=_TRAIN, field="batch_size", help="patches per SVI step")
     config_flag(opt, "--lr", type=float, where=_TRAIN, field="lr", help="Adam learning rate")
@@ -336,6 +340,12 @@ def _train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     from pydantic import ValidationError
 
+    from models.deadline import Deadline
+
+    # The budget is the whole command's: reading the patches (the atom finder) and the warm start count against it.
+    budgeted = args.epochs is None and not args.resume
+    deadline = Deadline.starting_now(args.budget) if budgeted else None
+
     sublattice = {"atom_sublattice": args.atom_sublattice} if args.atoms else {}
     patches = read_patches(
         args.data, options={"fft": args.fft, "atoms": args.atoms, **sublattice, **from_config(args, _DATA_FLAGS)}
@@ -353,22 +363,25 @@ def _train(args: argparse.Namespace) -> int:
     ranked = torchrun_world()
     if ranked is not None and args.epochs is None and not args.resume:
         raise CommandError("under torchrun every rank must train the same epochs: pass --epochs (no time budget)")
-    if args.epochs is None and not args.resume:
+    if budgeted:
         from models.budget import plan_epochs
 
         plan = plan_epochs(cfg, patches.images, args.budget)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": plan.epochs})})
-        print(f"training plan: {plan.describe()}; --epochs or --budget changes it", flush=True)
+        follow = "; the first epochs' pace re-plans it to end in time" if args.nproc == 1 else ""
+        print(f"training plan: {plan.describe()}{follow}; --epochs or --budget changes it", flush=True)
     print(f"decoder matmuls: {_matmul_line(cfg.train)}", flush=True)
     try:
-        result = _fit(cfg, patches.images, args)
+        result = _fit(cfg, patches.images, args, deadline if args.nproc == 1 else None)
     except (FitError, CheckpointError) as exc:
         raise CommandError(_one_line(exc)) from None
     if ranked is not None and ranked[0] != 0:
         return 0  # rank 0 reports and names the classes
+    planned = cfg.train.epochs
+    replanned = f" (re-planned from {planned} at the epochs' pace)" if result.epochs != planned else ""
     print(
         f"trained {cfg.model.variant} (K={cfg.model.n_classes}, dim z={cfg.model.latent_dim}) on {len(patches)} "
-        f"{cfg.model.patch[0]}x{cfg.model.patch[1]} patches for {cfg.train.epochs} epochs -> {args.out}"
+        f"{cfg.model.patch[0]}x{cfg.model.patch[1]} patches for {result.epochs} epochs{replanned} -> {args.out}"
     )
     last = _last_losses(result.history)
     if last:
@@ -394,15 +407,16 @@ def _matmul_line(train: Any) -> str:
     return f"{used} (--decoder-matmul {train.decoder_matmul}; bfloat16 {native})"
 
 
-def _fit(cfg: Any, images: Any, args: argparse.Namespace) -> Any:
-    """``fit`` in this process, on ``--nproc`` local processes, or as this rank of a ``torchrun`` launch."""
+def _fit(cfg: Any, images: Any, args: argparse.Namespace, deadline: Deadline | None) -> Any:
+    """``fit`` in this process (ending by ``deadline`` when there is one), on ``--nproc`` local processes (the
+    warm-up's plan, fixed: ranks must agree on it), or as this rank of a ``torchrun`` launch."""
     from models.distributed import fit_distributed, fit_torchrun_rank, torchrun_world
     from models.train import fit
 
     if torchrun_world() is not None:
         return fit_torchrun_rank(cfg, images, args.out, resume=args.resume)
     if args.nproc == 1:
-        return fit(cfg, images, args.out, resume=args.resume)
+        return fit(cfg, images, args.out, resume=args.resume, deadline=deadline)
     if args.threads is None:  # the CPUs are shared out between the processes
         threads = max(1, cfg.train.likelihood_threads // args.nproc)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"likelihood_threads": threads})})
