@@ -243,23 +243,33 @@ def _busy_cpu() -> float | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(enc: Encoder, data: np.ndarray, *, batch: int, repeats: int) -> dict[str, float]:
-    """Encoder, in-process, encoder, end-to-end, encoder: the encoder's figure is the median of its three, so the
-    ceiling is measured around the other two rather than once before them."""
+def one_round(encs: dict[str, Encoder], data: np.ndarray, *, batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Encoder, then each path in-process, encoder, each path end to end, encoder: the encoder's figure is the
+    median of its three, so the ceiling is measured around the others rather than once before them. ``encs`` maps a
+    path's name to its encoder (the same artifact loaded with and without the frame encoder); the bare encoder is
+    the first one's, on patches already cut."""
+    ceiling_enc = next(iter(encs.values()))
     with ForeignLoad() as load_:
-        ceilings = [encoder_rate(enc, batch=batch, repeats=repeats)]
-        local = in_process_rate(enc, data, batch=batch)
-        ceilings.append(encoder_rate(enc, batch=batch, repeats=repeats))
-        e2e = stream(enc, data, batch=batch)
-        ceilings.append(encoder_rate(enc, batch=batch, repeats=repeats))
-    return {**e2e, "encoder": statistics.median(ceilings), "local": local, "foreign": load_.cores or 0.0}
+        ceilings = [encoder_rate(ceiling_enc, batch=batch, repeats=repeats)]
+        local = {path: in_process_rate(enc, data, batch=batch) for path, enc in encs.items()}
+        ceilings.append(encoder_rate(ceiling_enc, batch=batch, repeats=repeats))
+        e2e = {path: stream(enc, data, batch=batch) for path, enc in encs.items()}
+        ceilings.append(encoder_rate(ceiling_enc, batch=batch, repeats=repeats))
+    shared = {"encoder": statistics.median(ceilings), "foreign": load_.cores or 0.0}
+    return {path: {**e2e[path], **shared, "local": local[path]} for path in encs}
 
 
-def frame_parity(enc: Encoder, reference: Encoder, frame: np.ndarray, *, batch: int, tolerance: float) -> bool:
-    """The maps of one frame from ``enc``'s pipeline against the CPU ONNX pipeline's, as one ``# parity`` line."""
+def frame_parity(
+    enc: Encoder, reference: Encoder, frame: np.ndarray, *, path: str, batch: int, tolerance: float
+) -> bool:
+    """The maps of one frame from ``enc``'s pipeline against the CPU ONNX pipeline's on cut patches, as one
+    ``# parity`` line."""
     got = Pipeline(enc, max_batch_patches=batch).process(frame).arrays
     want = Pipeline(reference, max_batch_patches=batch).process(frame).arrays
-    label = f"{enc.backend} on {enc.device} vs onnx on cpu, maps of one {frame.shape[0]}x{frame.shape[1]} frame"
+    label = (
+        f"{path} path, {enc.backend} on {enc.device}, vs cut patches, onnx on cpu: maps of one "
+        f"{frame.shape[0]}x{frame.shape[1]} frame"
+    )
     return parity_line(label, compare(got, want), tolerance, max_differing=1e-4)
 
 
@@ -276,22 +286,26 @@ def pick_devices(text: str) -> list[str]:
     return devices
 
 
-def measure(enc: Encoder, size: int, data: np.ndarray, *, batch: int, rounds: int, repeats: int) -> None:
-    """Print one row: ``rounds`` rounds at frames of ``size``², medians over the quietest."""
-    done = [one_round(enc, data, batch=batch, repeats=repeats) for _ in range(rounds)]
-    quietest = min(r["foreign"] for r in done)
-    used = [r for r in done if r["foreign"] <= quietest + _SAME_LOAD_CORES]
-
-    def med(key: str, rounds: list[dict[str, float]] = used) -> float:
-        return statistics.median(r[key] for r in rounds)
-
-    local_ratio = statistics.median(r["local"] / r["encoder"] for r in used)
-    e2e_ratio = statistics.median(r["patches_s"] / r["encoder"] for r in used)
+def measure(encs: dict[str, Encoder], size: int, data: np.ndarray, *, batch: int, rounds: int, repeats: int) -> None:
+    """Print a row per path: ``rounds`` rounds at frames of ``size``², medians over the quietest; ``× cut`` is the
+    path's end-to-end patches/s over the cut path's in the same round."""
+    done = [one_round(encs, data, batch=batch, repeats=repeats) for _ in range(rounds)]
+    quietest = min(r[next(iter(encs))]["foreign"] for r in done)
+    used = [r for r in done if r[next(iter(encs))]["foreign"] <= quietest + _SAME_LOAD_CORES]
     per_frame = ((size - PATCH) // STRIDE + 1) ** 2
-    print(f"{size:>4}x{size:<4} {per_frame:>10d} {med('encoder'):>12.0f} {med('local'):>12.0f} "
-          f"({local_ratio:>4.0%}) {med('patches_s'):>12.0f} ({e2e_ratio:>4.0%}) {med('fps'):>8.2f} "
-          f"{med('p50'):>7.0f} {med('p99'):>7.0f} {sum(int(r['errors']) for r in done):>6d} "
-          f"{med('foreign'):>6.2f} cpu {len(used)}/{len(done)}", flush=True)  # fmt: skip
+    for path in encs:
+
+        def med(key: str, path: str = path) -> float:
+            return statistics.median(r[path][key] for r in used)
+
+        local_ratio = statistics.median(r[path]["local"] / r[path]["encoder"] for r in used)
+        e2e_ratio = statistics.median(r[path]["patches_s"] / r[path]["encoder"] for r in used)
+        over_cut = statistics.median(r[path]["patches_s"] / r["cut"]["patches_s"] for r in used) if "cut" in encs else 1
+        errors = sum(int(r[path]["errors"]) for r in done)
+        print(f"{size:>4}x{size:<4} {path:>5} {per_frame:>10d} {med('encoder'):>12.0f} {med('local'):>12.0f} "
+              f"({local_ratio:>4.0%}) {med('patches_s'):>12.0f} ({e2e_ratio:>4.0%}) {over_cut:>5.2f} "
+              f"{med('fps'):>8.2f} {med('p50'):>7.0f} {med('p99'):>7.0f} {errors:>6d} {med('foreign'):>6.2f} cpu "
+              f"{len(used)}/{len(done)}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4096, help="service max_batch_patches = encoder batch size")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of the bare encoder per measurement")
     parser.add_argument("--artifact", type=Path, default=None, help="exported artifact (default: build one)")
+    parser.add_argument(
+        "--paths",
+        default="cut,frame",
+        help="grid paths to measure, each a row: cut (patches cut into the batch buffers) and frame (the artifact's "
+        "encoder.frame.onnx reads the frame; CPU ONNX only)",
+    )
     parser.add_argument("--parity", action="store_true", help="check each device's maps against the CPU's first")
     parser.add_argument("--parity-tol", type=float, default=1e-4, help="largest |Δ| of a float map that passes")
     args = parser.parse_args(argv)
@@ -311,19 +331,35 @@ def main(argv: list[str] | None = None) -> int:
     passed = True
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.artifact or build_artifact(Path(tmp) / "artifact")
-        reference = load(artifact, backend="onnx", device="cpu", batch_sizes=(1, args.batch)) if args.parity else None
+        reference = (
+            load(artifact, backend="onnx", device="cpu", batch_sizes=(1, args.batch), frame_encoder=False)
+            if args.parity
+            else None
+        )
         for device in pick_devices(args.device):
-            enc = load(artifact, backend=args.backend, device=device, batch_sizes=(1, args.batch))  # type: ignore[arg-type]
+            encs: dict[str, Encoder] = {}
+            for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
+                enc = load(artifact, backend=args.backend, device=device, batch_sizes=(1, args.batch),  # type: ignore[arg-type]
+                           frame_encoder=path == "frame")  # fmt: skip
+                if path == "frame" and enc.frame_stride is None:
+                    print(f"# frame: skipped (no frame encoder for {args.backend} on {enc.device} in this artifact)")
+                    continue
+                encs[path] = enc
+            enc = next(iter(encs.values()))
             threads = f"ORT intra-op threads {enc.intra_op_threads}" if enc.intra_op_threads else "torch threads"
             print(f"backend {args.backend}  device {enc.device}  {threads}  batch {args.batch}  patch {PATCH} stride "
                   f"{STRIDE}  frames {args.frames}  {args.rounds} rounds  {os.cpu_count()} CPUs")  # fmt: skip
-            print(f"{'frame':>9} {'patches/fr':>10} {'encoder p/s':>12} {'in-process p/s':>19} {'end-to-end p/s':>19} "
-                  f"{'e2e fr/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'other load':>10} rounds")  # fmt: skip
+            print(f"{'frame':>9} {'path':>5} {'patches/fr':>10} {'encoder p/s':>12} {'in-process p/s':>19} "
+                  f"{'end-to-end p/s':>19} {'× cut':>5} {'e2e fr/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+                  f"{'other load':>10} rounds")  # fmt: skip
             for size in sizes:
                 data = _frames(size, args.frames)
                 if reference is not None:
-                    passed &= frame_parity(enc, reference, data[0], batch=args.batch, tolerance=args.parity_tol)
-                measure(enc, size, data, batch=args.batch, rounds=args.rounds, repeats=args.repeats)
+                    for path, e in encs.items():
+                        passed &= frame_parity(
+                            e, reference, data[0], path=path, batch=args.batch, tolerance=args.parity_tol
+                        )
+                measure(encs, size, data, batch=args.batch, rounds=args.rounds, repeats=args.repeats)
     return 0 if passed else 1
 
 

@@ -22,8 +22,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from exporters.frame_encoder import FrameEncoder, export_frame_onnx, frame_encoder_for
 from exporters.quiet import quiet_export_warnings
-from exporters.verify import check_parity
+from exporters.verify import check_frame_parity, check_parity
 from exporters.wrapper import InferenceWrapper, redraw_of
 from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
@@ -84,6 +85,15 @@ def build_wrapper(model: JTrVAE, *, fp16: bool = False, reconstruction: bool = F
     redraw = _frozen_cpu_copy(redraw_of(model), torch.float32) if reconstruction else None
     layout = latent_layout(model.cfg, reconstruction=reconstruction)
     return InferenceWrapper(encoder, layout, tuple(model.cfg.patch), fp16=fp16, redraw=redraw).eval()
+
+
+def _frame_encoder(wrapper: InferenceWrapper, run: RunConfig) -> FrameEncoder | None:
+    """The frame encoder for this export, or None where the grid's patches must be cut (points, per-patch steps,
+    an encoder the frame formulation does not cover)."""
+    spec = run.data.preprocessing
+    if run.data.kind == "atoms" or spec.fft != "none" or spec.patch_norm != "none":
+        return None
+    return frame_encoder_for(wrapper, (int(run.data.stride[0]), int(run.data.stride[1])))
 
 
 def _frozen_cpu_copy(module: ModuleT, dtype: torch.dtype) -> ModuleT:
@@ -158,6 +168,7 @@ def export_model(
     defect_classes: Sequence[int] = (),
     novelty: NoveltyStats | None = None,
     class_health: dict | None = None,
+    frame_encoder: bool = True,
 ) -> Manifest:
     """Write the artifact for ``model`` (trained with ``run``) to ``out_dir`` and return its manifest.
 
@@ -167,6 +178,9 @@ def export_model(
     Raises ``exporters.verify.ParityError`` when a backend disagrees.
     ``class_health`` is the run's class diagnosis (``models.checkpoint.load_diagnosis``), copied into the manifest;
     refusing a collapsed model is the caller's decision (``atomstream export`` refuses unless ``--force``).
+    ``frame_encoder``: also write ``encoder.frame.onnx`` (``exporters.frame_encoder``) where the model and its
+    tiling allow it — a grid, no per-patch preprocessing, the MLP encoder — so a server encodes grid frames
+    without cutting the patches; it is held to the same parity as the others.
     """
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset={opset} is outside {DEFAULT_OPSET}..{MAX_OPSET}; use opset={DEFAULT_OPSET}")
@@ -186,6 +200,7 @@ def export_model(
     }
     reconstruction = novelty is not None and novelty.needs_reconstruction
     wrapper = build_wrapper(model, reconstruction=reconstruction)
+    frame = _frame_encoder(wrapper, run) if frame_encoder else None
     try:
         export_torchscript(wrapper, files["torchscript"])
         export_onnx(wrapper, files["onnx"], opset=opset)
@@ -193,6 +208,10 @@ def export_model(
             files["onnx_fp16"] = out / MODEL_FILES["onnx_fp16"]
             export_onnx(build_wrapper(model, fp16=True, reconstruction=reconstruction), files["onnx_fp16"], opset=opset)
         parity = check_parity(model, wrapper.latent, files, parity_patches, data=parity_data)
+        if frame is not None:
+            files["onnx_frame"] = export_frame_onnx(frame, out / MODEL_FILES["onnx_frame"], opset=opset)
+            frame_parity = check_frame_parity(model, wrapper.latent, files["onnx_frame"], parity_patches, frame.stride)
+            parity = parity.model_copy(update={"backends": (*parity.backends, frame_parity)})
     except BaseException:
         for path in files.values():
             path.unlink(missing_ok=True)
@@ -218,6 +237,7 @@ def export_model(
         class_health=None
         if class_health is None
         else ClassHealth.model_validate({k: v for k, v in class_health.items() if k in ClassHealth.model_fields}),
+        frame_stride=frame.stride if frame is not None else None,
     )
     write_manifest(out, manifest)
     return manifest

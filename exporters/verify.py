@@ -25,7 +25,15 @@ from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import ParityReference
 from models.config import RunConfig
 from models.data import DataError, patches_from_config
-from streamer.maps.manifest import INPUT_NAME, BackendParity, LatentLayout, Parity, expected_outputs, output_bound
+from streamer.maps.manifest import (
+    FRAME_INPUT_NAME,
+    INPUT_NAME,
+    BackendParity,
+    LatentLayout,
+    Parity,
+    expected_outputs,
+    output_bound,
+)
 
 __all__ = [
     "FP16_MIN_ARGMAX_AGREEMENT",
@@ -34,7 +42,9 @@ __all__ = [
     "MIN_PARITY_PATCHES",
     "PARITY_TOLERANCE",
     "ParityError",
+    "check_frame_parity",
     "check_parity",
+    "parity_mosaic",
     "parity_patches",
     "run_onnx",
     "run_torchscript",
@@ -152,8 +162,7 @@ def check_parity(
     if x.shape[0] > MAX_PARITY_PATCHES:
         x = x[torch.linspace(0, x.shape[0] - 1, MAX_PARITY_PATCHES).round().long()].contiguous()
         data = f"{data}; {MAX_PARITY_PATCHES} of them evenly spaced"
-    first = next(model.parameters())
-    if first.device.type != "cpu" or model.training:  # leave the caller's model where and as it is
+    if first_parameter_off_cpu_or_training(model):  # leave the caller's model where and as it is
         model = copy.deepcopy(model).to("cpu").eval()
     ref_parts = [ParityReference(model, latent)(x[s]) for s in _chunks(x.shape[0])]
     ref = {k: torch.cat([p[k] for p in ref_parts]) for k in names}
@@ -166,6 +175,54 @@ def check_parity(
     if not all(r.passed for r in results):
         raise ParityError(_failure(results, x.shape[0], data))
     return Parity(n_patches=int(x.shape[0]), data=data, backends=tuple(results))
+
+
+def parity_mosaic(patches: Tensor, max_side: int = 16) -> Tensor:
+    """A frame ``(k·ph, k·pw)`` of the first ``k²`` patches side by side (``k`` at most ``max_side``): real
+    intensities for the frame encoder's parity, whose grid then also cuts patches that straddle two of them."""
+    k = max(1, min(max_side, math.isqrt(int(patches.shape[0]))))
+    ph, pw = int(patches.shape[-2]), int(patches.shape[-1])
+    tiles = patches[: k * k, 0].reshape(k, k, ph, pw)
+    return tiles.permute(0, 2, 1, 3).reshape(k * ph, k * pw).contiguous()
+
+
+def check_frame_parity(
+    model: torch.nn.Module, latent: LatentLayout, path: Path, patches: Tensor, stride: tuple[int, int]
+) -> BackendParity:
+    """``encoder.frame.onnx`` against the reference on the grid patches of a mosaic of the parity patches: the whole
+    mosaic, then a crop of it with a different grid (proving the frame's height and width are really dynamic)."""
+    import onnxruntime as ort
+
+    from streamer.maps.tiling import tile_grid
+
+    frame = parity_mosaic(patches.detach().to("cpu", torch.float32))
+    ph, pw = int(patches.shape[-2]), int(patches.shape[-1])
+    crop = frame[: max(ph, frame.shape[0] - 3 * stride[0]), : max(pw, frame.shape[1] - 5 * stride[1])]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    if first_parameter_off_cpu_or_training(model):
+        model = copy.deepcopy(model).to("cpu").eval()
+    names = [s.name for s in expected_outputs(latent)]
+    got_parts, ref_parts = [], []
+    for region in (frame, crop):
+        cut = tile_grid(region, (ph, pw), stride)
+        x = cut.reshape(-1, 1, ph, pw).contiguous()
+        ref_parts.append(ParityReference(model, latent)(x))
+        got_parts.append(session.run(None, {FRAME_INPUT_NAME: region[None, None].numpy()}))
+    ref = {k: torch.cat([p[k] for p in ref_parts]) for k in names}
+    got = [torch.cat([torch.from_numpy(p[i]) for p in got_parts]) for i in range(len(names))]
+    result = _compare("onnx_frame", names, got, ref, PARITY_TOLERANCE, 1.0)
+    if not result.passed:
+        n = int(ref[names[0]].shape[0])
+        raise ParityError(_failure([result], n, f"the grid patches of a {tuple(frame.shape)} mosaic and a crop"))
+    return result
+
+
+def first_parameter_off_cpu_or_training(model: torch.nn.Module) -> bool:
+    """Whether the parity reference needs an eval-mode CPU copy of ``model`` (the caller's is left as it is)."""
+    return next(model.parameters()).device.type != "cpu" or model.training
 
 
 def _read_patch_npz(path: Path, patch: tuple[int, int]) -> Tensor | None:

@@ -61,7 +61,10 @@ class _Heads(nn.Module):
         self.linear = nn.Linear(hidden, width)
 
     def forward(self, h: Tensor) -> dict[str, Tensor]:
-        o = self.linear(h)
+        return self.split(self.linear(h))
+
+    def split(self, o: Tensor) -> dict[str, Tensor]:
+        """The named heads from the layer's output ``(B, width)``."""
         d = self.latent_dim
         out: dict[str, Tensor] = {
             "z_loc": o[:, :d],
@@ -261,8 +264,13 @@ class InvariantFeatures(nn.Module):
         flat = f.reshape(b, -1)
         if not self.rotation:
             return flat
-        k = self.harmonics + 1
-        parts = (flat @ self.rings).reshape(b, self.n_radii, 2 * k)  # each ring's harmonics: [cos | sin] parts
+        return self.ring_magnitudes(flat @ self.rings)
+
+    def ring_magnitudes(self, harmonics: Tensor) -> Tensor:
+        """``(B, F)`` features from ``(B, R·2·(M+1))`` ring harmonics (``rings``' product): each ring's [cos | sin]
+        parts of harmonics 0..M to the log of their magnitudes."""
+        b, k = harmonics.shape[0], self.harmonics + 1
+        parts = harmonics.reshape(b, self.n_radii, 2 * k)
         c, s = parts[..., :k], parts[..., k:]
         return 0.5 * torch.log1p(c * c + s * s).reshape(b, -1)
 

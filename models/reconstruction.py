@@ -112,6 +112,12 @@ class Redraw(nn.Module):
         self.likelihood, self.gaussian_scale = likelihood, gaussian_scale
 
     def forward(self, heads: dict[str, Tensor], patches: Tensor) -> dict[str, Tensor]:
+        x = patches.to(self.grid.dtype).reshape(patches.shape[0], -1)
+        return self.compare(heads, x @ self.blocks if self.step > 1 else x)
+
+    def compare(self, heads: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        """``forward`` on the values already redrawn-sized: ``(B, pixels)`` block means (or pixels, ``step`` 1) in
+        the grid's dtype — what a frame encoder computes for every grid patch at once as a strided convolution."""
         dtype = self.grid.dtype
         z = heads["z_loc"].to(dtype)
         y = torch.softmax(heads["class_logits"].to(dtype), dim=-1) if self.n_classes > 0 else None
@@ -122,13 +128,10 @@ class Redraw(nn.Module):
         if self.translation:
             shift = heads["shift_loc"].to(dtype)
         coords = rotate_shift_grid(self.grid, unit, shift)
-        x = patches.to(dtype).reshape(patches.shape[0], -1)
         logits = self.decoder(coords, z, y)
-        if self.step > 1:
-            x = x @ self.blocks
-            if not self.pointwise:  # the whole grid was drawn: its means averaged over the blocks, back to logits
-                mean = torch.sigmoid(logits) @ self.blocks
-                logits = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+        if self.step > 1 and not self.pointwise:  # the whole grid was drawn: its block means, back to logits
+            mean = torch.sigmoid(logits) @ self.blocks
+            logits = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
         logits = logits.expand(*x.shape)  # (1, m) broadcast when nothing depends on the patch
         nll = -pixel_log_likelihood(logits, x, self.likelihood, self.gaussian_scale).sum(-1) * (self.step**2)
         return {"recon_nll": nll, "recon_residual": x - torch.sigmoid(logits)}

@@ -75,15 +75,16 @@ def test_export_writes_a_verified_manifest(exported: tuple[Path, Path, str], tra
     out, _, stdout = exported
     assert f"parity data: the run's data {trained_run.parent / 'cards.npz'} (stack)" in stdout
     m = read_manifest(out)
-    assert sorted(m.files) == ["encoder.fp16.onnx", "encoder.onnx", "encoder.ts"]
+    assert sorted(m.files) == ["encoder.fp16.onnx", "encoder.frame.onnx", "encoder.onnx", "encoder.ts"]
+    assert m.frame_stride == m.tiling.stride  # a grid with no per-patch steps: grid frames encode whole
     assert all(m.files[name].sha256 == sha256_file(out / name) for name in m.files)
     assert (m.name, m.version, m.variant, m.onnx_opset) == ("cards-tiny", "0.0.1", "jtrVAE", 17)
     assert m.patch == PATCH and m.class_names == CLASS_NAMES and m.defect_classes == (3,)
     assert m.preprocessing == Preprocessing(frame_norm="none") and m.tiling.layout == "grid"
     assert m.parity.n_patches == 1100 and "cards.npz" in m.parity.data
     by_backend = {r.backend: r for r in m.parity.backends}
-    assert set(by_backend) == {"onnx", "torchscript", "onnx_fp16"}
-    for name in ("onnx", "torchscript"):
+    assert set(by_backend) == {"onnx", "torchscript", "onnx_fp16", "onnx_frame"}
+    for name in ("onnx", "torchscript", "onnx_frame"):
         r = by_backend[name]
         assert r.passed and r.argmax_agreement == 1.0
         assert set(r.max_abs_diff) == set(m.output_names) and max(r.max_abs_diff.values()) <= 1e-4

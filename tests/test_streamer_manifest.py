@@ -127,6 +127,7 @@ def test_schema_is_the_model_and_forbids_unknown_fields(tmp_path: Path) -> None:
         (lambda raw: raw["preprocessing"].update(fft="wavelet"), "field 'preprocessing.fft'"),
         (lambda raw: raw.pop("tiling"), "field 'tiling'"),
         (lambda raw: raw.update(format_version=2), "field 'format_version' is 2"),
+        (lambda raw: raw.update(frame_stride=[4, 6]), "field 'frame_stride' is set exactly when"),
     ],
 )
 def test_inconsistent_manifest_is_refused_naming_the_field(tmp_path: Path, change: Any, field: str) -> None:

@@ -138,8 +138,13 @@ def _summary_arrived(got: list[tuple[Any, list[np.ndarray]]]) -> bool:
 # ---------------------------------------------------------------------------------------------- live == offline
 
 
-def test_replayed_scan_gives_maps_equal_to_the_offline_pipeline(artifact: Path, encoder: Encoder, zs: Sockets) -> None:
-    with Service(_config(artifact=artifact, max_batch_patches=40)) as svc:
+@pytest.mark.parametrize("frame_encoder", [False, True], ids=["cut", "frames-whole"])
+def test_replayed_scan_gives_maps_equal_to_the_offline_pipeline(
+    artifact: Path, encoder: Encoder, zs: Sockets, frame_encoder: bool
+) -> None:
+    """Cut: every frame's patches batched across frames. Frames whole: the frames of at least 20 patches (half a
+    batch of 40) are read whole by the artifact's frame encoder, the others still cut and batched."""
+    with Service(_config(artifact=artifact, max_batch_patches=40, frame_encoder=frame_encoder)) as svc:
         svc.wait_ready(TIMEOUT_S)
         sub = subscribe(zs, svc.publish_endpoint)
         summary = replay(FRAMES, svc.ingest_endpoint, scan_id="live", progress=False)
@@ -147,7 +152,9 @@ def test_replayed_scan_gives_maps_equal_to_the_offline_pipeline(artifact: Path, 
         got = collect(sub, _summary_arrived)
         _, metrics = _scrape(svc.metrics_url or "")
 
-    offline = Pipeline(encoder)
+    offline = Pipeline(encoder, max_batch_patches=40)
+    whole = [offline.encodes_whole(offline.prepare(f)) for f in FRAMES]
+    assert (any(whole) and not all(whole)) if frame_encoder else offline.frames_whole
     maps, defects = _by_kind(got, "maps"), _by_kind(got, "defects")
     assert [m.frame_id for m, _ in maps] == list(range(len(FRAMES)))
     assert [m.seq for m, _ in maps] == list(range(len(FRAMES)))  # per-topic sequence from 0
@@ -172,7 +179,8 @@ def test_replayed_scan_gives_maps_equal_to_the_offline_pipeline(artifact: Path, 
     assert metric_value(metrics, "atomstream_frames_received_total") == len(FRAMES)
     assert metric_value(metrics, "atomstream_frames_published_total") == len(FRAMES)
     assert metric_value(metrics, "atomstream_patches_encoded_total") == patches
-    assert metric_value(metrics, "atomstream_batch_size_count") < len(FRAMES)  # batched across frames
+    if not frame_encoder:
+        assert metric_value(metrics, "atomstream_batch_size_count") < len(FRAMES)  # batched across frames
     assert metric_value(metrics, "atomstream_end_to_end_seconds_count") == len(FRAMES)
     assert 'atomstream_model_info{backend="onnx",device="cpu",name="test-encoder"' in metrics
 

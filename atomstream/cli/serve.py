@@ -72,6 +72,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     field("--device", "where to encode", choices=("auto", "cpu", "cuda"))
     field("--intra-op-threads", "ONNX Runtime CPU threads (none: up to 4)", type=int)
     field("--max-batch-patches", "most patches per encoder call", type=int)
+    config_flag(
+        parser,
+        "--no-frame-encoder",
+        dest="frame_encoder",
+        action="store_false",
+        where=_SERVICE,
+        field="frame_encoder",
+        help="cut every grid frame into its patches instead of encoding it whole with the artifact's "
+        "encoder.frame.onnx",
+        shown=lambda whole: "encode whole where the artifact can" if whole else "cut",
+    )
     field("--max-wait-ms", "how long a partial batch waits", type=float)
     field("--queue-size", "frames waiting for the encoder, at most", type=int)
     field("--overload", "a full queue blocks ingest or drops the oldest frame", choices=("block", "drop_oldest"))

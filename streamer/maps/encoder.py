@@ -28,6 +28,7 @@ import numpy as np
 
 from streamer.maps.arrays import Array, is_floating, is_tensor, require_torch, to_host, zeros
 from streamer.maps.manifest import (
+    FRAME_INPUT_NAME,
     INPUT_NAME,
     MODEL_FILES,
     TS_METADATA,
@@ -73,20 +74,28 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
+def _session_options(intra_op_threads: int) -> Any:
+    """The service's ONNX Runtime session options: its own thread count, sequential, all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning worker threads burn the cores the service's ingest and publish threads need on a small box.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
 class _OrtRunner:
     """ONNX Runtime session; on CUDA, inputs and outputs are bound to torch device memory (no host round trip)."""
 
     def __init__(self, path: Path, manifest: Manifest, *, cuda: bool, device_id: int, intra_op_threads: int) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning worker threads burn the cores the service's ingest and publish threads need on a small box.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
+        options = _session_options(intra_op_threads)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if cuda:
             # TF32 matmuls would trade the fp32 parity measured at export (1e-4) for speed; the fp16 file is for that.
@@ -144,6 +153,33 @@ class _OrtRunner:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return outs
+
+
+class _OrtFrameRunner:
+    """``encoder.frame.onnx`` on ONNX Runtime's CPU provider: a normalised frame region in, every grid patch's
+    outputs out (``exporters.frame_encoder``). Host numpy only: the GPU path keeps its device patches."""
+
+    def __init__(self, path: Path, manifest: Manifest, *, intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        options = _session_options(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != [FRAME_INPUT_NAME]:
+            raise ArtifactError(f"{path}: model inputs {inputs} differ from the frame encoder's ['frame']")
+        names = [o.name for o in self.session.get_outputs()]
+        if names != list(manifest.output_names):
+            raise ArtifactError(
+                f"{path}: output names in the model {names} differ from the manifest's field 'outputs' "
+                f"{list(manifest.output_names)}"
+            )
+
+    def __call__(self, region: np.ndarray) -> list[np.ndarray]:
+        feed = {FRAME_INPUT_NAME: np.ascontiguousarray(region, dtype=np.float32)[None, None]}
+        return [np.ascontiguousarray(a) for a in self.session.run(None, feed)]
 
 
 class _TorchScriptRunner:
@@ -213,6 +249,7 @@ class Encoder:
         file_sha256: str = "",
         runner: _Runner,
         intra_op_threads: int | None = None,
+        frame_runner: _OrtFrameRunner | None = None,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
@@ -227,6 +264,7 @@ class Encoder:
         self._runner = runner
         #: ONNX Runtime's CPU threads for this session (``None``: TorchScript, which uses torch's)
         self.intra_op_threads = intra_op_threads
+        self._frame_runner = frame_runner
 
     @property
     def torch_device(self) -> torch.device:
@@ -265,6 +303,22 @@ class Encoder:
             )
         return dict(zip(self.manifest.output_names, outs, strict=True))
 
+    @property
+    def frame_stride(self) -> tuple[int, int] | None:
+        """The grid stride ``encode_frame`` serves (the manifest's ``frame_stride``); None: no frame encoder."""
+        return self.manifest.frame_stride if self._frame_runner is not None else None
+
+    def encode_frame(self, region: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs of every grid patch of ``region`` (2-D, normalised, starting at a patch's corner; patches at
+        ``frame_stride``), row-major — what ``__call__`` gives for those patches cut out — without cutting them."""
+        if self._frame_runner is None:
+            raise EncoderError("this encoder has no frame encoder (encoder.frame.onnx, ONNX Runtime on the CPU)")
+        ph, pw = self.manifest.patch
+        if region.ndim != 2 or region.shape[0] < ph or region.shape[1] < pw:
+            raise EncoderError(f"a frame region must be 2-D and hold one {ph}x{pw} patch, got {tuple(region.shape)}")
+        outs = self._frame_runner(region)
+        return dict(zip(self.manifest.output_names, outs, strict=True))
+
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run each batch size once (allocations, kernel selection) and check the output shapes on the way."""
         ph, pw = self.manifest.patch
@@ -281,6 +335,15 @@ class Encoder:
                     raise ArtifactError(
                         f"{self.path}: output {spec.name!r} has shape {list(got)} at batch {b}, but the manifest's "
                         f"field 'outputs' says {list(spec.shape)}"
+                    )
+        stride = self.frame_stride
+        if stride is not None:  # a 3×2 grid of patches
+            out = self.encode_frame(np.zeros((ph + 2 * stride[0], pw + stride[1]), np.float32))
+            for spec in self.manifest.outputs:
+                if tuple(out[spec.name].shape) != _shape(spec, 6):
+                    raise ArtifactError(
+                        f"{self.path.parent / MODEL_FILES['onnx_frame']}: output {spec.name!r} has shape "
+                        f"{list(out[spec.name].shape)} for a 3x2 grid, but the manifest says {list(spec.shape)}"
                     )
 
 
@@ -324,6 +387,7 @@ def load(
     intra_op_threads: int | None = None,
     fp16: bool = False,
     max_bytes: int | None = None,
+    frame_encoder: bool = True,
 ) -> Encoder:
     """Load and verify an artifact; warm it up at ``batch_sizes`` (the sizes the caller will use).
 
@@ -332,7 +396,9 @@ def load(
     preprocessing overlaps the encoder. On a machine shared with other busy processes fewer threads can be faster
     (measured on 2 cores with one kept busy elsewhere: 1 thread 140k patches/s, 2 threads 130k).
     ``fp16=True`` selects ``encoder.fp16.onnx`` (ONNX only; meant for GPUs). ``max_bytes`` refuses an artifact
-    whose files add up to more, before reading them.
+    whose files add up to more, before reading them. ``frame_encoder``: also load ``encoder.frame.onnx`` when the
+    artifact has it and the encoder runs ONNX Runtime (float32) on the CPU, so grid frames encode without cutting
+    their patches (``Encoder.encode_frame``; its export parity is checked like the others').
     """
     if backend not in ("onnx", "torchscript"):
         raise EncoderError(f"backend {backend!r} is not one of 'onnx', 'torchscript'")
@@ -364,6 +430,11 @@ def load(
     else:
         runner = _TorchScriptRunner(path, manifest, "cuda" if cuda else "cpu", device_id)
         providers = ()
+    frame_runner = None
+    frame_file = MODEL_FILES["onnx_frame"]
+    if frame_encoder and backend == "onnx" and not fp16 and not cuda and frame_file in manifest.files:
+        check_parity(root, manifest, frame_file)
+        frame_runner = _OrtFrameRunner(root / frame_file, manifest, intra_op_threads=threads or 1)
     encoder = Encoder(
         manifest=manifest,
         backend=backend,
@@ -375,6 +446,7 @@ def load(
         file_sha256=manifest.files[file_name].sha256,
         runner=runner,
         intra_op_threads=threads,
+        frame_runner=frame_runner,
     )
     encoder.warm_up(batch_sizes)
     return encoder

@@ -25,6 +25,7 @@ from streamer.maps.preprocess import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
+    "FRAME_INPUT_NAME",
     "INPUT_NAME",
     "LOOSER_OUTPUTS",
     "MANIFEST_NAME",
@@ -55,7 +56,14 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INPUT_NAME = "patches"
 #: backend (or variant) -> file name inside the artifact directory
-MODEL_FILES: dict[str, str] = {"onnx": "encoder.onnx", "torchscript": "encoder.ts", "onnx_fp16": "encoder.fp16.onnx"}
+MODEL_FILES: dict[str, str] = {
+    "onnx": "encoder.onnx",
+    "torchscript": "encoder.ts",
+    "onnx_fp16": "encoder.fp16.onnx",
+    "onnx_frame": "encoder.frame.onnx",
+}
+#: The frame encoder's input (``exporters.frame_encoder``): the frame region a grid covers, ``(1, 1, H, W)``.
+FRAME_INPUT_NAME = "frame"
 #: JSON embedded in ``encoder.ts`` (``torch.jit.save(_extra_files=...)``): its input name, output names and patch.
 TS_METADATA = "atomstream.json"
 #: The fixed order of the encoder's outputs; a model without a latent omits its entries and keeps the rest in order.
@@ -147,7 +155,7 @@ class BackendParity(_Frozen):
     ``angle`` is compared on the circle (the wrapped difference), so ±π count as equal.
     """
 
-    backend: Literal["onnx", "torchscript", "onnx_fp16"]
+    backend: Literal["onnx", "torchscript", "onnx_fp16", "onnx_frame"]
     max_abs_diff: dict[str, float]
     argmax_agreement: float | None = Field(None, ge=0, le=1)  # fraction of patches with the same class argmax
     tolerance: float = Field(gt=0)
@@ -223,6 +231,11 @@ class Manifest(_Frozen):
     onnx_opset: int = Field(ge=17)
     parity: Parity
     class_health: ClassHealth | None = None  # None for models without classes or from before the diagnosis
+    frame_stride: tuple[int, int] | None = Field(
+        None,
+        description="the grid stride encoder.frame.onnx was built for (exporters.frame_encoder: every grid patch's "
+        "outputs from the normalised frame, without cutting the patches); set exactly when that file is listed",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
@@ -255,7 +268,26 @@ class Manifest(_Frozen):
             )
         if not {MODEL_FILES["onnx"], MODEL_FILES["torchscript"]} & set(self.files):
             raise ValueError("field 'files' lists neither encoder.onnx nor encoder.ts: the artifact has no model")
+        self._check_frame_encoder()
         return self
+
+    def _check_frame_encoder(self) -> None:
+        listed = MODEL_FILES["onnx_frame"] in self.files
+        if listed != (self.frame_stride is not None):
+            raise ValueError(
+                "field 'frame_stride' is set exactly when field 'files' lists encoder.frame.onnx: "
+                f"frame_stride={self.frame_stride}, listed={listed}"
+            )
+        if self.frame_stride is None:
+            return
+        if self.tiling.layout != "grid" or tuple(self.frame_stride) != tuple(self.tiling.stride):
+            raise ValueError(
+                f"field 'frame_stride' {list(self.frame_stride)} must be the grid's stride "
+                f"{list(self.tiling.stride)} (tiling.layout={self.tiling.layout!r})"
+            )
+        p = self.preprocessing
+        if p.fft != "none" or p.patch_norm != "none":
+            raise ValueError("a frame encoder reads the normalised frame: preprocessing must have no per-patch steps")
 
     @property
     def output_names(self) -> tuple[str, ...]:

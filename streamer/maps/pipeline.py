@@ -108,10 +108,17 @@ class PreparedFrame:
     centers: np.ndarray | None
     frame_shape: tuple[int, int]
     tile_s: float
+    #: the normalised frame the grid's ``tiles`` view (grid layout), for a frame encoder to read whole
+    frame: Array | None = None
 
     @property
     def n(self) -> int:
         return int(self.tiles.shape[0] * self.tiles.shape[1]) if self.tiles.ndim == 4 else int(self.tiles.shape[0])
+
+    @property
+    def n_columns(self) -> int:
+        """Patches per grid row (1 for atom-centred patches)."""
+        return self.grid[1] if self.grid is not None else 1
 
     @property
     def patches(self) -> Array:
@@ -274,6 +281,9 @@ class Pipeline:
         self.latent_dim = m.latent.latent_dim
         self.class_names: tuple[str, ...] = tuple(m.class_names)
         classes = resolve_classes(defect_classes, self.class_names) if defect_classes is not None else None
+        stride = getattr(encoder, "frame_stride", None)
+        #: grid frames are encoded whole (``Encoder.encode_frame``), in bands of whole grid rows, not cut into patches
+        self.frames_whole = self.layout == "grid" and stride is not None and tuple(stride) == tuple(self.stride)
         self.rule = DefectRule(
             classes=classes if classes is not None else tuple(m.defect_classes),
             threshold=float(defect_threshold),
@@ -305,8 +315,10 @@ class Pipeline:
         try:
             # on the CPU a numpy frame (a read-only view on the message, as received) is used as it is
             x = to_host(frame) if self.device == "cpu" else _frame_tensor(frame, self.device)
+            normalised = None
             if self.layout == "grid":
-                tiles = tile_grid(prepare_frame(x, spec), self.patch, self.stride, self.origin)
+                normalised = prepare_frame(x, spec)
+                tiles = tile_grid(normalised, self.patch, self.stride, self.origin)
                 grid = (int(tiles.shape[0]), int(tiles.shape[1]))
             else:
                 found = find_atoms(
@@ -322,7 +334,13 @@ class Pipeline:
             raise FrameError(f"a {h}x{w} frame cannot be cut for this model: {exc}") from None
         sync(tiles)
         return PreparedFrame(
-            tiles=tiles, spec=spec, grid=grid, centers=centers, frame_shape=(h, w), tile_s=time.perf_counter() - t0
+            tiles=tiles,
+            spec=spec,
+            grid=grid,
+            centers=centers,
+            frame_shape=(h, w),
+            tile_s=time.perf_counter() - t0,
+            frame=normalised,
         )
 
     def encode(self, patches: Array, *, observe: Callable[[int, float], None] | None = None) -> dict[str, np.ndarray]:
@@ -344,6 +362,37 @@ class Pipeline:
         if observe is not None:
             observe(int(patches.shape[0]), time.perf_counter() - t0)
         return host
+
+    def encodes_whole(self, prepared: PreparedFrame) -> bool:
+        """Whether this frame's patches are encoded from the frame (``call_frame``) rather than cut: with a frame
+        encoder, a grid frame of at least half a batch of patches. Smaller frames are cut and batched with others,
+        where one encoder call for several frames saves more than not cutting their few patches."""
+        return self.frames_whole and prepared.grid is not None and 2 * prepared.n >= self.max_batch_patches
+
+    def bands(self, prepared: PreparedFrame) -> list[tuple[int, int]]:
+        """A grid frame's rows of patches in bands of about ``max_batch_patches`` patches (whole rows, at least
+        one): what one ``call_frame`` encodes."""
+        if prepared.grid is None:
+            raise PipelineError("only a grid frame is encoded in bands of rows")
+        gh, gw = prepared.grid
+        rows = max(1, self.max_batch_patches // max(gw, 1))
+        return [(r, min(gh, r + rows)) for r in range(0, gh, rows)]
+
+    def call_frame(
+        self, prepared: PreparedFrame, rows: tuple[int, int], *, observe: Callable[[int, float], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """One frame-encoder call on the grid rows ``rows`` of a prepared grid frame: the outputs of its patches in
+        row-major order, as ``call_encoder`` on those patches cut out gives them."""
+        if prepared.frame is None or prepared.grid is None:
+            raise PipelineError("call_frame needs a prepared grid frame")
+        (r0, r1), (ph, pw), (sy, sx), (y0, x0) = rows, self.patch, self.stride, self.origin
+        gw = prepared.grid[1]
+        region = prepared.frame[y0 + r0 * sy : y0 + (r1 - 1) * sy + ph, x0 : x0 + (gw - 1) * sx + pw]
+        t0 = time.perf_counter()
+        out = self.encoder.encode_frame(to_host(region))  # type: ignore[attr-defined]
+        if observe is not None:
+            observe((r1 - r0) * gw, time.perf_counter() - t0)
+        return out
 
     def join(self, calls: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """The outputs of consecutive encoder calls as one batch's, in order (empty arrays for no call at all).
@@ -462,4 +511,6 @@ class Pipeline:
     def process(self, frame: Array) -> FrameMaps:
         """One frame, all stages: the offline reference for the service."""
         prepared = self.prepare(frame)
+        if self.encodes_whole(prepared):
+            return self.assemble(prepared, self.join([self.call_frame(prepared, b) for b in self.bands(prepared)]))
         return self.assemble(prepared, self.encode(prepared.patches))

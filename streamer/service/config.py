@@ -63,6 +63,12 @@ class ServiceConfig(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="HTTP host of /metrics, /healthz, /readyz")
     metrics_port: int | None = Field(9108, ge=0, le=65535, description="0: a free port; null: no HTTP endpoint")
     max_batch_patches: int = Field(1024, ge=1, description="most patches per encoder call (across frames)")
+    frame_encoder: bool = Field(
+        True,
+        description="encode a grid frame of at least half a batch of patches from the frame itself when the artifact "
+        "has encoder.frame.onnx (ONNX Runtime on the CPU), in bands of whole grid rows, instead of cutting its "
+        "patches; false: always cut (the same maps, to float rounding)",
+    )
     intra_op_threads: int | None = Field(
         None,
         ge=1,

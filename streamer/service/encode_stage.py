@@ -62,6 +62,7 @@ class _Job:
     slot: int | None = None
     size: int = 0
     result: FrameResult | None = None
+    band: tuple[PreparedFrame, tuple[int, int]] | None = None  # grid rows of a frame encoded whole, not a buffer
 
 
 class EncodeStage:
@@ -74,6 +75,7 @@ class EncodeStage:
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._free: list[int] = list(range(N_BUFFERS))
+        self._bands = 0  # bands of frames encoded whole, queued or inside the encoder
         self._buffers: list[Array] = []
         self._closed = False
         self._failure: BaseException | None = None
@@ -103,7 +105,7 @@ class EncodeStage:
         batch's preparation.
         """
         with self._cond:
-            self._cond.wait_for(lambda: len(self._free) == N_BUFFERS or self._failure is not None)
+            self._cond.wait_for(lambda: (len(self._free) == N_BUFFERS and not self._bands) or self._failure is not None)
             self._raise_failure()
 
     def pass_through(self, result: FrameResult) -> None:
@@ -111,11 +113,32 @@ class EncodeStage:
         self._put(_Job(result=result))
 
     def submit(self, pipeline: Pipeline, frames: list[tuple[QueuedFrame, PreparedFrame]]) -> None:
-        """Write the frames' patches into the batch buffers chunk by chunk, queueing each chunk for the encoder as
-        soon as it is written; returns once the last is queued (the encoder may still be busy with them)."""
-        self._buffers_for(pipeline)
+        """Queue the batch for the encoder in order: the patches of consecutive frames written into the batch buffers
+        chunk by chunk (each chunk queued as soon as it is written), a frame the pipeline encodes whole
+        (``Pipeline.encodes_whole``) as bands of its grid rows, with nothing written; returns once the last job is
+        queued (the encoder may still be busy with them)."""
         batch = _Batch(pipeline, frames, PatchWriter([p for _, p in frames]))
-        writer = batch.writer
+        run: list[PreparedFrame] = []
+        for _, prepared in frames:
+            if not pipeline.encodes_whole(prepared):
+                run.append(prepared)
+                continue
+            self._write(batch, run)
+            run = []
+            for rows in pipeline.bands(prepared):
+                with self._cond:
+                    self._bands += 1
+                self._put(_Job(batch=batch, band=(prepared, rows), size=(rows[1] - rows[0]) * prepared.n_columns))
+        self._write(batch, run)
+        self._put(_Job(batch=batch))  # the end: assemble and emit once the chunks before it are encoded
+
+    def _write(self, batch: _Batch, frames: list[PreparedFrame]) -> None:
+        """The patches of ``frames`` into the batch buffers, a chunk at a time, each queued once written."""
+        if not frames or batch.error is not None:
+            return
+        pipeline = batch.pipeline
+        self._buffers_for(pipeline)
+        writer = PatchWriter(frames)
         while writer.written < writer.total:
             size = min(pipeline.max_batch_patches, writer.total - writer.written)
             slot, buffer = self._take_buffer()
@@ -123,11 +146,10 @@ class EncodeStage:
                 writer.write(buffer[:size])
             except Exception as exc:
                 log.exception("writing a batch of %d frames (%d patches) failed", len(frames), writer.total)
-                batch.error = f"preparing a batch of {writer.total} patches failed: {type(exc).__name__}: {exc}"
+                batch.error = f"preparing a batch of {batch.writer.total} patches failed: {type(exc).__name__}: {exc}"
                 self._release(slot)
                 break
             self._put(_Job(batch=batch, buffer=buffer, slot=slot, size=size))
-        self._put(_Job(batch=batch))  # the end: assemble and emit once the chunks before it are encoded
         for seconds in writer.seconds:
             self.metrics.stage_seconds.labels(stage="fft").observe(seconds)
 
@@ -186,6 +208,18 @@ class EncodeStage:
             return
         batch = job.batch
         assert batch is not None
+        if job.band is not None:
+            if batch.error is None:
+                prepared, rows = job.band
+                try:
+                    batch.calls.append(batch.pipeline.call_frame(prepared, rows, observe=self._observe_call))
+                except Exception as exc:
+                    log.exception("encoding grid rows %s of a frame failed", rows)
+                    batch.error = f"encoding a frame's grid rows {rows} failed: {type(exc).__name__}: {exc}"
+            with self._cond:
+                self._bands -= 1
+                self._cond.notify_all()
+            return
         if job.buffer is None:
             self._finish(batch)
             return

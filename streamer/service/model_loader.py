@@ -107,6 +107,7 @@ class ModelLoader:
             batch_sizes=(1, self.cfg.max_batch_patches),
             intra_op_threads=self.cfg.intra_op_threads,
             max_bytes=self.cfg.max_artifact_bytes,
+            frame_encoder=self.cfg.frame_encoder,
         )
 
     def load_configured(self) -> None:
