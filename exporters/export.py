@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from exporters.frame_encoder import FrameEncoder, export_frame_onnx, frame_encoder_for
+from exporters.frame_encoder import FrameEncoder, frame_encoder_for
 from exporters.quiet import quiet_export_warnings
 from exporters.verify import check_frame_parity, check_parity
 from exporters.wrapper import InferenceWrapper, redraw_of
@@ -30,6 +31,7 @@ from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
 from models.reconstruction import redrawn_values
 from streamer.maps.manifest import (
+    FRAME_INPUT_NAME,
     INPUT_NAME,
     MANIFEST_NAME,
     MODEL_FILES,
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_OPSET",
     "ExportError",
     "build_wrapper",
+    "export_frame_onnx",
     "export_model",
     "export_onnx",
     "export_torchscript",
@@ -119,17 +122,45 @@ def export_torchscript(wrapper: InferenceWrapper, path: str | Path) -> Path:
 
 def export_onnx(wrapper: InferenceWrapper, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
     """ONNX with a dynamic ``batch`` axis on the input and on every output; checked with ``onnx.checker``."""
-    import onnx
-
     names = list(wrapper.output_names)
     axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
+    return _write_onnx(wrapper, _example(wrapper), path, INPUT_NAME, names, axes, opset=opset)
+
+
+def export_frame_onnx(frame: FrameEncoder, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """``encoder.frame.onnx``: input ``frame`` ``(1, 1, H, W)`` with dynamic H and W, outputs over ``batch`` patches
+    (as ``encoder.onnx``'s, in its order); checked with ``onnx.checker``."""
+    (ph, pw), (sy, sx) = frame.patch, frame.stride
+    example = torch.rand((1, 1, ph + 3 * sy, pw + 2 * sx), generator=torch.Generator().manual_seed(0))
+    names = list(frame.wrapper.output_names)
+    axes: dict[str, dict[int, str]] = {FRAME_INPUT_NAME: {2: "height", 3: "width"}}
+    axes.update({name: {0: "batch"} for name in names})
+    with warnings.catch_warnings():
+        # the box sums' strided slices read a running sum, which is no constant: nothing to fold, nothing lost
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        return _write_onnx(frame, example, path, FRAME_INPUT_NAME, names, axes, opset=opset)
+
+
+def _write_onnx(
+    module: nn.Module,
+    example: Tensor,
+    path: str | Path,
+    input_name: str,
+    names: list[str],
+    axes: dict[str, dict[int, str]],
+    *,
+    opset: int,
+) -> Path:
+    """Trace ``module`` on ``example`` to an ONNX file and check it; a failure is an ``ExportError`` naming it."""
+    import onnx
+
     try:
         with quiet_export_warnings(), torch.no_grad():
             torch.onnx.export(
-                wrapper,
-                (_example(wrapper),),
+                module,
+                (example,),
                 str(path),
-                input_names=[INPUT_NAME],
+                input_names=[input_name],
                 output_names=names,
                 dynamic_axes=axes,
                 opset_version=opset,

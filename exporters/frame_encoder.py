@@ -20,19 +20,14 @@ two rewrites that are equal in exact arithmetic:
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.quiet import quiet_export_warnings
 from exporters.wrapper import InferenceWrapper
 from models.nets import MLPEncoder, posterior_means
-from streamer.maps.manifest import FRAME_INPUT_NAME
 
-__all__ = ["FrameEncoder", "FrameEncoderError", "export_frame_onnx", "frame_encoder_for", "frame_region"]
+__all__ = ["FrameEncoder", "FrameEncoderError", "frame_encoder_for", "frame_region"]
 
 
 class FrameEncoderError(ValueError):
@@ -64,7 +59,7 @@ class FrameEncoder(nn.Module):
         self.wrapper, self.patch, self.stride = wrapper, wrapper.patch, (int(stride[0]), int(stride[1]))
         ph, pw = self.patch
         first = encoder.trunk[1]
-        kernels, biases = [first.weight.detach()], [first.bias.detach()]
+        kernels = [first.weight.detach()]
         self.n_hidden = int(first.out_features)
         redraw = wrapper.redraw
         self.n_redraw = 0
@@ -78,7 +73,7 @@ class FrameEncoder(nn.Module):
             kernels.append(linear.to(first.weight.dtype))
             self.n_linear_features = int(linear.shape[0])
         weight = torch.cat(kernels)
-        bias = torch.cat([biases[0], weight.new_zeros(weight.shape[0] - self.n_hidden)])
+        bias = torch.cat([first.bias.detach(), weight.new_zeros(weight.shape[0] - self.n_hidden)])
         self.register_buffer("kernel", weight.reshape(-1, 1, ph, pw).contiguous(), persistent=False)
         self.register_buffer("kernel_bias", bias, persistent=False)
         self.rest = encoder.trunk[2:]
@@ -204,32 +199,3 @@ def frame_encoder_for(wrapper: InferenceWrapper, stride: tuple[int, int]) -> Fra
         return FrameEncoder(wrapper, stride).eval()
     except FrameEncoderError:
         return None
-
-
-def export_frame_onnx(frame_encoder: FrameEncoder, path: str | Path, *, opset: int) -> Path:
-    """``encoder.frame.onnx``: input ``frame`` ``(1, 1, H, W)`` with dynamic H and W, outputs over ``batch`` patches
-    (as ``encoder.onnx``'s, in its order); checked with ``onnx.checker``."""
-    import onnx
-
-    ph, pw = frame_encoder.patch
-    sy, sx = frame_encoder.stride
-    example = torch.rand((1, 1, ph + 3 * sy, pw + 2 * sx), generator=torch.Generator().manual_seed(0))
-    names = list(frame_encoder.wrapper.output_names)
-    axes: dict[str, dict[int, str]] = {FRAME_INPUT_NAME: {2: "height", 3: "width"}}
-    axes.update({name: {0: "batch"} for name in names})
-    with quiet_export_warnings(), warnings.catch_warnings(), torch.no_grad():
-        # the box sums' strided slices read a running sum, which is no constant: nothing to fold, nothing lost
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
-        torch.onnx.export(
-            frame_encoder,
-            (example,),
-            str(path),
-            input_names=[FRAME_INPUT_NAME],
-            output_names=names,
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    onnx.checker.check_model(str(path))
-    return Path(path)

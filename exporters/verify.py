@@ -16,6 +16,7 @@ import copy
 import math
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,12 +76,7 @@ def _chunks(n: int) -> list[slice]:
 
 def run_onnx(path: str | Path, patches: Tensor, *, threads: int = 2) -> list[Tensor]:
     """Outputs of an ONNX file on ONNX Runtime's CPU provider, in the file's output order."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    session = _cpu_session(path, threads)
     x = patches.detach().to("cpu", torch.float32).contiguous().numpy()
     parts = [session.run(None, {INPUT_NAME: x[s]}) for s in _chunks(x.shape[0])]
     return [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(len(parts[0]))]
@@ -162,8 +158,7 @@ def check_parity(
     if x.shape[0] > MAX_PARITY_PATCHES:
         x = x[torch.linspace(0, x.shape[0] - 1, MAX_PARITY_PATCHES).round().long()].contiguous()
         data = f"{data}; {MAX_PARITY_PATCHES} of them evenly spaced"
-    if first_parameter_off_cpu_or_training(model):  # leave the caller's model where and as it is
-        model = copy.deepcopy(model).to("cpu").eval()
+    model = _reference_model(model)
     ref_parts = [ParityReference(model, latent)(x[s]) for s in _chunks(x.shape[0])]
     ref = {k: torch.cat([p[k] for p in ref_parts]) for k in names}
     results: list[BackendParity] = []
@@ -191,19 +186,13 @@ def check_frame_parity(
 ) -> BackendParity:
     """``encoder.frame.onnx`` against the reference on the grid patches of a mosaic of the parity patches: the whole
     mosaic, then a crop of it with a different grid (proving the frame's height and width are really dynamic)."""
-    import onnxruntime as ort
-
     from streamer.maps.tiling import tile_grid
 
     frame = parity_mosaic(patches.detach().to("cpu", torch.float32))
     ph, pw = int(patches.shape[-2]), int(patches.shape[-1])
     crop = frame[: max(ph, frame.shape[0] - 3 * stride[0]), : max(pw, frame.shape[1] - 5 * stride[1])]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    if first_parameter_off_cpu_or_training(model):
-        model = copy.deepcopy(model).to("cpu").eval()
+    session = _cpu_session(path, 2)
+    model = _reference_model(model)
     names = [s.name for s in expected_outputs(latent)]
     got_parts, ref_parts = [], []
     for region in (frame, crop):
@@ -220,9 +209,21 @@ def check_frame_parity(
     return result
 
 
-def first_parameter_off_cpu_or_training(model: torch.nn.Module) -> bool:
-    """Whether the parity reference needs an eval-mode CPU copy of ``model`` (the caller's is left as it is)."""
-    return next(model.parameters()).device.type != "cpu" or model.training
+def _reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or an eval-mode CPU copy of it when it is elsewhere or training (the caller's is left as it is)."""
+    if next(model.parameters()).device.type != "cpu" or model.training:
+        return copy.deepcopy(model).to("cpu").eval()
+    return model
+
+
+def _cpu_session(path: str | Path, threads: int) -> Any:
+    """An ONNX Runtime session of ``path`` on the CPU provider, quiet, with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _read_patch_npz(path: Path, patch: tuple[int, int]) -> Tensor | None:
