@@ -41,10 +41,24 @@ def compare(got: Mapping[str, object], want: Mapping[str, object]) -> dict[str, 
     return out
 
 
-def parity_line(label: str, diffs: Mapping[str, float], tolerance: float, *, max_differing: float = 0.0) -> bool:
-    """Print one ``# parity`` line and say whether it passed: float Δ within ``tolerance``, integer maps differing
-    on at most ``max_differing`` of their entries, and at least one output compared."""
-    passed = bool(diffs) and all(d <= (max_differing if n.endswith("≠") else tolerance) for n, d in diffs.items())
+def parity_line(
+    label: str,
+    diffs: Mapping[str, float],
+    tolerance: float,
+    *,
+    max_differing: float = 0.0,
+    looser: Mapping[str, float] | None = None,
+) -> bool:
+    """Print one ``# parity`` line and say whether it passed: float Δ within ``tolerance`` (times ``looser[name]``
+    where given, shown in the line), integer maps differing on at most ``max_differing`` of their entries, and at
+    least one output compared."""
+    looser = looser or {}
+
+    def bound(name: str) -> float:
+        return max_differing if name.endswith("≠") else tolerance * looser.get(name, 1.0)
+
+    passed = bool(diffs) and all(d <= bound(n) for n, d in diffs.items())
     cells = ", ".join(f"{name} {d:.1e}" for name, d in diffs.items()) or "no common outputs"
-    print(f"# parity {label}: {cells} (tolerance {tolerance:g}) -> {'ok' if passed else 'FAILED'}", flush=True)
+    wider = "".join(f", {name} at {factor:g}×" for name, factor in looser.items() if name in diffs)
+    print(f"# parity {label}: {cells} (tolerance {tolerance:g}{wider}) -> {'ok' if passed else 'FAILED'}", flush=True)
     return passed

@@ -21,7 +21,9 @@ is only meaningful within one round, and on a shared machine a round that overla
 comparable to one that did not: of ``--rounds`` rounds, those whose other load is within 0.25 cores of the quietest
 are kept (``rounds`` says how many), and each column is the median over them — ratios per round, then medianed.
 Latency p50/p99 is producer timestamp (``t_acq_ns``) → map received; the producer is unpaced, so this is latency
-*under saturation* (it includes time queued behind other frames), an upper bound.
+*under saturation* (it includes time queued behind other frames), an upper bound. ``--fps`` adds a table of the
+same stream paced as a scan arrives (frame k sent at k/fps): the latency a controller waits at that frame rate, and
+whether the service kept up with it.
 
 The model is the paper's architecture (MLP encoder 2×256, K=4 classes, D=2, rotation and translation), untrained —
 speed does not depend on the weights — exported through ``exporters`` unless ``--artifact`` is given. Patches are
@@ -33,7 +35,7 @@ against the CPU ONNX Runtime pipeline's (float maps to ``--parity-tol``, the cla
 the patches), and the script exits 1 when one differs.
 
     python benchmarks/stream_throughput.py [--frames 12] [--sizes 512,1024] [--rounds 3] [--backend onnx]
-        [--device auto|cpu|cuda|cpu,cuda] [--batch 4096] [--artifact DIR] [--parity]
+        [--device auto|cpu|cuda|cpu,cuda] [--batch 4096] [--artifact DIR] [--parity] [--fps 20]
 """
 
 from __future__ import annotations
@@ -158,8 +160,9 @@ def in_process_rate(enc: Encoder, data: np.ndarray, *, batch: int) -> float:
     return _on_a_thread(run)
 
 
-def stream(enc: Encoder, data: np.ndarray, *, batch: int) -> dict[str, float]:
-    """End to end through a ``Service`` serving ``enc``: patches/s, frames/s and latency percentiles."""
+def stream(enc: Encoder, data: np.ndarray, *, batch: int, fps: float | None = None) -> dict[str, float]:
+    """End to end through a ``Service`` serving ``enc``: patches/s, frames/s and latency percentiles; ``fps`` paces
+    the producer (frame k at k/fps, as a scan arrives) where None sends as fast as the service takes them."""
     frames = len(data)
     cfg = ServiceConfig(
         ingest="tcp://127.0.0.1:0",
@@ -181,7 +184,9 @@ def stream(enc: Encoder, data: np.ndarray, *, batch: int) -> dict[str, float]:
 
         def produce() -> None:
             try:
-                with Replayer(service.ingest_endpoint, progress=False, scan_id="bench", send_timeout_ms=300_000) as r:
+                with Replayer(
+                    service.ingest_endpoint, progress=False, scan_id="bench", send_timeout_ms=300_000, fps=fps
+                ) as r:
                     r.send_scan(data)
             except BaseException as exc:
                 errors.append(exc)
@@ -259,8 +264,15 @@ def one_round(encs: dict[str, Encoder], data: np.ndarray, *, batch: int, repeats
     return {path: {**e2e[path], **shared, "local": local[path]} for path in encs}
 
 
+#: The built artifact is untrained: its rotation head's concentration vectors are short, and the angle's error is the
+#: network's rounding divided by their length (``exporters.verify``) — on a 1024² frame's 15625 patches some are short
+#: enough that a convolution's summation order alone moves the angle 1e-4 rad. A trained ``--artifact`` is held to
+#: the plain tolerance.
+UNTRAINED_LOOSER = {"angle": 10.0}
+
+
 def frame_parity(
-    enc: Encoder, reference: Encoder, frame: np.ndarray, *, path: str, batch: int, tolerance: float
+    enc: Encoder, reference: Encoder, frame: np.ndarray, *, path: str, batch: int, tolerance: float, untrained: bool
 ) -> bool:
     """The maps of one frame from ``enc``'s pipeline against the CPU ONNX pipeline's on cut patches, as one
     ``# parity`` line."""
@@ -270,7 +282,8 @@ def frame_parity(
         f"{path} path, {enc.backend} on {enc.device}, vs cut patches, onnx on cpu: maps of one "
         f"{frame.shape[0]}x{frame.shape[1]} frame"
     )
-    return parity_line(label, compare(got, want), tolerance, max_differing=1e-4)
+    looser = UNTRAINED_LOOSER if untrained else None
+    return parity_line(label, compare(got, want), tolerance, max_differing=1e-4, looser=looser)
 
 
 def pick_devices(text: str) -> list[str]:
@@ -308,6 +321,18 @@ def measure(encs: dict[str, Encoder], size: int, data: np.ndarray, *, batch: int
               f"{len(used)}/{len(done)}", flush=True)  # fmt: skip
 
 
+def paced(encs: dict[str, Encoder], size: int, data: np.ndarray, *, batch: int, fps: float) -> None:
+    """A row per path: frames sent at ``fps`` (not saturated), the latency a controller waits for each frame's maps.
+    ``kept up`` says whether the service delivered at the asked rate (within 5 %); when it did not, frames queued and
+    the latency includes the queue."""
+    for path, enc in encs.items():
+        with ForeignLoad() as load:
+            got = stream(enc, data, batch=batch, fps=fps)
+        kept = "yes" if got["fps"] >= 0.95 * fps else "no"
+        print(f"{size:>4}x{size:<4} {path:>5} {fps:>9.1f} {got['fps']:>9.2f} {kept:>7} {got['p50']:>7.0f} "
+              f"{got['p99']:>7.0f} {int(got['errors']):>6d} {load.cores or 0.0:>6.2f} cpu", flush=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=12)
@@ -318,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4096, help="service max_batch_patches = encoder batch size")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of the bare encoder per measurement")
     parser.add_argument("--artifact", type=Path, default=None, help="exported artifact (default: build one)")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=0.0,
+        help="also stream every size paced at this rate and report the per-frame latency (0: saturated only)",
+    )
     parser.add_argument(
         "--paths",
         default="cut,frame",
@@ -357,9 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                 if reference is not None:
                     for path, e in encs.items():
                         passed &= frame_parity(
-                            e, reference, data[0], path=path, batch=args.batch, tolerance=args.parity_tol
-                        )
+                            e, reference, data[0], path=path, batch=args.batch, tolerance=args.parity_tol,
+                            untrained=args.artifact is None,
+                        )  # fmt: skip
                 measure(encs, size, data, batch=args.batch, rounds=args.rounds, repeats=args.repeats)
+            if args.fps > 0:
+                print(f"paced at {args.fps:g} fps ({args.frames} frames a size, after the same two warm-up frames)")
+                print(f"{'frame':>9} {'path':>5} {'asked fps':>9} {'got fps':>9} {'kept up':>7} {'p50 ms':>7} "
+                      f"{'p99 ms':>7} {'errors':>6} {'other load':>10}")  # fmt: skip
+                for size in sizes:
+                    paced(encs, size, _frames(size, args.frames), batch=args.batch, fps=args.fps)
     return 0 if passed else 1
 
 

@@ -93,19 +93,52 @@ class FrameEncoder(nn.Module):
             im = torch.stack([sin_y, cos_y], dim=1)
             along_y = torch.cat([re, im]).unsqueeze(0).expand(half, -1, -1, -1)  # (X, 2H, 2, H)
             self.register_buffer("dft_y", along_y.reshape(half * 2 * ph, 2, ph, 1).contiguous(), persistent=False)
-            mask = torch.ones(half, ph, 1, dtype=first.weight.dtype)
-            mask[0 if features.rotation else pw // 2, ph // 2] = 0.0  # the zero frequency (fftshifted rows)
-            self.register_buffer("dc_mask", mask, persistent=False)
             if features.rotation:  # the rings' matrix with its rows in the (x, y) order of the channels
                 rings = features.rings.reshape(ph, half, -1).permute(1, 0, 2).reshape(ph * half, -1)
-                self.register_buffer("rings_xy", rings.t().contiguous(), persistent=False)
+                # the log's ½ moved into the class layer; the zero frequency read by nothing (the mean taken out)
+                rings = 0.5 * rings.t()
+                rings[:, self._zero_frequency()] = 0.0
+                self.register_buffer("rings_xy", rings.contiguous(), persistent=False)
+        if head is not None:
+            self._fold_class_layer()
+
+    def _zero_frequency(self) -> int:
+        """The row of the zero frequency in the spectrum's channels, ``[x freq][y freq]`` (y fftshifted; x from 0 with
+        rotation's half spectrum, fftshifted without it)."""
+        assert self.features is not None
+        ph, pw = self.patch
+        return (0 if self.features.rotation else pw // 2) * ph + ph // 2
+
+    def _fold_class_layer(self) -> None:
+        """The class layer with the features' standardisation, the logs' ½ and the spectrum's channel order folded
+        into its weights, so the features stay channel-major, as the convolutions wrote them (a transpose of every
+        patch's features, and an elementwise pass each for the mask, the ½ and the standardisation, had cost more
+        than the layer itself)."""
+        features = self.features
+        assert features is not None and self.head is not None
+        layer = self.head.net[0]
+        weight = layer.weight.detach().double() / features.scale.double()[None, :]
+        bias = layer.bias.detach().double() - weight @ features.mean.double()
+        n_spectral = features.n_features - features.moments
+        spectral = weight[:, :n_spectral]
+        if features.translation or features.rotation:  # ½·log1p(|·|²) of the spectrum or of the rings' harmonics
+            spectral = 0.5 * spectral
+        if features.translation and not features.rotation:  # the spectrum's rows [x][y]; the patch path's (y, x)
+            ph, half = self.patch[0], features.half
+            order = torch.arange(ph * half).reshape(ph, half).t().reshape(-1)
+            spectral = spectral[:, order].clone()
+            spectral[:, self._zero_frequency()] = 0.0  # its value here is the patch mean's, there 0
+        weight = torch.cat([spectral, weight[:, n_spectral:]], dim=1)
+        dtype = layer.weight.dtype
+        self.register_buffer("class_weight", weight.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("class_bias", bias.to(dtype)[:, None].contiguous(), persistent=False)
 
     def forward(self, region: Tensor) -> tuple[Tensor, ...]:
         linear = F.conv2d(region, self.kernel, self.kernel_bias, stride=self.stride)  # (1, C, gh, gw)
         channels = linear.reshape(linear.shape[1], -1)  # (C, N): channel-major, as the convolution wrote it
         heads = self.heads.split(self._trunk(channels[: self.n_hidden]).t())
         if self.head is not None:
-            heads["class_logits"] = self.head.net(self._class_features(region, channels))
+            heads["class_logits"] = self._class_logits(region, channels).t()
         latent = self.wrapper.latent
         out = posterior_means(
             heads, n_classes=latent.n_classes, rotation=latent.rotation, translation=latent.translation
@@ -123,7 +156,16 @@ class FrameEncoder(nn.Module):
             h = torch.addmm(layer.bias[:, None], layer.weight, h) if isinstance(layer, nn.Linear) else layer(h)
         return torch.addmm(self.heads.linear.bias[:, None], self.heads.linear.weight, h)
 
+    def _class_logits(self, region: Tensor, channels: Tensor) -> Tensor:
+        """``(K, N)`` class logits from channel-major features through the folded class layer."""
+        assert self.head is not None
+        hidden = torch.tanh(torch.addmm(self.class_bias, self.class_weight, self._class_features(region, channels)))
+        last = self.head.net[2]
+        return torch.addmm(last.bias[:, None], last.weight, hidden)
+
     def _class_features(self, region: Tensor, channels: Tensor) -> Tensor:
+        """The class head's raw features, channel-major ``(F, N)``, less what ``_fold_class_layer`` moved into the
+        layer (the logs' ½, the standardisation)."""
         features = self.features
         assert features is not None
         n = channels.shape[1]
@@ -132,21 +174,25 @@ class FrameEncoder(nn.Module):
             along_x = F.conv2d(region, self.dft_x, stride=(1, self.stride[1]))  # (1, 2X, H, gw)
             along_y = F.conv2d(along_x, self.dft_y, stride=(self.stride[0], 1), groups=half)  # (1, X·2H, gh, gw)
             parts = along_y.reshape(half, 2, ph, n)  # [x freq][re, im][y freq][patch]
-            power = (parts * parts).sum(dim=1) * self.dc_mask  # (X, H, N); the mean taken out: 0 at zero frequency
-            magnitude = 0.5 * torch.log1p(power)
-            if features.rotation:
-                spectral = features.ring_magnitudes((self.rings_xy @ magnitude.reshape(-1, n)).t())
-            else:
-                spectral = magnitude.permute(2, 1, 0).reshape(n, -1)  # row-major (y, x), as the patch path's
+            spectrum = torch.log1p((parts * parts).sum(dim=1)).reshape(half * ph, n)
+            spectral = (
+                _ring_log_magnitudes(self.rings_xy @ spectrum, features.harmonics) if features.rotation else spectrum
+            )
         else:
             start = self.n_hidden + self.n_redraw
-            linear = channels[start : start + self.n_linear_features].t()
-            spectral = features.ring_magnitudes(linear) if features.rotation else linear
-        parts = [spectral]
-        if features.moments:
-            parts.append(_frame_moments(region, self.patch, self.stride, features.moments))
-        raw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return (raw - features.mean) / features.scale
+            linear = channels[start : start + self.n_linear_features]
+            spectral = _ring_log_magnitudes(linear, features.harmonics) if features.rotation else linear
+        if not features.moments:
+            return spectral
+        return torch.cat([spectral, _frame_moments(region, self.patch, self.stride, features.moments)])
+
+
+def _ring_log_magnitudes(harmonics: Tensor, n_harmonics: int) -> Tensor:
+    """``InvariantFeatures.ring_magnitudes`` on channel-major ``(R·2·(M+1), N)`` ring harmonics, without the ½."""
+    k = n_harmonics + 1
+    parts = harmonics.reshape(-1, 2 * k, harmonics.shape[1])
+    c, s = parts[:, :k], parts[:, k:]
+    return torch.log1p(c * c + s * s).reshape(-1, harmonics.shape[1])
 
 
 def _box_sums(power: Tensor, patch: tuple[int, int], stride: tuple[int, int]) -> Tensor:
@@ -158,15 +204,15 @@ def _box_sums(power: Tensor, patch: tuple[int, int], stride: tuple[int, int]) ->
 
 
 def _box_max(region: Tensor, patch: tuple[int, int], stride: tuple[int, int]) -> Tensor:
-    """The maximum of every grid patch, ``(gh·gw, 1)``: along rows, then along columns (a maximum is separable, and
+    """The maximum of every grid patch, ``(1, gh·gw)``: along rows, then along columns (a maximum is separable, and
     two 1-D pools of ``p`` taps cost ``2p`` comparisons a patch where one 2-D pool costs ``p²``)."""
     rows = F.max_pool2d(region, (1, patch[1]), (1, stride[1]))
-    return F.max_pool2d(rows, (patch[0], 1), (stride[0], 1)).reshape(-1, 1)
+    return F.max_pool2d(rows, (patch[0], 1), (stride[0], 1)).reshape(1, -1)
 
 
 def _frame_moments(region: Tensor, patch: tuple[int, int], stride: tuple[int, int], n: int) -> Tensor:
-    """The patch path's ``models.nets._intensity_moments`` of every grid patch, ``(gh·gw, n)``, from the frame (see
-    the module docstring): central moments from power sums in float64, extremes by max-pooling."""
+    """The patch path's ``models.nets._intensity_moments`` of every grid patch, channel-major ``(n, gh·gw)``, from
+    the frame (see the module docstring): central moments from power sums in float64, extremes by max-pooling."""
     x = region[0, 0].to(torch.float64)
     count = float(patch[0] * patch[1])
     mean = _box_sums(x, patch, stride) / count
@@ -184,13 +230,13 @@ def _frame_moments(region: Tensor, patch: tuple[int, int], stride: tuple[int, in
             s4 = _box_sums(x * x * x * x, patch, stride) / count
             m4 = s4 - 4 * mean * s3 + 6 * mean * mean * s2 - 3 * mean * mean * mean * mean
             out.append(m4 / (var * var + 1e-9))
-    moments = torch.stack(out, dim=1).to(region.dtype)
+    moments = torch.stack(out).to(region.dtype)
     extremes = []
     if n > 4:
         extremes.append(-_box_max(-region, patch, stride))
     if n > 5:
         extremes.append(_box_max(region, patch, stride))
-    return torch.cat([moments, *extremes], dim=1) if extremes else moments
+    return torch.cat([moments, *extremes]) if extremes else moments
 
 
 def frame_encoder_for(wrapper: InferenceWrapper, stride: tuple[int, int]) -> FrameEncoder | None:

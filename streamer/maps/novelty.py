@@ -149,11 +149,18 @@ def _residuals(features: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray
     f = np.asarray(features, np.float64)
     if f.shape[0] == 0:
         return f.copy(), np.zeros(0, bool)
-    has = (neighbours >= 0).any(axis=1)
+    valid = neighbours >= 0
+    counts = valid.sum(axis=1)
+    has = counts > 0
     med = f.copy()
-    if has.any():
-        gathered = np.where((neighbours >= 0)[..., None], f[np.clip(neighbours, 0, None)], np.nan)
-        med[has] = np.nanmedian(gathered[has], axis=1)
+    # Rows grouped by how many neighbours they have (a grid's interior, edges and corners; a point with fewer
+    # atoms near it), each group's neighbours gathered dense, feature-major, and sorted along the last axis: a
+    # NaN-padded nanmedian fell back to masked arrays and cost a quarter of a 1024² frame's time.
+    for m in np.unique(counts[has]):
+        rows = np.flatnonzero(counts == m)
+        first = np.argsort(~valid[rows], axis=1, kind="stable")[:, :m]
+        ranked = np.sort(f.T[:, np.take_along_axis(neighbours[rows], first, axis=1)], axis=-1)  # (F, rows, m)
+        med[rows] = (0.5 * (ranked[..., (m - 1) // 2] + ranked[..., m // 2])).T
     return f - med, has
 
 
