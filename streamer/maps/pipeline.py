@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import numpy as np
 
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARRAY_ORDER",
     "EncoderLike",
+    "FrameEncoderLike",
     "FrameError",
     "FrameMaps",
     "Pipeline",
@@ -91,6 +92,15 @@ class EncoderLike(Protocol):
     sha256: str
 
     def __call__(self, patches: Array) -> dict[str, Array]: ...
+
+
+class FrameEncoderLike(Protocol):
+    """What ``Pipeline.call_frame`` needs besides: an encoder that also reads whole grid frames (``Encoder`` loaded
+    with ``frame_encoder=True`` on an artifact with ``encoder.frame.onnx``)."""
+
+    frame_stride: tuple[int, int] | None
+
+    def encode_frame(self, region: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -282,8 +292,10 @@ class Pipeline:
         self.class_names: tuple[str, ...] = tuple(m.class_names)
         classes = resolve_classes(defect_classes, self.class_names) if defect_classes is not None else None
         stride = getattr(encoder, "frame_stride", None)
-        #: grid frames are encoded whole (``Encoder.encode_frame``), in bands of whole grid rows, not cut into patches
-        self.frames_whole = self.layout == "grid" and stride is not None and tuple(stride) == tuple(self.stride)
+        whole = self.layout == "grid" and stride is not None and tuple(stride) == tuple(self.stride)
+        #: the encoder of whole frames, when grid frames are encoded whole (in bands of whole grid rows), not cut
+        self.frame_encoder: FrameEncoderLike | None = cast(FrameEncoderLike, encoder) if whole else None
+        self.frames_whole = whole
         self.rule = DefectRule(
             classes=classes if classes is not None else tuple(m.defect_classes),
             threshold=float(defect_threshold),
@@ -383,13 +395,13 @@ class Pipeline:
     ) -> dict[str, np.ndarray]:
         """One frame-encoder call on the grid rows ``rows`` of a prepared grid frame: the outputs of its patches in
         row-major order, as ``call_encoder`` on those patches cut out gives them."""
-        if prepared.frame is None or prepared.grid is None:
-            raise PipelineError("call_frame needs a prepared grid frame")
+        if prepared.frame is None or prepared.grid is None or self.frame_encoder is None:
+            raise PipelineError("call_frame needs a prepared grid frame and an encoder of whole frames")
         (r0, r1), (ph, pw), (sy, sx), (y0, x0) = rows, self.patch, self.stride, self.origin
         gw = prepared.grid[1]
         region = prepared.frame[y0 + r0 * sy : y0 + (r1 - 1) * sy + ph, x0 : x0 + (gw - 1) * sx + pw]
         t0 = time.perf_counter()
-        out = self.encoder.encode_frame(to_host(region))  # type: ignore[attr-defined]
+        out = self.frame_encoder.encode_frame(to_host(region))
         if observe is not None:
             observe((r1 - r0) * gw, time.perf_counter() - t0)
         return out
