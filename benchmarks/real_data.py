@@ -203,7 +203,7 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     features = encoder_features(outputs)
     if features.shape[0] != len(patches):
         raise RuntimeError(f"streamed {features.shape[0]} patches but cut {len(patches)} offline: the cuts differ")
-    neighbours = patch_neighbours(patches, grid_step=stats.grid_step, k=stats.neighbours)
+    neighbours = patch_neighbours(patches, grid_step=stats.grid_step, grid_span=stats.grid_span, k=stats.neighbours)
     parts = part_features(outputs)
     scores = {
         f"model {kind}": novelty_score(features, neighbours, stats.model_copy(update={"kind": kind}), parts)
@@ -215,7 +215,9 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     return scores
 
 
-def baseline_scores(train: PatchSet, test: PatchSet, *, k_pca: int, step: int = 1) -> dict[str, np.ndarray]:
+def baseline_scores(
+    train: PatchSet, test: PatchSet, *, k_pca: int, step: int = 1, span: int = 1
+) -> dict[str, np.ndarray]:
     """The novelty baselines on the same patches: PCA + GMM(3) negative log-likelihood, |centre intensity − median|,
     and the raw pixels against the same neighbours the model's contrast uses."""
     mean, comps = pca_fit(train.images, k_pca)
@@ -225,7 +227,9 @@ def baseline_scores(train: PatchSet, test: PatchSet, *, k_pca: int, step: int = 
     return {
         f"PCA{k_pca}+GMM3 likelihood": -gmm.log_likelihood(pca_project(test.images, mean, comps)),
         "centre intensity": np.abs(centre - np.median(centre_train)),
-        "pixel contrast": contrast(pixels, patch_neighbours(test, grid_step=step), np.ones(pixels.shape[1])),
+        "pixel contrast": contrast(
+            pixels, patch_neighbours(test, grid_step=step, grid_span=span), np.ones(pixels.shape[1])
+        ),
     }
 
 
@@ -354,7 +358,8 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     truth, sure = d <= 40, (d <= 40) | (d > 80)
     stats = served.pipeline.manifest.novelty
     assert stats is not None
-    scores = {**kind_scores(served, range(1), test), **baseline_scores(train, test, k_pca=2, step=stats.grid_step)}
+    baselines = baseline_scores(train, test, k_pca=2, step=stats.grid_step, span=stats.grid_span)
+    scores = {**kind_scores(served, range(1), test), **baselines}
     # The paper's route for this scan: the rarest class on the training half is the defect class (chosen without the
     # marks; what `atomstream export --defect-class` does when a user picks it off the class map).
     usage = np.bincount(encode_images(served.model, train.images)["class_prob"].argmax(axis=1), minlength=3)
@@ -370,8 +375,14 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.other[f"rarest class ({share} of the left half) designated: published / recall / precision"] = (
         f"{designated['published']} / {_fmt(designated['recall'])} / {_fmt(designated['precision'])}"
     )
+    for threshold in (*THRESHOLD_SWEEP, 0.35):
+        p = _published(served.at_threshold(threshold), [right_marks], radius=48.0)
+        case.other[f"at threshold {threshold}: published / recall / precision"] = (
+            f"{p['published']} / {_fmt(p['recall'])} / {_fmt(p['precision'])}"
+        )
     case.other["marks in the right half"] = len(right_marks)
-    case.other["grid step (cells) of the contrast"] = stats.grid_step
+    steps = range(stats.grid_step, stats.grid_step + stats.grid_span)
+    case.other["grid steps (cells) of the contrast"] = " and ".join(str(s) for s in steps)
     case.seconds = time.perf_counter() - t0
     case.figures = {"frame": right, "maps": served.maps[0], "truth": right_marks}
     return case

@@ -8,11 +8,16 @@ from the inference wrapper's outputs, the very tensors the exported graph gives 
 For grid patches the neighbour distance (``grid_step``, in grid cells) is chosen here too: the smallest step whose
 patches do not overlap (a defect must not be compared with patches that hold it too), or up to three cells more when
 that makes training neighbours clearly more alike (median contrast under 0.8× — the step that lands on the lattice's
-registration). "Alike" is judged on the features the score reads: for ``joint`` the redrawing's parts, not the
-encoder's outputs. The encoder's outputs are nearly blind to the registration (its shift latent absorbs it), the
-residual of a redrawing is not: on the STM graphene scan (real-space 48 px patches) the encoder's median contrast
-moved by 0.89× over steps 4–7 and kept step 4, where the residual's fell to 0.72× at step 7, and the residual's
-defect AUC is 0.876 at step 4 against 0.946 at step 7 (one model; docs/real-data.md).
+registration). The neighbours of two adjacent steps together (``grid_span`` 2) are candidates too, judged the same
+way: a lattice period is rarely a whole number of cells, and each step alone is then off the registration by part
+of a cell, one way or the other, where the median of both sets straddles it; and a median of 16 neighbours is
+steadier than one of 8. Around a whole-cell period the pair that holds it costs little (the median of 16 with 8 on
+the registration stays near theirs).
+"Alike" is judged on the features the score reads: for ``joint`` the redrawing's parts, not the encoder's outputs.
+The encoder's outputs are nearly blind to the registration (its shift latent absorbs it), the residual of a
+redrawing is not: on the STM graphene scan (real-space 48 px patches) the encoder's median contrast moved by 0.89×
+over steps 4–7 and kept step 4, where the residual's fell to 0.72× at step 7, and the residual's defect AUC is 0.876
+at step 4 against 0.946 at step 7 (one model; docs/real-data.md); steps 6 and 7 together rank them at 0.986.
 """
 
 from __future__ import annotations
@@ -71,21 +76,23 @@ def encoder_outputs(
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
-def patch_neighbours(patches: PatchSet, *, grid_step: int = 1, k: int = _POINT_NEIGHBOURS) -> np.ndarray:
-    """Each patch's neighbours within its own frame, as global indices (``-1`` none): grid cells ``grid_step``
-    away, or the ``k`` nearest atoms."""
+def patch_neighbours(
+    patches: PatchSet, *, grid_step: int = 1, grid_span: int = 1, k: int = _POINT_NEIGHBOURS
+) -> np.ndarray:
+    """Each patch's neighbours within its own frame, as global indices (``-1`` none): grid cells ``grid_step`` (to
+    ``grid_step + grid_span - 1``) away, or the ``k`` nearest atoms."""
     frames = patches.positions[:, 0]
     out: list[np.ndarray] = []
     for f in np.unique(frames):
         idx = np.nonzero(frames == f)[0]
         if patches.grid is not None:
-            local = grid_neighbours(patches.grid, grid_step)
+            local = grid_neighbours(patches.grid, grid_step, grid_span)
         else:
             local = point_neighbours(patches.centres[idx], k)
         if local.shape[0] != idx.size:
             raise DataError(f"frame {int(f)} has {idx.size} patches but its layout has {local.shape[0]}")
         out.append(np.where(local >= 0, idx[np.clip(local, 0, None)], -1))
-    return np.concatenate(out) if out else np.zeros((0, 8), np.int64)
+    return np.concatenate(out) if out else np.zeros((0, 8 * grid_span), np.int64)
 
 
 def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -99,18 +106,23 @@ def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.
     return np.concatenate([parts[source] for source in sorted(parts)], axis=1)
 
 
-def _grid_step(patches: PatchSet, features: np.ndarray) -> int:
-    """The neighbour distance in grid cells (module docstring), judged on the ``(N, F)`` features the score reads."""
+def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
+    """The neighbour distance in grid cells and its span (module docstring), judged on the ``(N, F)`` features the
+    score reads: ``(step, 1)`` for the cells ``step`` away, ``(step, 2)`` for those ``step`` and ``step + 1`` away."""
     ph, pw = patches.images.shape[1:]
     sy, sx = patches.data.stride
     first = max(1, math.ceil(max(ph / sy, pw / sx)))
     gh, gw = patches.grid if patches.grid is not None else (0, 0)
-    candidates = [s for s in range(first, first + 4) if 2 * s < min(gh, gw)] or [1]
+    candidates = [(s, n) for s in range(first, first + 4) for n in (1, 2) if s + n - 1 < first + 4]
+    candidates = [(s, n) for s, n in candidates if 2 * (s + n - 1) < min(gh, gw)] or [(1, 1)]
     scale = robust_scale(features)
-    medians = [float(np.median(contrast(features, patch_neighbours(patches, grid_step=s), scale))) for s in candidates]
+    medians = [
+        float(np.median(contrast(features, patch_neighbours(patches, grid_step=s, grid_span=n), scale)))
+        for s, n in candidates
+    ]
     best = int(np.argmin(medians))
-    # a farther step only when clearly better (it lands on the lattice's registration), not by noise: nearer
-    # neighbours keep the score local
+    # a farther or wider neighbourhood only when clearly better (it lands on the lattice's registration), not by
+    # noise or by the steadier median of more neighbours alone: nearer neighbours keep the score local
     return candidates[best] if medians[best] < _CLEARLY_BETTER * medians[0] else candidates[0]
 
 
@@ -122,11 +134,12 @@ def calibrate_novelty(
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
     outputs = encoder_outputs(model, patches.images, reconstruction=kind == "joint")
     features, parts = encoder_features(outputs), part_features(outputs)
-    step = _grid_step(patches, score_features(kind, features, parts)) if patches.grid is not None else 1
-    neighbours = patch_neighbours(patches, grid_step=step)
+    step, span = _grid_step(patches, score_features(kind, features, parts)) if patches.grid is not None else (1, 1)
+    neighbours = patch_neighbours(patches, grid_step=step, grid_span=span)
     return fit_novelty(
-        features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, parts=parts
-    )
+        features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, grid_span=span,
+        parts=parts,
+    )  # fmt: skip
 
 
 def training_patches(source: str, patches_data: object) -> PatchSet | None:

@@ -105,19 +105,23 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
 
 
-def grid_neighbours(grid: tuple[int, int], step: int) -> np.ndarray:
-    """``(gh·gw, 8)`` row-major indices of the cells ``step`` cells away in the 8 directions; ``-1`` off the grid."""
+def grid_neighbours(grid: tuple[int, int], step: int, span: int = 1) -> np.ndarray:
+    """``(gh·gw, 8·span)`` row-major indices of the cells ``step``, ..., ``step + span - 1`` cells away in the 8
+    directions; ``-1`` off the grid. ``span`` 2 is for a lattice whose period falls between two whole steps: each
+    step alone compares with neighbours off the registration by half a cell one way or the other, both together
+    give a median between them (``NoveltyStats.grid_span``)."""
     gh, gw = grid
     iy, ix = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
     out = []
-    for dy in (-step, 0, step):
-        for dx in (-step, 0, step):
-            if dy == 0 and dx == 0:
-                continue
-            y, x = iy + dy, ix + dx
-            inside = (y >= 0) & (y < gh) & (x >= 0) & (x < gw)
-            out.append(np.where(inside, y * gw + x, -1).reshape(-1))
-    return np.stack(out, axis=1) if gh * gw else np.zeros((0, 8), np.int64)
+    for d in range(step, step + span):
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy == 0 and dx == 0:
+                    continue
+                y, x = iy + dy, ix + dx
+                inside = (y >= 0) & (y < gh) & (x >= 0) & (x < gw)
+                out.append(np.where(inside, y * gw + x, -1).reshape(-1))
+    return np.stack(out, axis=1) if gh * gw else np.zeros((0, 8 * span), np.int64)
 
 
 def point_neighbours(centres: np.ndarray, k: int) -> np.ndarray:
@@ -204,6 +208,9 @@ class NoveltyStats(BaseModel):
     scale: tuple[float, ...]  # robust spread of each feature
     neighbours: int = Field(6, ge=1, description="atom-centred patches: nearest atoms compared with")
     grid_step: int = Field(1, ge=1, description="grid patches: neighbour distance in grid cells (one lattice period)")
+    grid_span: int = Field(
+        1, ge=1, le=2, description="grid patches: the neighbours at grid_step and, with 2, at grid_step + 1 too"
+    )
     k: float = Field(TRAIN_K, gt=0, description="threshold: median + k robust standard deviations of training scores")
     contrast_threshold: float = Field(gt=0)
     density_threshold: float = Field(gt=0)
@@ -287,6 +294,7 @@ def fit_novelty(
     k: float = TRAIN_K,
     k_neighbours: int = 6,
     grid_step: int = 1,
+    grid_span: int = 1,
     parts: dict[str, np.ndarray] | None = None,
 ) -> NoveltyStats:
     """Statistics and thresholds from the training patches' ``features`` and their ``neighbours`` index; kind
@@ -336,6 +344,7 @@ def fit_novelty(
         scale=tuple(float(v) for v in scale),
         neighbours=k_neighbours,
         grid_step=grid_step,
+        grid_span=grid_span,
         k=k,
         contrast_threshold=tc,
         density_threshold=td,

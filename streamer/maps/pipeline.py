@@ -513,7 +513,7 @@ class Pipeline:
             return class_score(prob, self.rule.classes), "class"
         stats = self.manifest.novelty
         if grid is not None:
-            neighbours = grid_neighbours(grid, stats.grid_step if stats is not None else 1)
+            neighbours = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
         else:
             neighbours = point_neighbours(centres, stats.neighbours if stats is not None else 6)
         features = encoder_features(outputs)
