@@ -82,7 +82,9 @@ from models.train import fit  # noqa: E402
 from streamer.maps.atoms import find_atoms, gaussian_smooth, median_spacing  # noqa: E402
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
+    REDRAWN_PARTS,
     NoveltyKind,
+    NoveltyStats,
     contrast,
     encoder_features,
     novelty_score,
@@ -93,7 +95,7 @@ from streamer.maps.preprocess import Preprocessing  # noqa: E402
 
 __all__ = ["CASES", "Case", "main", "recipe"]
 
-SCORE_KINDS = ("joint", "contrast", "density", "combined")
+SCORE_KINDS = ("joint", "residual", "contrast", "density", "combined")
 #: the kind the exported artifacts publish (``--defect-score``); a one-element list so ``main`` can set it
 PUBLISHED_KIND: list[NoveltyKind] = ["joint"]
 #: ``--epochs`` (None: plan them from ``--budget``, as ``atomstream train`` does) and ``--budget``, set by ``main``
@@ -143,6 +145,7 @@ class Served:
     """A trained model served: the pipeline on its ONNX artifact, and per streamed frame the maps and outputs."""
 
     model: JTrVAE
+    run: RunConfig
     pipeline: Pipeline
     maps: list[FrameMaps]
     outputs: list[dict[str, np.ndarray]]
@@ -172,15 +175,21 @@ def train_and_serve(
     result = fit(run, images, None, deadline=deadline)
     if result.epochs != run.train.epochs:
         print(f"re-planned at the epochs' pace: {result.epochs} epochs", flush=True)
-    model = result.model.eval()
+    return export_and_serve(result.model.eval(), run, train, frames, work, kind=PUBLISHED_KIND[0])
+
+
+def export_and_serve(
+    model: JTrVAE, run: RunConfig, train: PatchSet, frames: list[np.ndarray], work: Path, *, kind: NoveltyKind
+) -> Served:
+    """Export ``model`` with a defect score of ``kind`` calibrated on all of ``train`` into ``work``, and stream."""
     parity = torch.from_numpy(train.images[:, None])
     if parity.shape[0] > MAX_PARITY_PATCHES:
         parity = parity[torch.linspace(0, parity.shape[0] - 1, MAX_PARITY_PATCHES).round().long()]
     if parity.shape[0] < MIN_PARITY_PATCHES:
         noise = torch.rand((MIN_PARITY_PATCHES - parity.shape[0], *parity.shape[1:]), generator=torch.Generator())
         parity = torch.cat([parity, noise])
-    novelty = calibrate_novelty(model, train, kind=PUBLISHED_KIND[0])
-    artifact = work / "artifact"
+    novelty = calibrate_novelty(model, train, kind=kind)
+    artifact = work / f"artifact-{kind}"
     export_model(
         model, run, artifact, parity_patches=parity.contiguous(), parity_data="training patches", novelty=novelty
     )
@@ -190,7 +199,7 @@ def train_and_serve(
         prepared.append(pipeline.prepare(frame))
         outputs.append(pipeline.encode(prepared[-1].patches))
         maps.append(pipeline.assemble(prepared[-1], outputs[-1]))
-    return Served(model=model, pipeline=pipeline, maps=maps, outputs=outputs, prepared=prepared)
+    return Served(model=model, run=run, pipeline=pipeline, maps=maps, outputs=outputs, prepared=prepared)
 
 
 def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, np.ndarray]:
@@ -206,13 +215,19 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     neighbours = patch_neighbours(patches, grid_step=stats.grid_step, grid_span=stats.grid_span, k=stats.neighbours)
     parts = part_features(outputs)
     scores = {
-        f"model {kind}": novelty_score(features, neighbours, stats.model_copy(update={"kind": kind}), parts)
+        f"model {kind}": novelty_score(features, neighbours, _as_kind(stats, kind), parts)
         for kind in SCORE_KINDS
-        if kind != "joint" or stats.parts  # an artifact exported without the redrawing has no joint score
+        if kind not in REDRAWN_PARTS or stats.parts  # an artifact exported without the redrawing has no such score
     }
     # the joint score is the larger of its two parts: each alone, to see which carries a case
     scores.update({f"model joint: {p.source} only": p.normalised(parts[p.source], neighbours) for p in stats.parts})
     return scores
+
+
+def _as_kind(stats: NoveltyStats, kind: NoveltyKind) -> NoveltyStats:
+    """The artifact's statistics scoring as ``kind`` (a redrawn kind keeps only its own parts)."""
+    parts = tuple(p for p in stats.parts if p.source in REDRAWN_PARTS.get(kind, ()))
+    return stats.model_copy(update={"kind": kind, "parts": parts})
 
 
 def baseline_scores(
@@ -375,11 +390,20 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.other[f"rarest class ({share} of the left half) designated: published / recall / precision"] = (
         f"{designated['published']} / {_fmt(designated['recall'])} / {_fmt(designated['precision'])}"
     )
-    for threshold in (*THRESHOLD_SWEEP, 0.35):
+    sweep = (*THRESHOLD_SWEEP, 0.35)
+    for threshold in sweep:
         p = _published(served.at_threshold(threshold), [right_marks], radius=48.0)
         case.other[f"at threshold {threshold}: published / recall / precision"] = (
             f"{p['published']} / {_fmt(p['recall'])} / {_fmt(p['precision'])}"
         )
+    if PUBLISHED_KIND[0] != "residual" and stats.parts:
+        # the same model exported with `atomstream export --defect-score residual` (the likelihood part left out)
+        alone = export_and_serve(served.model, served.run, train, [right], work, kind="residual")
+        for threshold in (0.5, *sweep):
+            p = _published(alone.at_threshold(threshold), [right_marks], radius=48.0)
+            case.other[f"--defect-score residual, at threshold {threshold}: published / recall / precision"] = (
+                f"{p['published']} / {_fmt(p['recall'])} / {_fmt(p['precision'])}"
+            )
     case.other["marks in the right half"] = len(right_marks)
     steps = range(stats.grid_step, stats.grid_step + stats.grid_span)
     case.other["grid steps (cells) of the contrast"] = " and ".join(str(s) for s in steps)

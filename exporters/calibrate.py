@@ -31,6 +31,7 @@ import torch
 from models.data import DataError, PatchSet, patches_from_config
 from models.jtrvae import JTrVAE
 from streamer.maps.novelty import (
+    REDRAWN_PARTS,
     TRAIN_K,
     NoveltyKind,
     NoveltyStats,
@@ -99,11 +100,14 @@ def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.
     """``(N, F)``: what a score of ``kind`` compares with the neighbours — the redrawing's ``parts``
     (``part_features``) for ``joint``, the encoder's ``features`` otherwise — so the neighbour step is judged on
     what will be scored."""
-    if kind != "joint":
+    if kind not in REDRAWN_PARTS:
         return features
-    if not parts:
-        raise ValueError("kind 'joint' needs the redrawing's outputs (encoder_outputs(..., reconstruction=True))")
-    return np.concatenate([parts[source] for source in sorted(parts)], axis=1)
+    missing = [source for source in REDRAWN_PARTS[kind] if source not in parts]
+    if missing:
+        raise ValueError(
+            f"kind {kind!r} needs the redrawing's outputs {missing} (encoder_outputs(..., reconstruction=True))"
+        )
+    return np.concatenate([parts[source] for source in sorted(REDRAWN_PARTS[kind])], axis=1)
 
 
 def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
@@ -132,7 +136,7 @@ def calibrate_novelty(
     """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept)."""
     if patches.data.kind == "stack":
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
-    outputs = encoder_outputs(model, patches.images, reconstruction=kind == "joint")
+    outputs = encoder_outputs(model, patches.images, reconstruction=kind in REDRAWN_PARTS)
     features, parts = encoder_features(outputs), part_features(outputs)
     step, span = _grid_step(patches, score_features(kind, features, parts)) if patches.grid is not None else (1, 1)
     neighbours = patch_neighbours(patches, grid_step=step, grid_span=span)

@@ -21,6 +21,7 @@ from exporters.export import export_model
 from exporters.verify import parity_patches
 from models.config import DataConfig, ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
+from streamer.maps.novelty import NoveltyKind
 from streamer.maps.preprocess import Preprocessing
 
 __all__ = ["make_artifact"]
@@ -46,12 +47,14 @@ def make_artifact(
     encoder_hidden: tuple[int, ...] = (64, 64),
     fp16: bool = False,
     calibrate_on: np.ndarray | None = None,
+    defect_score: NoveltyKind = "joint",
 ) -> Path:
     """Export a seeded untrained model to ``tmp_dir`` (created if needed) and return that artifact directory.
 
     Same arguments, same weights and outputs (the seed is applied inside ``torch.random.fork_rng``, so the global
     RNG of the calling test is left as it was). ``calibrate_on`` (frames ``(F, H, W)``) are cut as the data config
-    says and calibrate the defect score (``exporters.calibrate``); without them the manifest has no statistics.
+    says and calibrate the defect score of kind ``defect_score`` (``exporters.calibrate``); without them the manifest
+    has no statistics.
     """
     model_cfg = ModelConfig(
         patch=patch,
@@ -80,7 +83,7 @@ def make_artifact(
         from exporters.calibrate import calibrate_novelty
         from models.data import scan_patches
 
-        novelty = calibrate_novelty(model, scan_patches(calibrate_on, data))
+        novelty = calibrate_novelty(model, scan_patches(calibrate_on, data), kind=defect_score)
     out = Path(tmp_dir)
     export_model(
         model,

@@ -471,3 +471,29 @@ def test_bright_and_missing_columns_are_published_near_where_they_are(calibrated
     on_defects = score[cells[:, 0], cells[:, 1]]
     assert np.median(on_defects) >= 0.5  # most patches holding a defect are over the calibrated threshold
     assert (score >= 0.5).mean() < 0.15  # and few others are
+
+
+def test_the_residual_kind_keeps_only_the_residual_part_and_publishes_under_its_name(
+    calibrated: tuple[Path, LatticeConfig], tmp_path: Path
+) -> None:
+    """``--defect-score residual``: the joint score less the likelihood part — its statistics hold the residual part
+    only (a manifest claiming otherwise is refused), clean frames publish nothing, a defect is published as such."""
+    _, lattice = calibrated
+    training, _ = synth_scan(lattice, 4, seed=3)
+    path = make_artifact(
+        tmp_path, stride=(16, 16), translation=True, calibrate_on=training, seed=4, defect_score="residual"
+    )
+    pipeline = Pipeline(load(path, backend="onnx", device="cpu", batch_sizes=(1,)))
+    stats = pipeline.manifest.novelty
+    assert stats is not None and stats.kind == "residual" and [p.source for p in stats.parts] == ["residual"]
+    assert stats.needs_reconstruction
+    with pytest.raises(ValueError, match="reconstruction parts"):
+        type(stats).model_validate({**stats.model_dump(), "parts": []})
+    clean, _ = _later_looks(lattice, 2)
+    assert all(pipeline.process(frame).defects == [] for frame in clean)
+    frames, truths = _later_looks(lattice, 1, n_defects=6, defect_kinds=("bright", "vacancy"))
+    maps = pipeline.process(frames[0])
+    assert maps.defects and all(d.kind == "residual" for d in maps.defects)
+    found = np.array([[d.y, d.x] for d in maps.defects])
+    truth = truths[0].defects
+    assert (np.hypot(found[:, None, 0] - truth[None, :, 0], found[:, None, 1] - truth[None, :, 1]).min(1) <= 16).all()

@@ -56,11 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--defect-score",
-        choices=("joint", "contrast", "density", "combined"),
+        choices=("joint", "residual", "contrast", "density", "combined"),
         default="joint",
         help="the class-free defect score the server publishes: joint (the default) compares the decoder's "
         "redrawing of each patch (its likelihood and its residual) with the neighbours' — it finds the most defects "
-        "(docs/real-data.md) but runs the decoder on every patch; contrast/density/combined read the encoder's "
+        "(docs/real-data.md) but runs the decoder on every patch; residual leaves the likelihood out (on the STM "
+        "graphene scan the likelihood flags clean patches); contrast/density/combined read the encoder's "
         "outputs only (cheaper)",
     )
     p.set_defaults(func=_export)

@@ -232,11 +232,11 @@ class Defect(BaseModel):
     class_: int = Field(alias="class", description="majority class of the defect's patches")
     score: float = Field(description="largest defect score of its patches (the peak)")
     area: int = Field(description="patches in the defect: those flagged around its score peak")
-    kind: Literal["class", "contrast", "density", "combined", "joint"] = Field(
+    kind: Literal["class", "contrast", "density", "combined", "joint", "residual"] = Field(
         "class",
         description="what the score is: the defect classes' probability, or the calibrated novelty score "
         "(streamer.maps.novelty) of that kind (joint: the decoder's redrawing of the patch against the "
-        "neighbours'); 0.5 is its calibrated threshold",
+        "neighbours'; residual: its residual only); 0.5 is its calibrated threshold",
     )
 
 
