@@ -217,7 +217,8 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     scores = {
         f"model {kind}": novelty_score(features, neighbours, _as_kind(stats, kind), parts)
         for kind in SCORE_KINDS
-        if kind not in REDRAWN_PARTS or stats.parts  # an artifact exported without the redrawing has no such score
+        # an artifact exported without the redrawing (or with only its residual) has no such score
+        if set(REDRAWN_PARTS.get(kind, ())) <= {p.source for p in stats.parts}
     }
     # the joint score is the larger of its two parts: each alone, to see which carries a case
     scores.update({f"model joint: {p.source} only": p.normalised(parts[p.source], neighbours) for p in stats.parts})

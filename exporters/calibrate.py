@@ -98,8 +98,8 @@ def patch_neighbours(
 
 def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
     """``(N, F)``: what a score of ``kind`` compares with the neighbours — the redrawing's ``parts``
-    (``part_features``) for ``joint``, the encoder's ``features`` otherwise — so the neighbour step is judged on
-    what will be scored."""
+    (``part_features``) it reads for ``joint`` and ``residual``, the encoder's ``features`` otherwise — so the
+    neighbour step is judged on what will be scored."""
     if kind not in REDRAWN_PARTS:
         return features
     missing = [source for source in REDRAWN_PARTS[kind] if source not in parts]

@@ -2,7 +2,8 @@
 
 A model's classes may come out as anything (film/substrate, a sublattice, one collapsed class), so the score must not
 depend on them. Two families of features per patch, each compared with the patch's neighbours one lattice period
-away (grid: the 8 cells ``step`` cells away; atom-centred patches: the ``k`` nearest atoms):
+away (grid: the 8 cells ``step`` cells away, or those of two adjacent steps; atom-centred patches: the ``k`` nearest
+atoms):
 
 * **joint** (the default an export writes): the decoder's redrawing of the patch from its own posterior means
   (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its residual per redrawn
@@ -11,7 +12,8 @@ away (grid: the 8 cells ``step`` cells away; atom-centred patches: the ``k`` nea
   badly everywhere (a registration it never learnt, a dose gradient). The two parts are calibrated separately and
   the larger normalised score is published. **residual** is the residual part alone: on the STM graphene scan the
   likelihood part ranks the marked defects at 0.59–0.66 and flags clean patches above the residual's defects (the
-  residual alone: 0.987), where on the demo lattice it adds what the residual misses (joint 0.996, residual 0.980).
+  residual alone: 0.987), where on the demo lattice it adds what the residual misses (joint 0.990–1.000 over five
+  seeds, above the residual alone at four of them; docs/real-data.md).
 * **contrast / density / combined**: the encoder's outputs only — ``z_loc``, ``log z_scale``, the class logits less
   their mean, ``(cos, sin)`` of the angle, the shift. ``contrast`` against the neighbours, ``density`` as the
   Mahalanobis distance from the training encodings, ``combined`` the larger. Cheaper (no decoder at serving time).
