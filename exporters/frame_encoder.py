@@ -8,7 +8,7 @@ tiles instead. What is not linear is computed per patch from those results exact
 two rewrites that are equal in exact arithmetic:
 
 * the class head transforms the *mean-free* patch; the transform of the raw patch differs from it only at the zero
-  frequency, which is set to zero afterwards;
+  frequency, which nothing reads here (its weight in the rings' matrix, or in the class layer, is zero);
 * the intensity moments come from sums of the pixels' powers over each patch — box sums of the frame's running sums,
   in float64, where the conversion to central moments loses nothing a float32 two-pass computation keeps — and the
   minimum and maximum from max-pooling.
