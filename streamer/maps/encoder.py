@@ -89,21 +89,36 @@ def _session_options(intra_op_threads: int) -> Any:
     return options
 
 
+def _ort_session(path: Path, options: Any, providers: list[Any]) -> Any:
+    """An ONNX Runtime session of ``path``; an unreadable model is an ``ArtifactError`` naming the file."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def _check_output_names(path: Path, session: Any, manifest: Manifest) -> None:
+    """The model's outputs must be the manifest's, in its order: the maps are named by position."""
+    names = [o.name for o in session.get_outputs()]
+    if names != list(manifest.output_names):
+        raise ArtifactError(
+            f"{path}: output names in the model {names} differ from the manifest's field 'outputs' "
+            f"{list(manifest.output_names)}"
+        )
+
+
 class _OrtRunner:
     """ONNX Runtime session; on CUDA, inputs and outputs are bound to torch device memory (no host round trip)."""
 
     def __init__(self, path: Path, manifest: Manifest, *, cuda: bool, device_id: int, intra_op_threads: int) -> None:
-        import onnxruntime as ort
-
         options = _session_options(intra_op_threads)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if cuda:
             # TF32 matmuls would trade the fp32 parity measured at export (1e-4) for speed; the fp16 file is for that.
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id), "use_tf32": "0"}))
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        self.session = _ort_session(path, options, providers)
         self.providers = tuple(self.session.get_providers())
         self.cuda = cuda and self.providers[0] == "CUDAExecutionProvider"
         self.device_id = device_id
@@ -123,12 +138,7 @@ class _OrtRunner:
                 f"{path}: patch size differs: the model takes {dims[1:]} (channels, height, width) but the "
                 f"manifest's field 'patch' says {list(manifest.patch)}"
             )
-        names = [o.name for o in self.session.get_outputs()]
-        if names != list(manifest.output_names):
-            raise ArtifactError(
-                f"{path}: output names in the model {names} differ from the manifest's field 'outputs' "
-                f"{list(manifest.output_names)}"
-            )
+        _check_output_names(path, self.session, manifest)
 
     def __call__(self, x: Array) -> list[Array]:
         """numpy in, numpy out (no torch); a tensor in, tensors out (on CUDA bound to device memory: no host copy)."""
@@ -160,22 +170,11 @@ class _OrtFrameRunner:
     outputs out (``exporters.frame_encoder``). Host numpy only: the GPU path keeps its device patches."""
 
     def __init__(self, path: Path, manifest: Manifest, *, intra_op_threads: int) -> None:
-        import onnxruntime as ort
-
-        options = _session_options(intra_op_threads)
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        self.session = _ort_session(path, _session_options(intra_op_threads), ["CPUExecutionProvider"])
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [FRAME_INPUT_NAME]:
             raise ArtifactError(f"{path}: model inputs {inputs} differ from the frame encoder's ['frame']")
-        names = [o.name for o in self.session.get_outputs()]
-        if names != list(manifest.output_names):
-            raise ArtifactError(
-                f"{path}: output names in the model {names} differ from the manifest's field 'outputs' "
-                f"{list(manifest.output_names)}"
-            )
+        _check_output_names(path, self.session, manifest)
 
     def __call__(self, region: np.ndarray) -> list[np.ndarray]:
         feed = {FRAME_INPUT_NAME: np.ascontiguousarray(region, dtype=np.float32)[None, None]}
