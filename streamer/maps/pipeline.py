@@ -295,7 +295,6 @@ class Pipeline:
         whole = self.layout == "grid" and stride is not None and tuple(stride) == tuple(self.stride)
         #: the encoder of whole frames, when grid frames are encoded whole (in bands of whole grid rows), not cut
         self.frame_encoder: FrameEncoderLike | None = cast(FrameEncoderLike, encoder) if whole else None
-        self.frames_whole = whole
         self.rule = DefectRule(
             classes=classes if classes is not None else tuple(m.defect_classes),
             threshold=float(defect_threshold),
@@ -374,6 +373,11 @@ class Pipeline:
         if observe is not None:
             observe(int(patches.shape[0]), time.perf_counter() - t0)
         return host
+
+    @property
+    def frames_whole(self) -> bool:
+        """Whether grid frames may be encoded whole: the encoder reads frames at this grid's stride."""
+        return self.frame_encoder is not None
 
     def encodes_whole(self, prepared: PreparedFrame) -> bool:
         """Whether this frame's patches are encoded from the frame (``call_frame``) rather than cut: with a frame
