@@ -68,11 +68,11 @@ __all__ = [
 ]
 
 NoveltyKind = Literal["contrast", "density", "combined", "joint", "residual"]
-#: the kinds that read the decoder's redrawing, and the reconstruction parts each takes the larger of
-REDRAWN_PARTS: dict[str, tuple[str, ...]] = {"joint": ("reconstruction", "residual"), "residual": ("residual",)}
 PartSource = Literal["reconstruction", "residual"]
 #: the exported outputs each part reads (``models.reconstruction``), as ``(N, F)`` features
 _PART_OUTPUT: dict[str, str] = {"reconstruction": "recon_nll", "residual": "recon_residual"}
+#: the kinds that read the decoder's redrawing, and the reconstruction parts each takes the larger of
+REDRAWN_PARTS: dict[str, tuple[str, ...]] = {"joint": tuple(_PART_OUTPUT), "residual": ("residual",)}
 FRAME_K = 6.0
 #: a frame's own bar (``novelty_score``) needs enough patches for its median and MAD to mean something
 FRAME_MIN_PATCHES = 64
