@@ -47,9 +47,12 @@ N_BUFFERS = 2
 class _Batch:
     pipeline: Pipeline
     frames: list[tuple[QueuedFrame, PreparedFrame]]
-    writer: PatchWriter  # the worker's
     calls: list[dict[str, np.ndarray]] = field(default_factory=list)  # the encoder thread's: each call's outputs
     error: str | None = None  # set by whichever thread failed first; its frames then leave as ``internal`` errors
+
+    @property
+    def n_patches(self) -> int:
+        return sum(prepared.n for _, prepared in self.frames)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class EncodeStage:
         chunk by chunk (each chunk queued as soon as it is written), a frame the pipeline encodes whole
         (``Pipeline.encodes_whole``) as bands of its grid rows, with nothing written; returns once the last job is
         queued (the encoder may still be busy with them)."""
-        batch = _Batch(pipeline, frames, PatchWriter([p for _, p in frames]))
+        batch = _Batch(pipeline, frames)
         run: list[PreparedFrame] = []
         for _, prepared in frames:
             if not pipeline.encodes_whole(prepared):
@@ -146,7 +149,7 @@ class EncodeStage:
                 writer.write(buffer[:size])
             except Exception as exc:
                 log.exception("writing a batch of %d frames (%d patches) failed", len(frames), writer.total)
-                batch.error = f"preparing a batch of {batch.writer.total} patches failed: {type(exc).__name__}: {exc}"
+                batch.error = f"preparing a batch of {batch.n_patches} patches failed: {type(exc).__name__}: {exc}"
                 self._release(slot)
                 break
             self._put(_Job(batch=batch, buffer=buffer, slot=slot, size=size))
@@ -228,7 +231,7 @@ class EncodeStage:
                 batch.calls.append(batch.pipeline.call_encoder(job.buffer[: job.size], observe=self._observe_call))
             except Exception as exc:
                 log.exception("encoding a chunk of %d patches failed", job.size)
-                batch.error = f"encoding a batch of {batch.writer.total} patches failed: {type(exc).__name__}: {exc}"
+                batch.error = f"encoding a batch of {batch.n_patches} patches failed: {type(exc).__name__}: {exc}"
         if job.slot is not None:
             self._release(job.slot)
 
