@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +33,12 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from models.column_fit import fit_columns  # noqa: E402
+from streamer.maps.atoms import cell_centres  # noqa: E402
 
 __all__ = [
     "Displacement",
     "a_sublattice",
     "b_displacement",
-    "cell_centres",
     "displacement_figure",
     "main",
     "neighbour_agreement",
@@ -94,17 +92,6 @@ def a_sublattice(frame: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, fl
         brighter = int(value[sel & (colour == 1)].mean() > value[sel & (colour == 0)].mean()) if sel.sum() > 1 else 0
         is_a[sel] = colour[sel] == brighter
     return is_a, float(np.sqrt(2) * half)
-
-
-def cell_centres(a: np.ndarray, spacing: float) -> np.ndarray:
-    """The centres of the cells of the A lattice ``a`` (the midpoints of its diagonals, each cell's two merged)."""
-    pairs = cKDTree(a).query_pairs(1.65 * spacing, output_type="ndarray")
-    diagonal = pairs[np.hypot(*(a[pairs[:, 0]] - a[pairs[:, 1]]).T) > 1.2 * spacing]
-    mid = 0.5 * (a[diagonal[:, 0]] + a[diagonal[:, 1]])
-    close = cKDTree(mid).query_pairs(0.25 * spacing, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(close)), (close[:, 0], close[:, 1])), shape=(len(mid), len(mid)))
-    n, label = connected_components(graph, directed=False)
-    return np.stack([np.bincount(label, mid[:, k], n) / np.bincount(label, None, n) for k in range(2)], axis=1)
 
 
 def b_displacement(frame: np.ndarray, columns: np.ndarray, centres: np.ndarray) -> Displacement:

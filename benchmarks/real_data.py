@@ -74,12 +74,12 @@ from models.baselines import (  # noqa: E402
 )
 from models.budget import plan_epochs  # noqa: E402
 from models.config import DataConfig, RunConfig  # noqa: E402
-from models.data import PatchSet, scan_patches  # noqa: E402
+from models.data import PatchSet, default_patch_norm, scan_patches  # noqa: E402
 from models.deadline import Deadline  # noqa: E402
 from models.evaluate import encode_images  # noqa: E402
 from models.jtrvae import JTrVAE  # noqa: E402
 from models.train import fit  # noqa: E402
-from streamer.maps.atoms import find_atoms, gaussian_smooth, median_spacing  # noqa: E402
+from streamer.maps.atoms import Sublattice, find_atoms, gaussian_smooth, median_spacing  # noqa: E402
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
     REDRAWN_PARTS,
@@ -309,12 +309,14 @@ def demo_case(seed: int, *, quick: bool, work: Path) -> Case:
 
 def _atom_case(
     frame: np.ndarray, path: Path, *, patch: int, min_distance: int, threshold: float, n_classes: int, seed: int,
-    work: Path,
+    work: Path, sublattice: Sublattice = "brightest",
 ) -> tuple[PatchSet, Served]:  # fmt: skip
-    """Atom-centred patches on one sublattice, trained on the whole frame and the frame streamed."""
+    """Atom-centred patches on one sublattice (or its unit cells), trained on the whole frame and the frame streamed;
+    the patches normalised as ``atomstream train`` would (``default_patch_norm``)."""
+    norm = default_patch_norm(fft=False, atom_sublattice=sublattice)
     data = DataConfig(
-        source=str(path), kind="atoms", patch=(patch, patch), preprocessing=Preprocessing(), atom_sigma=1.5,
-        atom_min_distance=min_distance, atom_threshold=threshold, atom_sublattice="brightest",
+        source=str(path), kind="atoms", patch=(patch, patch), preprocessing=Preprocessing(patch_norm=norm),
+        atom_sigma=1.5, atom_min_distance=min_distance, atom_threshold=threshold, atom_sublattice=sublattice,
     )  # fmt: skip
     patches = scan_patches(frame[None], data)
     run = recipe(data, n_classes=n_classes, seed=seed, epochs=EPOCHS[0])
@@ -470,9 +472,42 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.other["B displacement against its neighbours' mean (R dy / dx; noise gives 0)"] = (
         f"{smooth[0]:.2f} / {smooth[1]:.2f}" if smooth else "n/a"
     )
+    _cell_model(case, frame, path, every, median_spacing(centres), seed=seed, work=work)
     case.seconds = time.perf_counter() - t0
     case.figures = {"frame": frame, "maps": served.maps[0], "substrate": substrate}
     return case
+
+
+#: a unit-cell patch's side over the A–A spacing: the B column and its flanks, short of the A columns (0.71 away)
+CELL_PATCH = 0.42
+
+
+def _cell_model(
+    case: Case, frame: np.ndarray, path: Path, columns: np.ndarray, spacing: float, *, seed: int, work: Path
+) -> None:
+    """The paper's polarisation geometry: a second K=2 model, CLI defaults, on unit-cell-centred patches
+    (``--atom-sublattice cells``, min-max per patch) of side ``CELL_PATCH`` · spacing; R of its z against the same
+    independent displacement, and PCA on the same patches."""
+    side = max(4, round(CELL_PATCH * spacing))
+    cells, served = _atom_case(
+        frame, path, patch=side, min_distance=5, threshold=0.2, n_classes=2, seed=seed, work=work / "cells",
+        sublattice="cells",
+    )  # fmt: skip
+    disp = b_displacement(frame, columns, cells.centres)
+    film = disp.ok & ~_substrate(frame, cells.centres) & ~disp.on_a
+    z = served.maps[0].arrays["z"]
+    mean, comps = pca_fit(cells.images, 10)
+    pcs = pca_project(cells.images, mean, comps)
+    label = f"unit-cell patches ({side} px, min-max)"
+    for axis, name in ((0, "dy"), (1, "dx")):
+        target = disp.vector[film, axis]
+        case.other[f"B displacement {name}, {label}: cv R of z (model) / PCA2 / PCA4 / PCA10"] = " / ".join(
+            _fmt(cv_correlation(f[film], target)) for f in (z, pcs[:, :2], pcs[:, :4], pcs)
+        )
+    substrate = _substrate(frame, cells.centres)
+    prob = served.maps[0].arrays["class_prob"]
+    case.other[f"film/substrate balanced accuracy, {label}: model (K=2)"] = balanced_accuracy(prob.argmax(1), substrate)
+    case.other[f"film cells measured, {label}"] = int(film.sum())
 
 
 CASES: dict[str, tuple[str | None, Callable[..., Case]]] = {

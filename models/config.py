@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streamer.maps.atoms import Sublattice
 from streamer.maps.manifest import Tiling
 from streamer.maps.preprocess import Preprocessing
 
@@ -215,9 +216,10 @@ class DataConfig(_Frozen):
     atom_sigma: float = _TILING["atom_sigma"]
     atom_min_distance: int = _TILING["atom_min_distance"]
     atom_threshold: float = _TILING["atom_threshold"]
-    atom_sublattice: Literal["all", "brightest"] = Field(
+    atom_sublattice: Sublattice = Field(
         _TILING["atom_sublattice"].default,
-        description="brightest: keep one sublattice so classes do not split by sublattice (streamer.maps.atoms)",
+        description="brightest: keep one sublattice so classes do not split by sublattice; cells: the centres of its "
+        "unit cells, the paper's polarisation patches (streamer.maps.atoms)",
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "PatchSet",
     "build_patches",
     "check_frames",
+    "default_patch_norm",
     "load_frames",
     "load_stack",
     "patches_from_config",
@@ -287,6 +288,14 @@ def patches_from_config(path: str | Path, data: DataConfig, *, frames: np.ndarra
     return scan_patches(load_frames(p) if frames is None else check_frames(frames, str(p)), data)
 
 
+def default_patch_norm(*, fft: bool, atom_sublattice: str | None) -> str:
+    """Min-max per patch for FFT magnitudes (their scale is the patch's contrast, not its content) and for unit-cell
+    patches: a cell patch holds one column, and on the PbTiO₃/SrRuO₃ scan that column's brightness follows the
+    film's changing A/B contrast — min-max scaled, the first latent dimensions take its position instead
+    (docs/real-data.md). Everything else keeps the frame's own scale, which the classes read."""
+    return "minmax" if fft or atom_sublattice == "cells" else "none"
+
+
 def build_patches(
     path: str | Path,
     *,
@@ -300,6 +309,7 @@ def build_patches(
     atom_min_distance: int | None = None,
     atom_threshold: float | None = None,
     atom_sublattice: str | None = None,
+    patch_norm: str | None = None,
 ) -> PatchSet:
     """Training patches from a file, and the ``DataConfig`` that records how (in ``PatchSet.data``).
 
@@ -308,6 +318,8 @@ def build_patches(
     (``patch``, ``stride``, default ``DataConfig.patch`` and patch // 4) or, with ``atoms``, centred on the atoms
     ``streamer.maps.atoms.find_atoms`` finds (``atom_*`` None: ``DataConfig``'s defaults). ``fft`` turns each patch into
     its centred log-magnitude spectrum, min-max scaled.
+
+    ``patch_norm`` ("none" / "minmax"; None: ``default_patch_norm``) rescales each patch to [0, 1].
     """
     p = Path(path)
     if frames is None:
@@ -345,7 +357,12 @@ def build_patches(
             grid_shape((h, w), size, step, origin)
         except TilingError as exc:
             raise DataError(str(exc)) from None
-    spec = Preprocessing(fft="logmag", patch_norm="minmax") if fft else Preprocessing()
+    norm = default_patch_norm(fft=fft, atom_sublattice=atom_sublattice if atoms else None)
+    if patch_norm is not None:
+        norm = patch_norm
+    if norm not in ("none", "minmax"):
+        raise DataError(f"patch_norm={patch_norm!r} must be 'none' or 'minmax'")
+    spec = Preprocessing(fft="logmag" if fft else "none", patch_norm=norm)  # type: ignore[arg-type]
     data = _data_config(
         source=str(p),
         kind="atoms" if atoms else "grid",

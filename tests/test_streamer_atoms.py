@@ -8,7 +8,7 @@ import torch
 from perovskite_image import perovskite, render
 from scipy.spatial import cKDTree
 
-from streamer.maps.atoms import AtomFinderError, find_atoms, gaussian_smooth
+from streamer.maps.atoms import AtomFinderError, cell_centres, find_atoms, gaussian_smooth
 
 
 def _lattice(shape: tuple[int, int], spacing: float, sigma: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -139,6 +139,34 @@ def test_one_sublattice_keeps_everything_when_intensities_are_not_bimodal() -> N
         find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.3, sublattice="dimmest")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unit_cells_of_a_perovskite_centre_each_b_column_within_its_displacement(seed: int) -> None:
+    """``cells``: one centre per unit cell of the A lattice, at the mean of its 4 A columns (within 0.1 px, the A
+    columns jittered ±0.4 px), so a B column sits at the patch centre plus its displacement (here ±0.8 px)."""
+    shape, spacing = (220, 240), 24.0
+    a, b = perovskite(shape, spacing, 0.0, seed=seed)
+    b = b + np.random.default_rng(seed + 1).uniform(-0.8, 0.8, b.shape)
+    frame = render(shape, a, b, noise=0.02, seed=seed)
+    ny = len(np.arange(8.0, shape[0] - 6, spacing))
+    grid = a.reshape(ny, -1, 2)
+    truth = (grid[:-1, :-1] + grid[1:, :-1] + grid[:-1, 1:] + grid[1:, 1:]).reshape(-1, 2) / 4
+    found = find_atoms(frame, sigma=1.5, min_distance=5, threshold=0.2, sublattice="cells")
+    assert isinstance(found, np.ndarray) and found.dtype == np.float32 and len(found) == len(truth)
+    d, i = cKDTree(truth).query(found)
+    assert d.max() < 0.1 and len(set(i.tolist())) == len(truth)
+    assert np.all(np.diff(np.round(found[:, 0])) >= 0)  # row-major, as the peaks come
+
+
+def test_a_hexagonal_lattice_has_no_unit_cells_to_centre_on() -> None:
+    """Only square-like lattices have cells with two diagonals: the next-nearest distance of a hexagonal one is √3
+    spacings, beyond a diagonal's 1.2–1.65."""
+    rows, cols, d = 8, 10, 10.0
+    pts = np.array([(r * d * np.sqrt(3) / 2, c * d + (r % 2) * d / 2) for r in range(rows) for c in range(cols)])
+    assert cell_centres(pts, d).shape == (0, 2)
+    square = np.array([(r * d, c * d) for r in range(3) for c in range(3)])
+    np.testing.assert_allclose(cell_centres(square, d), [[5, 5], [5, 15], [15, 5], [15, 15]])
+
+
 def test_atom_patches_are_interpolated_onto_the_subpixel_centre() -> None:
     from streamer.maps.tiling import gather_points
 
@@ -152,7 +180,7 @@ def test_atom_patches_are_interpolated_onto_the_subpixel_centre() -> None:
     assert torch.equal(patches[1], frame[13:18, 14:19])  # whole-pixel centres: the frame's own pixels
 
 
-@pytest.mark.parametrize("sublattice", ["all", "brightest"])
+@pytest.mark.parametrize("sublattice", ["all", "brightest", "cells"])
 def test_the_gpu_variant_finds_what_the_numpy_reference_finds(sublattice: str) -> None:
     """Only the GPU path smooths and max-filters with torch; run here on CPU tensors, it must find the same columns as
     the numpy/scipy reference (which a CPU tensor or array gets from ``find_atoms``), to float32 rounding."""

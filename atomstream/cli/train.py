@@ -56,10 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flag(data, "--atom-threshold", type=float, where=_DATA, field="atom_threshold", help="relative peak, 0..1")
     data.add_argument(
         "--atom-sublattice",
-        choices=("brightest", "all"),
+        choices=("brightest", "all", "cells"),
         default="brightest",
         help="with --atoms: centre patches on one sublattice (brightest), so classes do not split by sublattice; "
-        "all keeps every column (default: %(default)s)",
+        "all keeps every column; cells centres them on that sublattice's unit cells, the column inside each at the "
+        "patch centre, for polarisation (default: %(default)s)",
+    )
+    data.add_argument(
+        "--patch-norm",
+        choices=("none", "minmax"),
+        default=None,
+        help="rescale each patch to [0, 1] (minmax) or keep the frame's scale (none); default: minmax with --fft or "
+        "--atom-sublattice cells, none otherwise",
     )
     model = tr.add_argument_group("model")
     config_flag(model, "--classes", type=int, where=_MODEL, field="n_classes", help="K classes (0: no class latent)")
@@ -347,9 +355,8 @@ def _train(args: argparse.Namespace) -> int:
     deadline = Deadline.starting_now(args.budget) if budgeted else None
 
     sublattice = {"atom_sublattice": args.atom_sublattice} if args.atoms else {}
-    patches = read_patches(
-        args.data, options={"fft": args.fft, "atoms": args.atoms, **sublattice, **from_config(args, _DATA_FLAGS)}
-    )
+    options = {"fft": args.fft, "atoms": args.atoms, "patch_norm": args.patch_norm, **sublattice}
+    patches = read_patches(args.data, options={**options, **from_config(args, _DATA_FLAGS)})
     try:
         cfg = run_config(args, patches.data)
     except ValidationError as exc:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streamer.maps.atoms import Sublattice
 from streamer.maps.novelty import NoveltyStats
 from streamer.maps.preprocess import Preprocessing
 
@@ -124,7 +125,7 @@ class Tiling(_Frozen):
     atom_sigma: float = Field(1.5, ge=0)
     atom_min_distance: int = Field(5, ge=1)
     atom_threshold: float = Field(0.2, ge=0, le=1)
-    atom_sublattice: Literal["all", "brightest"] = "all"
+    atom_sublattice: Sublattice = "all"
 
     @model_validator(mode="after")
     def _check(self) -> Tiling:

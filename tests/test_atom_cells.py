@@ -1,0 +1,61 @@
+"""Unit-cell-centred patches (``--atom-sublattice cells``, the paper's polarisation case) from the CLI to the service:
+the run records the layout and its min-max patches, the export carries both into the manifest, and the service cuts
+the very patches training saw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from perovskite_image import perovskite, render
+
+from atomstream.cli import main
+from models.config import RunConfig
+from models.data import DataError, build_patches, patches_from_config
+from streamer.maps.encoder import load
+from streamer.maps.pipeline import Pipeline
+
+
+def _scan(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    a, b = perovskite((150, 170), 24.0, 0.0, seed=0)
+    b = b + np.random.default_rng(1).uniform(-0.8, 0.8, b.shape)
+    frame = render((150, 170), a, b, noise=0.02, seed=0).astype(np.float32)
+    scan = tmp_path / "scan.npy"
+    np.save(scan, frame[None])
+    return scan, frame
+
+
+def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scan, frame = _scan(tmp_path)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(scan), "--atoms", "--atom-sublattice", "cells", "--patch", "10", "--classes", "2"]
+    assert main([*argv, "--hidden", "16", "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    data = RunConfig.model_validate_json((run / "config.json").read_text()).data
+    assert data.atom_sublattice == "cells" and data.preprocessing.patch_norm == "minmax"
+    trained = patches_from_config(scan, data)
+    assert len(trained) == 5 * 6  # the cells of a 6 × 7 A lattice
+    assert trained.images.min() == 0.0 and np.allclose(trained.images.max(axis=(1, 2)), 1.0)
+
+    artifact = tmp_path / "artifact"
+    assert main(["export", str(run), "--out", str(artifact)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["tiling"]["atom_sublattice"] == "cells"
+    assert manifest["preprocessing"]["patch_norm"] == "minmax"
+    prepared = Pipeline(load(artifact, backend="onnx", device="cpu")).prepare(torch.from_numpy(frame))
+    served = np.asarray(prepared.patches)[:, 0]
+    np.testing.assert_allclose(served, trained.images, atol=1e-6)
+
+
+def test_patch_norm_can_be_chosen_and_a_wrong_one_is_named(tmp_path: Path) -> None:
+    scan, _ = _scan(tmp_path)
+    kept = build_patches(scan, patch=10, atoms=True, atom_sublattice="cells", patch_norm="none")
+    assert kept.data.preprocessing.patch_norm == "none" and kept.images.max() < 0.9  # the frame's own scale
+    assert build_patches(scan, patch=10, atoms=True).data.preprocessing.patch_norm == "none"
+    with pytest.raises(DataError, match="patch_norm='zscore'"):
+        build_patches(scan, patch=10, atoms=True, patch_norm="zscore")
