@@ -17,9 +17,11 @@ __all__ = ["plot_atom_centres"]
 
 
 def plot_atom_centres(
-    frame: np.ndarray, centres: np.ndarray, path: str | Path, *, title: str = "", zoom: int = 96
-) -> Path:
-    """Write a PNG: the whole ``frame`` with ``centres`` ((N, 2) y, x) marked, and a ``zoom``-pixel corner enlarged."""
+    frame: np.ndarray, centres: np.ndarray, path: str | Path, *, title: str = "", zoom: int = 96,
+    what: str = "atom centres",
+) -> Path:  # fmt: skip
+    """Write a PNG: the whole ``frame`` with ``centres`` ((N, 2) y, x) marked, and a ``zoom``-pixel corner enlarged;
+    ``what`` names the centres in the title (unit-cell centres sit between the columns, which a reader must know)."""
     from matplotlib.figure import Figure
 
     img = np.asarray(frame, np.float64)
@@ -40,7 +42,7 @@ def plot_atom_centres(
         ax.set_ylim(yb - 0.5, ya - 0.5)
         ax.set_xlabel("x (px)")
         ax.set_ylabel("y (px)")
-    whole.set_title(f"{title} {len(pts)} atom centres (+)".strip())
+    whole.set_title(f"{title} {len(pts)} {what} (+)".strip())
     whole.add_patch(_box(x0, y0, x1 - x0, y1 - y0))
     near.set_title(f"zoom: rows {y0}–{y1}, columns {x0}–{x1} (yellow box)")
     fig.tight_layout()

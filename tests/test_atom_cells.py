@@ -41,6 +41,10 @@ def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
     assert len(trained) == 5 * 6  # the cells of a 6 × 7 A lattice
     assert trained.images.min() == 0.0 and np.allclose(trained.images.max(axis=(1, 2)), 1.0)
 
+    capsys.readouterr()
+    assert main(["plot", str(run), "--data", str(scan), "--out", str(tmp_path / "fig")]) == 0
+    assert str(tmp_path / "fig" / "atoms_frame0.png") in capsys.readouterr().out  # the cell centres, for a look
+
     artifact = tmp_path / "artifact"
     assert main(["export", str(run), "--out", str(artifact)]) == 0
     capsys.readouterr()

@@ -147,7 +147,11 @@ def _centres_figure(args: argparse.Namespace, patches: Any, out: Path) -> Path:
         raise CommandError(f"--frame {args.frame}: the scan has frames 0..{frames.shape[0] - 1}")
     sel = patches.positions[:, 0] == args.frame
     return plot_atom_centres(
-        frames[args.frame], patches.centres[sel], out / f"atoms_frame{args.frame}.png", title=f"frame {args.frame}:"
+        frames[args.frame],
+        patches.centres[sel],
+        out / f"atoms_frame{args.frame}.png",
+        title=f"frame {args.frame}:",
+        what="unit-cell centres" if patches.data.atom_sublattice == "cells" else "atom centres",
     )
 
 
