@@ -248,9 +248,14 @@ def scan_patches(frames: np.ndarray, data: DataConfig) -> PatchSet:
         positions.append(np.stack([np.full(len(ys), k), ys, xs], axis=1).astype(np.int64))
     images = np.concatenate(chunks) if chunks else np.zeros((0, ph, pw), np.float32)
     if images.shape[0] == 0:
+        cells = (
+            "; unit cells need a square-like lattice of the bright columns (a hexagonal one has none)"
+            if data.atom_sublattice == "cells"
+            else ""
+        )
         raise DataError(
             f"no atom-centred {ph}×{pw} patch fits in the scan (threshold {data.atom_threshold}, "
-            f"min distance {data.atom_min_distance}); lower the threshold or use a smaller patch"
+            f"min distance {data.atom_min_distance}); lower the threshold or use a smaller patch{cells}"
         )
     return PatchSet(
         images=images,

@@ -63,3 +63,14 @@ def test_patch_norm_can_be_chosen_and_a_wrong_one_is_named(tmp_path: Path) -> No
     assert build_patches(scan, patch=10, atoms=True).data.preprocessing.patch_norm == "none"
     with pytest.raises(DataError, match="patch_norm='zscore'"):
         build_patches(scan, patch=10, atoms=True, patch_norm="zscore")
+
+
+def test_a_hexagonal_scan_has_no_cells_and_the_error_says_why(tmp_path: Path) -> None:
+    from sim.lattice import LatticeConfig, synth_frame
+
+    frame = synth_frame(LatticeConfig(shape=(96, 96), kind="hexagonal", lattice_constant=12.0, n_defects=0), seed=0)[0]
+    scan = tmp_path / "hex.npy"
+    np.save(scan, frame.astype(np.float32)[None])
+    assert len(build_patches(scan, patch=6, atoms=True, atom_min_distance=3)) > 10  # its columns are there
+    with pytest.raises(DataError, match="square-like lattice"):
+        build_patches(scan, patch=6, atoms=True, atom_sublattice="cells", atom_min_distance=3)

@@ -26,7 +26,8 @@ in a honeycomb) goes. A unimodal frame keeps every column.
 **Unit-cell centres** (``sublattice="cells"``): the paper's polarisation case centres patches on unit cells, so the
 column inside each cell (the B site of a perovskite) is the patch's centre and its displacement from the cell's
 centre is what moves in the patch. The bright sublattice above is kept and refined, then each square of four of its
-columns gives the midpoint of its diagonals (pairs 1.2–1.65 spacings apart, a cell's two diagonals merged). Measured
+columns gives the midpoint of its diagonals (pairs 1.2–1.65 spacings apart); a cell is kept where both diagonals
+meet, so stray pairs (an edge's partial peaks) and cells missing a corner give none. Measured
 on the PbTiO₃/SrRuO₃ scan (docs/real-data.md): on column-centred 32-px patches the B displacement lives in principal
 components 6–10, behind the film's changing A/B contrast; on cell-centred patches the size of one column,
 min-max normalised, the first four components hold it. Only square-like lattices have such cells: a hexagonal one
@@ -219,8 +220,11 @@ def cell_centres(points: np.ndarray, spacing: float) -> np.ndarray:
     label = _components(len(mid), close)
     count = np.bincount(label)
     centres = np.stack([np.bincount(label, mid[:, k]) / count for k in range(2)], axis=1)
+    # a cell is whole when both its diagonals meet there; a lone midpoint is a pair of stray columns (an edge's
+    # partial peaks, a defect) or a cell missing a corner, and its centre is not the cell's
+    whole = centres[count >= 2]
     # row-major by whole pixel, as the peaks come (a row's jitter must not decide the order)
-    return centres[np.lexsort((centres[:, 1], np.round(centres[:, 0])))]
+    return whole[np.lexsort((whole[:, 1], np.round(whole[:, 0])))]
 
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
