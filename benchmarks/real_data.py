@@ -494,7 +494,8 @@ def _cell_model(
         sublattice="cells",
     )  # fmt: skip
     disp = b_displacement(frame, columns, cells.centres)
-    film = disp.ok & ~_substrate(frame, cells.centres) & ~disp.on_a
+    substrate = _substrate(frame, cells.centres)
+    film = disp.ok & ~substrate & ~disp.on_a
     z = served.maps[0].arrays["z"]
     mean, comps = pca_fit(cells.images, 10)
     pcs = pca_project(cells.images, mean, comps)
@@ -504,7 +505,6 @@ def _cell_model(
         case.other[f"B displacement {name}, {label}: cv R of z (model) / PCA2 / PCA4 / PCA10"] = " / ".join(
             _fmt(cv_correlation(f[film], target)) for f in (z, pcs[:, :2], pcs[:, :4], pcs)
         )
-    substrate = _substrate(frame, cells.centres)
     prob = served.maps[0].arrays["class_prob"]
     case.other[f"film/substrate balanced accuracy, {label}: model (K=2)"] = balanced_accuracy(prob.argmax(1), substrate)
     case.other[f"film cells measured, {label}"] = int(film.sum())

@@ -296,8 +296,8 @@ def patches_from_config(path: str | Path, data: DataConfig, *, frames: np.ndarra
 def default_patch_norm(*, fft: bool, atom_sublattice: str | None) -> str:
     """Min-max per patch for FFT magnitudes (their scale is the patch's contrast, not its content) and for unit-cell
     patches: a cell patch holds one column, and on the PbTiO₃/SrRuO₃ scan that column's brightness follows the
-    film's changing A/B contrast — min-max scaled, the first latent dimensions take its position instead
-    (docs/real-data.md). Everything else keeps the frame's own scale, which the classes read."""
+    film's changing A/B contrast — min-max scaled, its position is what varies most (four principal components hold
+    the displacement; docs/real-data.md). Everything else keeps the frame's own scale, which the classes read."""
     return "minmax" if fft or atom_sublattice == "cells" else "none"
 
 
@@ -338,6 +338,8 @@ def build_patches(
             raise DataError(f"atom-centred patches need a scan, but {str(p)!r} is an image stack (.npz)")
         if stride is not None:
             raise DataError(f"stride={stride} applies to scans, but {str(p)!r} is an image stack (.npz); leave it out")
+        if patch_norm is not None:
+            raise DataError(f"patch_norm applies to scans, but {str(p)!r} is an image stack (.npz); leave it out")
         images, labels, factors, names = load_stack(p)
         if patch is not None and (images.shape[1], images.shape[2]) != (patch, patch):
             raise DataError(

@@ -63,6 +63,10 @@ def test_patch_norm_can_be_chosen_and_a_wrong_one_is_named(tmp_path: Path) -> No
     assert build_patches(scan, patch=10, atoms=True).data.preprocessing.patch_norm == "none"
     with pytest.raises(DataError, match="patch_norm='zscore'"):
         build_patches(scan, patch=10, atoms=True, patch_norm="zscore")
+    stack = tmp_path / "stack.npz"
+    np.savez(stack, images=np.zeros((4, 8, 8), np.float32))
+    with pytest.raises(DataError, match="patch_norm applies to scans"):
+        build_patches(stack, patch_norm="minmax")
 
 
 def test_a_hexagonal_scan_has_no_cells_and_the_error_says_why(tmp_path: Path) -> None:
