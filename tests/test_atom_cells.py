@@ -5,6 +5,7 @@ the very patches training saw."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
     run = tmp_path / "run"
     argv = ["train", "--data", str(scan), "--atoms", "--atom-sublattice", "cells", "--patch", "10", "--classes", "2"]
     assert main([*argv, "--hidden", "16", "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"unit cells: 30, spacing 2[34]\.\d px; patch 10 px = 0\.4\d spacings\n", said)  # no hint
     data = RunConfig.model_validate_json((run / "config.json").read_text()).data
     assert data.atom_sublattice == "cells" and data.preprocessing.patch_norm == "minmax"
     trained = patches_from_config(scan, data)
@@ -54,6 +57,16 @@ def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
     prepared = Pipeline(load(artifact, backend="onnx", device="cpu")).prepare(torch.from_numpy(frame))
     served = np.asarray(prepared.patches)[:, 0]
     np.testing.assert_allclose(served, trained.images, atol=1e-6)
+
+
+def test_a_cell_patch_that_reaches_the_corner_columns_gets_a_hint(tmp_path: Path) -> None:
+    from atomstream.cli.train import cells_line
+
+    scan, _ = _scan(tmp_path)
+    wide = build_patches(scan, patch=20, atoms=True, atom_sublattice="cells")
+    line = cells_line(wide.centres, 20)
+    assert line.startswith("unit cells: ") and "reaches the cell's corner columns" in line
+    assert "--patch about 10" in line
 
 
 def test_patch_norm_can_be_chosen_and_a_wrong_one_is_named(tmp_path: Path) -> None:

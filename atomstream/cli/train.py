@@ -315,6 +315,27 @@ _ALL_FLAGS = {
 }
 
 
+#: a unit-cell patch wider than this share of the cell's spacing reaches the corner columns (at 0.71 spacings)
+CELL_PATCH_MAX = 0.6
+
+
+def cells_line(centres: Any, side: int) -> str:
+    """What a cells run found, and a hint when its patches reach past the column inside each cell: there the corner
+    columns' brightness, not the inner column's position, is what varies most (docs/real-data.md)."""
+    from streamer.maps.atoms import median_spacing
+
+    if len(centres) < 2:
+        return f"unit cells: {len(centres)}"
+    spacing = median_spacing(centres)
+    line = f"unit cells: {len(centres)}, spacing {spacing:.1f} px; patch {side} px = {side / spacing:.2f} spacings"
+    if side > CELL_PATCH_MAX * spacing:
+        line += (
+            f" — it reaches the cell's corner columns; for the inner column's displacement choose --patch about "
+            f"{round(0.42 * spacing)} (0.42 spacings)"
+        )
+    return line
+
+
 def default_translation(data: Any) -> bool:
     """Whether a model on ``data``'s patches gets the translation latent when ``--translation`` is not given: not for
     atom-centred patches (the finder already centred them, sub-pixel; what is left to move is the signal) nor for
@@ -363,6 +384,9 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(in_flags(_one_line(exc), _ALL_FLAGS)) from None
     if len(patches) < 2:
         raise CommandError(f"--data {args.data} gives {len(patches)} patch(es); training needs at least 2")
+    if patches.data.kind == "atoms" and patches.data.atom_sublattice == "cells":
+        first = patches.positions[:, 0] == patches.positions[0, 0]  # one frame's cells: frames overlap in place
+        print(cells_line(patches.centres[first], patches.data.patch[0]), flush=True)
     from models.checkpoint import CheckpointError
     from models.distributed import torchrun_world
     from models.train import FitError
