@@ -57,7 +57,7 @@ from polarisation import b_displacement, neighbour_agreement  # noqa: E402
 
 import models.reconstruction as reconstruction  # noqa: E402
 from atomstream.cli import build_parser  # noqa: E402
-from atomstream.cli.train import DEFAULT_BUDGET_S, run_config  # noqa: E402
+from atomstream.cli.train import CELL_PATCH, DEFAULT_BUDGET_S, run_config  # noqa: E402
 from exporters.calibrate import calibrate_novelty, patch_neighbours  # noqa: E402
 from exporters.export import export_model  # noqa: E402
 from exporters.verify import MAX_PARITY_PATCHES, MIN_PARITY_PATCHES  # noqa: E402
@@ -476,10 +476,6 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.seconds = time.perf_counter() - t0
     case.figures = {"frame": frame, "maps": served.maps[0], "substrate": substrate}
     return case
-
-
-#: a unit-cell patch's side over the A–A spacing: the B column and its flanks, short of the A columns (0.71 away)
-CELL_PATCH = 0.42
 
 
 def _cell_model(

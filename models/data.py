@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from pydantic import ValidationError
@@ -171,7 +171,7 @@ def check_frames(frames: np.ndarray, source: str) -> np.ndarray:
 def _stack_preprocessing(images: np.ndarray, fft: bool) -> Preprocessing:
     """Already in [0, 1]: leave it; otherwise map the stack's own (min, max) to [0, 1] with a recorded fixed range."""
     lo, hi = float(images.min()), float(images.max())
-    fft_kw = {"fft": "logmag", "patch_norm": "minmax"} if fft else {}
+    fft_kw = {"fft": "logmag", "patch_norm": default_patch_norm(fft=True, atom_sublattice=None)} if fft else {}
     if lo >= 0.0 and hi <= 1.0:
         return Preprocessing(frame_norm="none", **fft_kw)
     if hi <= lo:
@@ -364,11 +364,14 @@ def build_patches(
             grid_shape((h, w), size, step, origin)
         except TilingError as exc:
             raise DataError(str(exc)) from None
-    norm = default_patch_norm(fft=fft, atom_sublattice=atom_sublattice if atoms else None)
-    if patch_norm is not None:
-        norm = patch_norm
-    if norm not in ("none", "minmax"):
-        raise DataError(f"patch_norm={patch_norm!r} must be 'none' or 'minmax'")
+    norms = get_args(Preprocessing.model_fields["patch_norm"].annotation)
+    if patch_norm is not None and patch_norm not in norms:
+        raise DataError(f"patch_norm={patch_norm!r} must be {' or '.join(map(repr, norms))}")
+    norm = (
+        default_patch_norm(fft=fft, atom_sublattice=atom_sublattice if atoms else None)
+        if patch_norm is None
+        else patch_norm
+    )
     spec = Preprocessing(fft="logmag" if fft else "none", patch_norm=norm)  # type: ignore[arg-type]
     data = _data_config(
         source=str(p),

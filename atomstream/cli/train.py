@@ -317,6 +317,8 @@ _ALL_FLAGS = {
 
 #: a unit-cell patch wider than this share of the cell's spacing reaches the corner columns (at 0.71 spacings)
 CELL_PATCH_MAX = 0.6
+#: the side to suggest instead: the inner column and its flanks (the real-data benchmark cuts its cell patches so)
+CELL_PATCH = 0.42
 
 
 def cells_line(centres: Any, side: int) -> str:
@@ -331,7 +333,7 @@ def cells_line(centres: Any, side: int) -> str:
     if side > CELL_PATCH_MAX * spacing:
         line += (
             f" — it reaches the cell's corner columns; for the inner column's displacement choose --patch about "
-            f"{round(0.42 * spacing)} (0.42 spacings)"
+            f"{round(CELL_PATCH * spacing)} ({CELL_PATCH} spacings)"
         )
     return line
 

@@ -209,9 +209,7 @@ def cell_centres(points: np.ndarray, spacing: float) -> np.ndarray:
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     if len(pts) < 4:
         return np.zeros((0, 2))
-    pairs = cKDTree(pts).query_pairs(_DIAGONAL[1] * spacing, output_type="ndarray")
-    if len(pairs) == 0:
-        return np.zeros((0, 2))
+    pairs = cKDTree(pts).query_pairs(_DIAGONAL[1] * spacing, output_type="ndarray").reshape(-1, 2)
     diagonal = pairs[np.hypot(*(pts[pairs[:, 0]] - pts[pairs[:, 1]]).T) > _DIAGONAL[0] * spacing]
     mid = 0.5 * (pts[diagonal[:, 0]] + pts[diagonal[:, 1]])
     if len(mid) == 0:
@@ -232,9 +230,7 @@ def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else None
-    if graph is None:
-        return np.arange(n)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
 
