@@ -8,7 +8,7 @@ import torch
 from perovskite_image import perovskite, render
 from scipy.spatial import cKDTree
 
-from streamer.maps.atoms import AtomFinderError, cell_centres, find_atoms, gaussian_smooth
+from streamer.maps.atoms import AtomFinderError, cell_centres, find_atoms, gaussian_smooth, lattice_colours
 
 
 def _lattice(shape: tuple[int, int], spacing: float, sigma: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -128,6 +128,36 @@ def test_brightest_sublattice_keeps_the_a_sites_and_a_dim_dopant_among_them() ->
     kept = find_atoms(frame, sigma=1.0, min_distance=3, threshold=0.1, sublattice="brightest").numpy()
     d = np.linalg.norm(a[:, None] - kept[None], axis=-1)
     assert len(kept) == len(a) and d.min(axis=1).max() < 0.7  # every A site, the dim dopant included; no B site
+
+
+def test_a_region_where_the_sublattices_look_alike_keeps_the_a_sites_and_whole_cells() -> None:
+    """The PbTiO₃ film has regions where the B columns are as bright as the A columns. Judged column by column,
+    they kept both sublattices and their "cells" came at half the spacing; the lattice's own colouring keeps the
+    A sites everywhere, so every cell of the A lattice comes out once."""
+    shape = (200, 260)
+    a, b = perovskite(shape, 24.0, 0.0, seed=0)
+    band = (b[:, 1] > 90) & (b[:, 1] < 170)  # 28 of the 70 B columns at A's brightness and width
+    frame = render(shape, a, b[~band], noise=0.02, seed=0)
+    frame += render(shape, np.zeros((0, 2)), b[band], amp_b=1.0, sigma_b=3.5, noise=0.0) - 0.1
+    kw = {"sigma": 1.5, "min_distance": 5, "threshold": 0.2}
+    assert len(find_atoms(frame, **kw)) == len(a) + len(b)
+    kept = find_atoms(frame, sublattice="brightest", **kw)
+    assert len(kept) == len(a) and np.linalg.norm(a[:, None] - kept[None], axis=-1).min(axis=1).max() < 0.7
+    cells = find_atoms(frame, sublattice="cells", **kw)
+    truth = cell_centres(a, 24.0)
+    assert len(cells) == len(truth) == len(b)
+    assert np.linalg.norm(truth[:, None] - cells[None], axis=-1).min(axis=1).max() < 0.3
+
+
+def test_a_lattice_the_bonds_cannot_colour_says_so() -> None:
+    """A triangular lattice has odd cycles: no 2-colouring satisfies its bonds, so one_sublattice must not trust it."""
+    ys, xs = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+    triangular = np.stack([ys * np.sqrt(3) / 2, xs + 0.5 * (ys % 2)], axis=-1).reshape(-1, 2) * 10.0
+    assert lattice_colours(triangular)[2] < 0.9  # a triangle's three bonds cannot all join opposite colours
+    a, b = perovskite((150, 170), 24.0, 0.0, seed=0)
+    colour, component, agreement = lattice_colours(np.concatenate([a, b]))
+    assert agreement == 1.0 and len(np.unique(component)) == 1
+    assert len(np.unique(colour[: len(a)])) == 1 and set(colour[len(a) :]) == {1 - colour[0]}
 
 
 def test_one_sublattice_keeps_everything_when_intensities_are_not_bimodal() -> None:

@@ -16,12 +16,16 @@ of the column spacing, less its 20th percentile) → optionally one sublattice, 
 **One sublattice** (``sublattice="brightest"``): atom-centred patches on a lattice with two kinds of column (the A and
 B sites of a perovskite, Mo and S₂ in MoS₂) split into classes by sublattice, which is not what a user asks the
 classes for. Each column's intensity is compared with the median of its 4 nearest columns; when that local contrast is
-clearly bimodal (two-group split by Otsu's criterion, Ashman's D ≥ 2, each group ≥ 20 %) the brighter group's
-lattice spacing ``d`` (median nearest-neighbour distance) is measured and every column whose
-nearest bright column (other than itself) is at least ``0.85·d`` away is kept: bright sites and whatever sits on
-their lattice — a dark dopant or a vacancy-like dim column on the bright sublattice stays (it is selected by where
-it is, not by how bright it is), while the other sublattice (nearest bright column at d/√2 in a perovskite, d/√3
-in a honeycomb) goes. A unimodal frame keeps every column.
+clearly bimodal (two-group split by Otsu's criterion, Ashman's D ≥ 2, each group ≥ 20 %) the lattice decides which
+columns are kept, not each column's brightness: the bond graph colours the columns into two sublattices
+(``lattice_colours``) and, where it does so consistently (≥ 97 % of bonds) and one colour holds clearly more of the
+bright columns than the other (by ``_COLOUR_EXPLAINS``), that colour is kept, whole — a dark dopant or a dim column
+on the bright sublattice stays (it is selected by where it is), and so does a region where the two sublattices look
+alike. The PbTiO₃/SrRuO₃ film has such regions: judged column by column (the rule before), they kept both
+sublattices there, and their "unit cells" came out at half the spacing. Where the bonds cannot colour the lattice
+(the MoS₂ scan's find agrees with 87 % of them), the column-by-column rule stays: the brighter group's lattice
+spacing ``d`` is measured and every column whose nearest bright column (other than itself) is at least ``0.85·d``
+away is kept. A unimodal frame keeps every column.
 
 **Unit-cell centres** (``sublattice="cells"``): the paper's polarisation case centres patches on unit cells, so the
 column inside each cell (the B site of a perovskite) is the patch's centre and its displacement from the cell's
@@ -42,6 +46,8 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components
 from scipy.spatial import cKDTree
 
 from streamer.maps.arrays import (
@@ -64,6 +70,7 @@ __all__ = [
     "cell_centres",
     "find_atoms",
     "gaussian_smooth",
+    "lattice_colours",
     "median_spacing",
     "one_sublattice",
 ]
@@ -71,7 +78,6 @@ __all__ = [
 Sublattice = Literal["all", "brightest", "cells"]
 SUBLATTICES: tuple[str, ...] = ("all", "brightest", "cells")
 _BIMODAL_D = 2.0
-_SAME_SUBLATTICE = 0.85
 _LOCAL = 4
 _MIN_SHARE = 0.2
 #: sub-pixel refinement: window half width over the column spacing, and the window's quantile taken as its floor
@@ -80,6 +86,14 @@ _FLOOR_QUANTILE = 0.2
 #: a cell's diagonal, in spacings (√2 on a square lattice), and how close two midpoints are to be one cell's
 _DIAGONAL = (1.2, 1.65)
 _SAME_CELL = 0.25
+#: lattice bonds in nearest-neighbour distances: to the same sublattice (√2 centred square, √3 honeycomb), ± share
+_SAME_BONDS = (math.sqrt(2), math.sqrt(3))
+_BOND_TOLERANCE = 0.12
+#: how much more often one sublattice's columns are bright than the other's for it to be the bright one
+_COLOUR_EXPLAINS = 0.5
+#: the share of bonds a colouring must satisfy to be trusted: 0.99 on the PbTiO₃ scan, 0.87 on the MoS₂ one
+_BONDS_AGREE = 0.97
+_SAME_SUBLATTICE = 0.85
 
 
 class AtomFinderError(ValueError):
@@ -196,11 +210,65 @@ def one_sublattice(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
     bright = _upper_mode(r)
     if bright is None:
         return keep
+    # the nearest-bright rule: bright columns and whatever sits on their lattice, judged from the nearest bright one
     tree = cKDTree(pts[bright])
     d_bright = float(np.median(tree.query(pts[bright], k=2)[0][:, 1]))
     dist, _ = tree.query(pts, k=2)
-    nearest_other = np.where(bright, dist[:, 1], dist[:, 0])
-    return nearest_other >= _SAME_SUBLATTICE * d_bright
+    keep = np.where(bright, dist[:, 1], dist[:, 0]) >= _SAME_SUBLATTICE * d_bright
+    colour, component, agreement = lattice_colours(pts)
+    if agreement < _BONDS_AGREE:  # not a two-sublattice lattice the bonds can colour (a triangular one, a messy find)
+        return keep
+    for c in np.unique(component):
+        members = component == c
+        share = [
+            float(bright[members & (colour == k)].mean()) if (members & (colour == k)).any() else 0.0 for k in (0, 1)
+        ]
+        if abs(share[1] - share[0]) >= _COLOUR_EXPLAINS:  # the geometry's two sublattices are the two brightnesses
+            keep[members] = colour[members] == int(share[1] > share[0])
+    return keep
+
+
+def lattice_colours(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(colour, component, agreement)``: which of the two sublattices each of ``points`` sits on (``(N,)`` 0 or 1, up
+    to a swap within each ``component`` of the bond graph), from geometry alone, and the share of bonds it satisfies.
+
+    Bonds at the nearest-neighbour distance join the two sublattices, bonds at √2 (a centred square lattice: the
+    perovskite's A and B sites) or √3 of it (a honeycomb: MoS₂'s Mo and S₂) join one to itself; a spanning tree of
+    that graph colours it, and two rounds of each column taking the colour most of its bonds imply undo what a
+    false column (an odd cycle) did to its part of the tree. A lattice the bonds cannot 2-colour (a triangular one,
+    a find with many false or missing columns) shows as a low ``agreement``."""
+    n = len(points)
+    tree = cKDTree(points)
+    nearest = float(np.median(tree.query(points, k=2)[0][:, 1]))
+    if not nearest > 0:  # most columns found twice: no lattice to read
+        return np.zeros(n, np.int64), np.arange(n), 0.0
+    pairs = tree.query_pairs((1 + _BOND_TOLERANCE) * _SAME_BONDS[-1] * nearest, output_type="ndarray").reshape(-1, 2)
+    r = np.hypot(*(points[pairs[:, 0]] - points[pairs[:, 1]]).T) / nearest
+    other = np.abs(r - 1.0) < _BOND_TOLERANCE
+    same = np.any([np.abs(r - b) < _BOND_TOLERANCE * b for b in _SAME_BONDS], axis=0)
+    bonds, flip = pairs[other | same], other[other | same].astype(np.int64)
+    i, j = np.concatenate([bonds[:, 0], bonds[:, 1]]), np.concatenate([bonds[:, 1], bonds[:, 0]])
+    f = np.concatenate([flip, flip])
+    graph = coo_matrix((f + 1, (i, j)), shape=(n, n)).tocsr()  # 1: same sublattice, 2: the other
+    count, component = connected_components(graph, directed=False)
+    parent = np.arange(n)
+    for c in range(count):
+        members = np.flatnonzero(component == c)
+        if members.size > 1:
+            order, pred = breadth_first_order(graph, members[0], directed=False, return_predecessors=True)
+            parent[order[1:]] = pred[order[1:]]
+    # each column's colour is the parity of the flips on its path to the root: pointer jumping, log(depth) steps
+    colour = np.asarray(graph[parent, np.arange(n)]).ravel().astype(np.int64) - 1
+    colour[parent == np.arange(n)] = 0
+    up = parent.copy()
+    while np.any(up != up[up]):
+        colour, up = colour ^ colour[up], up[up]
+    for _ in range(2):
+        implied = colour[j] ^ f
+        ones, total = np.bincount(i, implied, n), np.bincount(i, minlength=n)
+        colour = np.where(2 * ones > total, 1, np.where(2 * ones < total, 0, colour))
+    agreement = float(np.mean((colour[i] ^ colour[j]) == f)) if len(f) else 0.0
+    return colour, component, agreement
 
 
 def cell_centres(points: np.ndarray, spacing: float) -> np.ndarray:
@@ -227,9 +295,6 @@ def cell_centres(points: np.ndarray, spacing: float) -> np.ndarray:
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected-component labels ``(n,)`` of the graph with edges ``pairs`` (E, 2)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
