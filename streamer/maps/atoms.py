@@ -205,27 +205,31 @@ def one_sublattice(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, np.float64)
     # each column against its nearest neighbours: the two sublattices differ locally, even where a bright layer
     # (the substrate) makes the whole frame's intensities bimodal for another reason
-    _, idx = cKDTree(pts).query(pts, k=min(_LOCAL + 1, n))
+    tree = cKDTree(pts)
+    dist, idx = tree.query(pts, k=min(_LOCAL + 1, n))
     r = v - np.median(v[idx[:, 1:]], axis=1)
     bright = _upper_mode(r)
     if bright is None:
         return keep
-    # the nearest-bright rule: bright columns and whatever sits on their lattice, judged from the nearest bright one
-    tree = cKDTree(pts[bright])
-    d_bright = float(np.median(tree.query(pts[bright], k=2)[0][:, 1]))
-    dist, _ = tree.query(pts, k=2)
-    keep = np.where(bright, dist[:, 1], dist[:, 0]) >= _SAME_SUBLATTICE * d_bright
-    colour, component, agreement = lattice_colours(pts)
+    colour, component, agreement = _colour_by_bonds(pts, tree, float(np.median(dist[:, 1])))
     if agreement < _BONDS_AGREE:  # not a two-sublattice lattice the bonds can colour (a triangular one, a messy find)
-        return keep
+        return _near_bright(pts, bright)
     # per component, each colour's share of bright columns (one bincount: this runs on every frame the service cuts)
     key = 2 * component + colour
     counts = np.bincount(key, minlength=2 * n).reshape(-1, 2)
     share = np.bincount(key, bright.astype(np.float64), 2 * n).reshape(-1, 2) / np.maximum(counts, 1)
     clear = np.abs(share[:, 1] - share[:, 0]) >= _COLOUR_EXPLAINS  # the geometry's two sublattices are the brightnesses
-    brighter = (share[:, 1] > share[:, 0]).astype(np.int64)
-    keep = np.where(clear[component], colour == brighter[component], keep)
-    return keep
+    by_colour = colour == (share[:, 1] > share[:, 0])[component]
+    return by_colour if clear[component].all() else np.where(clear[component], by_colour, _near_bright(pts, bright))
+
+
+def _near_bright(pts: np.ndarray, bright: np.ndarray) -> np.ndarray:
+    """The column-by-column rule: bright columns and whatever sits on their lattice, judged from the nearest bright
+    column (module docstring) — where the lattice's bonds cannot say which sublattice a column is on."""
+    tree = cKDTree(pts[bright])
+    d_bright = float(np.median(tree.query(pts[bright], k=2)[0][:, 1]))
+    dist, _ = tree.query(pts, k=2)
+    return np.where(bright, dist[:, 1], dist[:, 0]) >= _SAME_SUBLATTICE * d_bright
 
 
 def lattice_colours(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -237,9 +241,14 @@ def lattice_colours(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     that graph colours it, and two rounds of each column taking the colour most of its bonds imply undo what a
     false column (an odd cycle) did to its part of the tree. A lattice the bonds cannot 2-colour (a triangular one,
     a find with many false or missing columns) shows as a low ``agreement``."""
-    n = len(points)
     tree = cKDTree(points)
-    nearest = float(np.median(tree.query(points, k=2)[0][:, 1]))
+    return _colour_by_bonds(points, tree, float(np.median(tree.query(points, k=2)[0][:, 1])))
+
+
+def _colour_by_bonds(points: np.ndarray, tree: cKDTree, nearest: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """``lattice_colours`` on a tree of ``points`` and their median nearest-neighbour distance, which
+    ``one_sublattice`` has already (on a frame of 10⁴ columns that query is a third of the colouring's cost)."""
+    n = len(points)
     if not nearest > 0:  # most columns found twice: no lattice to read
         return np.zeros(n, np.int64), np.arange(n), 0.0
     pairs = tree.query_pairs((1 + _BOND_TOLERANCE) * _SAME_BONDS[-1] * nearest, output_type="ndarray").reshape(-1, 2)
