@@ -31,11 +31,11 @@ away is kept. A unimodal frame keeps every column.
 column inside each cell (the B site of a perovskite) is the patch's centre and its displacement from the cell's
 centre is what moves in the patch. The bright sublattice above is kept and refined, then each square of four of its
 columns gives the midpoint of its diagonals (pairs 1.2–1.65 spacings apart); a cell is kept where both diagonals
-meet, so stray pairs (an edge's partial peaks) and cells missing a corner give none. Measured
-on the PbTiO₃/SrRuO₃ scan (docs/real-data.md): on column-centred 32-px patches the B displacement lives in principal
-components 6–10, behind the film's changing A/B contrast; on cell-centred patches the size of one column,
-min-max normalised, the first four components hold it. Only square-like lattices have such cells: a hexagonal one
-gives none, and the data reader says so.
+meet, so stray pairs (an edge's partial peaks) and cells missing a corner give none. Measured on the PbTiO₃/SrRuO₃
+scan (docs/real-data.md): on column-centred 32-px patches the B displacement lives in principal components 5–10,
+behind the film's changing A/B contrast; on cell-centred patches the size of one column, min-max normalised, the
+first three components hold it (the first two at 0.34 spacings). Only square-like lattices have such cells: a
+hexagonal one gives none, and the data reader says so.
 """
 
 from __future__ import annotations
