@@ -296,7 +296,7 @@ def patches_from_config(path: str | Path, data: DataConfig, *, frames: np.ndarra
 def default_patch_norm(*, fft: bool, atom_sublattice: str | None) -> str:
     """Min-max per patch for FFT magnitudes (their scale is the patch's contrast, not its content) and for unit-cell
     patches: a cell patch holds one column, and on the PbTiO₃/SrRuO₃ scan that column's brightness follows the
-    film's changing A/B contrast — min-max scaled, its position is what varies most (four principal components hold
+    film's changing A/B contrast — min-max scaled, its position is what varies most (three principal components hold
     the displacement; docs/real-data.md). Everything else keeps the frame's own scale, which the classes read."""
     return "minmax" if fft or atom_sublattice == "cells" else "none"
 

@@ -260,12 +260,14 @@ def _colour_by_bonds(points: np.ndarray, tree: cKDTree, nearest: float) -> tuple
     f = np.concatenate([flip, flip])
     graph = coo_matrix((f + 1, (i, j)), shape=(n, n)).tocsr()  # 1: same sublattice, 2: the other
     count, component = connected_components(graph, directed=False)
-    parent = np.arange(n)
-    for c in range(count):
-        members = np.flatnonzero(component == c)
-        if members.size > 1:
-            order, pred = breadth_first_order(graph, members[0], directed=False, return_predecessors=True)
-            parent[order[1:]] = pred[order[1:]]
+    # one BFS over the whole forest: a virtual node n joined to each component's first column is the root of all
+    # (a BFS per component costs components × columns on a find broken into many pieces)
+    roots = np.unique(component, return_index=True)[1]
+    forest = coo_matrix(
+        (np.r_[f + 1, np.ones(count)], (np.r_[i, np.full(count, n)], np.r_[j, roots])), shape=(n + 1, n + 1)
+    )
+    parent = breadth_first_order(forest.tocsr(), n, directed=False, return_predecessors=True)[1][:n]
+    parent[roots] = roots
     # each column's colour is the parity of the flips on its path to the root: pointer jumping, log(depth) steps
     colour = np.asarray(graph[parent, np.arange(n)]).ravel().astype(np.int64) - 1
     colour[parent == np.arange(n)] = 0
