@@ -130,6 +130,12 @@ def test_brightest_sublattice_keeps_the_a_sites_and_a_dim_dopant_among_them() ->
     assert len(kept) == len(a) and d.min(axis=1).max() < 0.7  # every A site, the dim dopant included; no B site
 
 
+def _triangular(rows: int, cols: int, spacing: float) -> np.ndarray:
+    """``(rows·cols, 2)`` points of a triangular (hexagonal Bravais) lattice, row-major."""
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.stack([ys * np.sqrt(3) / 2, xs + 0.5 * (ys % 2)], axis=-1).reshape(-1, 2) * spacing
+
+
 def test_a_region_where_the_sublattices_look_alike_keeps_the_a_sites_and_whole_cells() -> None:
     """The PbTiO₃ film has regions where the B columns are as bright as the A columns. Judged column by column,
     they kept both sublattices and their "cells" came at half the spacing; the lattice's own colouring keeps the
@@ -151,9 +157,9 @@ def test_a_region_where_the_sublattices_look_alike_keeps_the_a_sites_and_whole_c
 
 def test_a_lattice_the_bonds_cannot_colour_says_so() -> None:
     """A triangular lattice has odd cycles: no 2-colouring satisfies its bonds, so one_sublattice must not trust it."""
-    ys, xs = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
-    triangular = np.stack([ys * np.sqrt(3) / 2, xs + 0.5 * (ys % 2)], axis=-1).reshape(-1, 2) * 10.0
-    assert lattice_colours(triangular)[2] < 0.9  # a triangle's three bonds cannot all join opposite colours
+    assert (
+        lattice_colours(_triangular(12, 12, 10.0))[2] < 0.9
+    )  # a triangle's three bonds cannot all join opposite colours
     a, b = perovskite((150, 170), 24.0, 0.0, seed=0)
     colour, component, agreement = lattice_colours(np.concatenate([a, b]))
     assert agreement == 1.0 and len(np.unique(component)) == 1
@@ -190,9 +196,8 @@ def test_unit_cells_of_a_perovskite_centre_each_b_column_within_its_displacement
 def test_a_hexagonal_lattice_has_no_unit_cells_to_centre_on() -> None:
     """Only square-like lattices have cells with two diagonals: the next-nearest distance of a hexagonal one is √3
     spacings, beyond a diagonal's 1.2–1.65."""
-    rows, cols, d = 8, 10, 10.0
-    pts = np.array([(r * d * np.sqrt(3) / 2, c * d + (r % 2) * d / 2) for r in range(rows) for c in range(cols)])
-    assert cell_centres(pts, d).shape == (0, 2)
+    d = 10.0
+    assert cell_centres(_triangular(8, 10, d), d).shape == (0, 2)
     square = np.array([(r * d, c * d) for r in range(3) for c in range(3)])
     np.testing.assert_allclose(cell_centres(square, d), [[5, 5], [5, 15], [15, 5], [15, 15]])
 
