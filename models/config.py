@@ -54,6 +54,14 @@ class ModelConfig(_Frozen):
         "(models.nets.InvariantFeatures), so the class cannot follow angle, shift or lattice registration; pixels = "
         "the paper's shared encoder trunk",
     )
+    class_invariance: Literal["model", "rotation"] = Field(
+        "model",
+        description="which transforms the invariant class head (and the warm start's clustering) ignores: model = the "
+        "model's own rotation/translation latents; rotation = rotations about the patch centre too, even when the "
+        "model has no rotation latent. For unit-cell patches (polarisation): there the decoder must not rotate (a "
+        "rotation turns one displacement direction into another, so the direction leaves z for the angle), and a "
+        "class that reads the pixels splits the film by displacement direction instead (docs/real-data.md)",
+    )
     class_moments: int = Field(
         6,
         ge=0,
@@ -118,6 +126,12 @@ class ModelConfig(_Frozen):
             else ("r" if self.rotation else ("t" if self.translation else ""))
         )
         return f"{joint}{inv}VAE"
+
+    @property
+    def class_rotation(self) -> bool:
+        """Whether the invariant class head's features ignore rotations: the model's rotation latent, or
+        ``class_invariance="rotation"``."""
+        return self.rotation or self.class_invariance == "rotation"
 
     def names_of_classes(self) -> tuple[str, ...]:
         return self.class_names if self.class_names is not None else tuple(f"class{k}" for k in range(self.n_classes))

@@ -133,6 +133,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
         "rotation": cfg.rotation,
         "translation": cfg.translation,
         "invariant_class": cfg.class_head == "invariant",
+        "class_rotation": cfg.class_rotation,
         "class_quantiles": cfg.class_quantiles,
         "class_moments": cfg.class_moments,
     }

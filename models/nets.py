@@ -349,7 +349,8 @@ def posterior_means(
 
 class _Encoder(nn.Module):
     """A trunk (set by the subclass) and the posterior heads; the class logits come from an ``InvariantClassHead``
-    on the input instead of the trunk when ``invariant_class`` (``ModelConfig.class_head == "invariant"``)."""
+    on the input instead of the trunk when ``invariant_class`` (``ModelConfig.class_head == "invariant"``), whose
+    features ignore rotations when ``class_rotation`` (None: as the model's ``rotation``)."""
 
     def _attach_heads(
         self,
@@ -362,6 +363,7 @@ class _Encoder(nn.Module):
         invariant_class: bool,
         class_quantiles: int = 0,
         class_moments: int = 0,
+        class_rotation: bool | None = None,
     ) -> None:
         branch = invariant_class and n_classes > 0
         self.heads = _Heads(width, latent_dim, 0 if branch else n_classes, rotation, translation)
@@ -369,7 +371,7 @@ class _Encoder(nn.Module):
             InvariantClassHead(
                 patch,
                 n_classes=n_classes,
-                rotation=rotation,
+                rotation=rotation if class_rotation is None else class_rotation,
                 translation=translation,
                 quantiles=class_quantiles,
                 moments=class_moments,
@@ -400,6 +402,7 @@ class MLPEncoder(_Encoder):
         invariant_class: bool = False,
         class_quantiles: int = 0,
         class_moments: int = 0,
+        class_rotation: bool | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -409,8 +412,9 @@ class MLPEncoder(_Encoder):
             width = h
         self.trunk = nn.Sequential(*layers)
         self._attach_heads(
-            patch, width, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles, class_moments
-        )
+            patch, width, latent_dim, n_classes, rotation, translation,
+            invariant_class, class_quantiles, class_moments, class_rotation,
+        )  # fmt: skip
 
 
 class ConvEncoder(_Encoder):
@@ -432,6 +436,7 @@ class ConvEncoder(_Encoder):
         invariant_class: bool = False,
         class_quantiles: int = 0,
         class_moments: int = 0,
+        class_rotation: bool | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -442,8 +447,9 @@ class ConvEncoder(_Encoder):
         layers += [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.Tanh()]
         self.trunk = nn.Sequential(*layers)
         self._attach_heads(
-            patch, hidden, latent_dim, n_classes, rotation, translation, invariant_class, class_quantiles, class_moments
-        )
+            patch, hidden, latent_dim, n_classes, rotation, translation,
+            invariant_class, class_quantiles, class_moments, class_rotation,
+        )  # fmt: skip
 
 
 class _AutogradLikelihood(nn.Module):

@@ -318,7 +318,7 @@ def invariant_features(model_cfg: ModelConfig, x: Tensor) -> Tensor:
 
     features = InvariantFeatures(
         model_cfg.patch,
-        rotation=model_cfg.rotation,
+        rotation=model_cfg.class_rotation,
         translation=model_cfg.translation,
         quantiles=model_cfg.class_quantiles,
         moments=model_cfg.class_moments,

@@ -38,8 +38,15 @@ def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
     assert main([*argv, "--hidden", "16", "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
     said = capsys.readouterr().out
     assert re.search(r"unit cells: 30, spacing 2[34]\.\d px; patch 10 px = 0\.4\d spacings\n", said)  # no hint
-    data = RunConfig.model_validate_json((run / "config.json").read_text()).data
+    config = RunConfig.model_validate_json((run / "config.json").read_text())
+    data, model = config.data, config.model
     assert data.atom_sublattice == "cells" and data.preprocessing.patch_norm == "minmax"
+    assert (model.rotation, model.latent_dim, model.likelihood, model.class_invariance) == (
+        False,
+        3,
+        "gaussian",
+        "rotation",
+    )  # the polarisation recipe (atomstream.cli.train.CELL_MODEL), exported and served below
     trained = patches_from_config(scan, data)
     assert len(trained) == 5 * 6  # the cells of a 6 × 7 A lattice
     assert trained.images.min() == 0.0 and np.allclose(trained.images.max(axis=(1, 2)), 1.0)

@@ -223,3 +223,29 @@ def test_the_translation_latent_is_off_by_default_for_atom_centred_and_fft_patch
     args = build_parser().parse_args(["train", "--data", "x.npy", "--out", "run", *flags])
     run = run_config(args, data)
     assert run.model.translation is translation and run.model.rotation
+
+
+@pytest.mark.parametrize(
+    ("sublattice", "flags", "want"),
+    [
+        ("cells", [], (False, 3, "gaussian", 0.1, "rotation")),  # the polarisation recipe
+        ("brightest", [], (True, 2, "bernoulli", 0.2, "model")),  # the configs' own defaults
+        (
+            "cells",
+            ["--rotation", "--latent", "2", "--likelihood", "bernoulli"],
+            (True, 2, "bernoulli", 0.1, "rotation"),
+        ),
+        ("cells", ["--class-invariance", "model", "--gaussian-scale", "0.2"], (False, 3, "gaussian", 0.2, "model")),
+    ],
+)
+def test_unit_cell_patches_get_the_polarisation_recipe_unless_a_flag_says_otherwise(
+    sublattice: str, flags: list[str], want: tuple
+) -> None:
+    from atomstream.cli import build_parser
+    from atomstream.cli.train import run_config
+    from models.config import DataConfig
+
+    data = DataConfig(kind="atoms", atom_sublattice=sublattice)  # type: ignore[arg-type]
+    args = build_parser().parse_args(["train", "--data", "x.npy", "--out", "run", *flags])
+    m = run_config(args, data).model
+    assert (m.rotation, m.latent_dim, m.likelihood, m.gaussian_scale, m.class_invariance) == want

@@ -254,3 +254,22 @@ def test_intensity_moments_are_the_textbook_ones_and_finite_on_a_flat_patch() ->
     assert bool(torch.isfinite(flat_patch).all())
     with pytest.raises(ValueError, match="0 to 6"):
         InvariantFeatures((12, 12), rotation=True, translation=True, moments=7)
+
+
+@pytest.mark.parametrize("encoder_cls", [MLPEncoder, ConvEncoder])
+def test_a_class_head_can_ignore_rotations_the_model_does_not_undo(encoder_cls: type) -> None:
+    """Unit-cell patches train without the rotation latent (a rotation would turn one polarisation direction into
+    another) but with a class that must not split the film by that direction: ``class_rotation`` makes the class
+    head's features ignore a quarter turn while z, which must see the direction, does not."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 12, 12)
+    turned = torch.rot90(x, 1, dims=(-2, -1))
+    common = {"latent_dim": 2, "n_classes": 3, "rotation": False, "translation": False, "invariant_class": True}
+    enc = encoder_cls((12, 12), class_rotation=True, **common).eval()
+    with torch.no_grad():
+        a, b = enc(x), enc(turned)
+    torch.testing.assert_close(a["class_logits"], b["class_logits"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a["z_loc"], b["z_loc"], atol=1e-3) and "angle_loc" not in a
+    plain = encoder_cls((12, 12), **common).eval()  # without it the class head reads the pixels
+    with torch.no_grad():
+        assert not torch.allclose(plain(x)["class_logits"], plain(turned)["class_logits"], atol=1e-3)
