@@ -485,9 +485,9 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
 def _cell_model(
     case: Case, frame: np.ndarray, path: Path, columns: np.ndarray, spacing: float, *, seed: int, work: Path
 ) -> None:
-    """The paper's polarisation geometry: a second K=2 model, CLI defaults, on unit-cell-centred patches
-    (``--atom-sublattice cells``, min-max per patch) of side ``CELL_PATCH`` · spacing; R of its z against the same
-    independent displacement, and PCA on the same patches."""
+    """The paper's polarisation geometry: a second K=2 model, CLI defaults (for cells: ``CELL_MODEL``), on
+    unit-cell-centred patches (``--atom-sublattice cells``, min-max per patch) of side ``CELL_PATCH`` · spacing; R of
+    its z against the same independent displacement, and PCA of z's dimension and of 10 on the same patches."""
     side = max(4, round(CELL_PATCH * spacing))
     cells, served = _atom_case(
         frame, path, patch=side, min_distance=5, threshold=0.2, n_classes=2, seed=seed, work=work / "cells",
@@ -500,15 +500,17 @@ def _cell_model(
     mean, comps = pca_fit(cells.images, 10)
     pcs = pca_project(cells.images, mean, comps)
     label = f"unit-cell patches ({side} px, min-max)"
+    dim = z.shape[1]
     posed = _with_angle(z, served.maps[0])
     for axis, name in ((0, "dy"), (1, "dx")):
         target = disp.vector[film, axis]
-        case.other[f"B displacement {name}, {label}: cv R of z (model) / PCA2 / PCA4 / PCA10"] = " / ".join(
-            _fmt(cv_correlation(f[film], target)) for f in (z, pcs[:, :2], pcs[:, :4], pcs)
+        case.other[f"B displacement {name}, {label}: cv R of z (model) / PCA{dim} / PCA10"] = " / ".join(
+            _fmt(cv_correlation(f[film], target)) for f in (z, pcs[:, :dim], pcs)
         )
-        case.other[f"B displacement {name}, {label}: cv R of z and the angle (cos, sin)"] = cv_correlation(
-            posed[film], target
-        )
+        if posed is not z:  # a model with the rotation latent (the cells recipe has none)
+            case.other[f"B displacement {name}, {label}: cv R of z and the angle (cos, sin)"] = cv_correlation(
+                posed[film], target
+            )
     prob = served.maps[0].arrays["class_prob"]
     case.other[f"film/substrate balanced accuracy, {label}: model (K=2)"] = balanced_accuracy(prob.argmax(1), substrate)
     case.other[f"film cells measured, {label}"] = int(film.sum())
