@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -137,32 +138,64 @@ def neighbour_agreement(centres: np.ndarray, vector: np.ndarray, radius: float) 
     return r[0], r[1]
 
 
-def displacement_figure(frame: np.ndarray, centres: np.ndarray, measured: Displacement, *, strips: int = 3) -> Any:
+def displacement_figure(
+    frame: np.ndarray, centres: np.ndarray, measured: Displacement, *, strips: int = 3, beside: Any = None
+) -> Any:
     """The displacement field over the frame (in ``strips`` side-by-side cuts of a wide frame): an arrow per sound
-    measurement, 12× its length, coloured by its magnitude in px; red dots mark patch centres on a B column."""
+    measurement, 12× its length, coloured by its magnitude in px; red dots mark patch centres on a B column.
+
+    ``beside``: a second field ``(title, vectors (N, 2))`` at the same centres (a model's readout), drawn under each
+    strip on the same scale and colours, so the two read arrow by arrow."""
     from matplotlib.figure import Figure
 
     h, w = frame.shape
-    fig = Figure(figsize=(9, 4.3 * strips), layout="constrained")
-    axes = fig.subplots(strips, 1, squeeze=False)[:, 0]
+    fields = [("measured (2-D Gaussian fits)", measured.vector)] + ([beside] if beside is not None else [])
+    fig = Figure(figsize=(9, 4.3 * strips * len(fields)), layout="constrained")
+    axes = fig.subplots(strips * len(fields), 1, squeeze=False)[:, 0]
     edges = np.linspace(0, w, strips + 1)
-    magnitude = np.hypot(*measured.vector.T)
-    top = float(np.percentile(magnitude[measured.ok], 98)) if measured.ok.any() else 1.0
-    for ax, x0, x1 in zip(axes, edges[:-1], edges[1:], strict=True):
-        ax.imshow(frame, cmap="gray", alpha=0.6)
+    top = float(np.percentile(np.hypot(*measured.vector[measured.ok].T), 98)) if measured.ok.any() else 1.0
+    for i, (x0, x1) in enumerate(pairwise(edges)):
         s = measured.ok & (centres[:, 1] >= x0) & (centres[:, 1] < x1)
-        arrows = ax.quiver(
-            centres[s, 1], centres[s, 0], measured.vector[s, 1], measured.vector[s, 0], magnitude[s],
-            angles="xy", scale_units="xy", scale=1 / 12, cmap="viridis", clim=(0, top), width=0.003,
-        )  # fmt: skip
-        on_b = s & ~measured.on_a
-        ax.plot(centres[on_b, 1], centres[on_b, 0], "r.", ms=3)
-        ax.set(xlim=(x0, x1), ylim=(h, 0), xlabel="x (px)", ylabel="y (px)")
-        ax.quiverkey(arrows, 0.93, 0.05, 1.0, "1 px", labelpos="W", coordinates="axes", color="w", labelcolor="w")
-        fig.colorbar(arrows, ax=ax, label="|displacement| (px)", fraction=0.02)
-    note = " red dot: measured on a B column;" if (measured.ok & ~measured.on_a).any() else ""
-    fig.suptitle(f"B-column displacement inside the A cell (2-D Gaussian fits; arrows ×12;{note} colour: length)")
+        for j, (title, vector) in enumerate(fields):
+            ax = axes[i * len(fields) + j]
+            ax.imshow(frame, cmap="gray", alpha=0.6)
+            arrows = ax.quiver(
+                centres[s, 1], centres[s, 0], vector[s, 1], vector[s, 0], np.hypot(*vector[s].T),
+                angles="xy", scale_units="xy", scale=1 / 12, cmap="viridis", clim=(0, top), width=0.003,
+            )  # fmt: skip
+            on_b = s & ~measured.on_a
+            if beside is None:
+                ax.plot(centres[on_b, 1], centres[on_b, 0], "r.", ms=3)
+            ax.set(xlim=(x0, x1), ylim=(h, 0), xlabel="x (px)", ylabel="y (px)")
+            if beside is not None:
+                ax.set_title(title, fontsize=9, loc="left")
+            ax.quiverkey(arrows, 0.93, 0.05, 1.0, "1 px", labelpos="W", coordinates="axes", color="w", labelcolor="w")
+            fig.colorbar(arrows, ax=ax, label="|displacement| (px)", fraction=0.02)
+    note = " red dot: measured on a B column;" if beside is None and (measured.ok & ~measured.on_a).any() else ""
+    fig.suptitle(f"B-column displacement inside the A cell (arrows ×12;{note} colour: length)")
     return fig
+
+
+def model_readout(run: Path, frame_path: Path, frame: np.ndarray, columns: np.ndarray) -> tuple[Any, ...]:
+    """A trained run's z on the frame's patches (cut as the run was trained), the displacement measured at their
+    centres, and the cross-validated linear readout of (dy, dx) from z over the sound measurements (zero elsewhere):
+    ``(centres, measured, readout, (R dy, R dx), n)``."""
+    from models.baselines import cv_predict
+    from models.checkpoint import load_run
+    from models.data import patches_from_config
+    from models.evaluate import encode_images
+
+    model, cfg = load_run(run, device="cpu")
+    patches = patches_from_config(frame_path, cfg.data, frames=frame[None])
+    z = encode_images(model, patches.images)["z"]
+    measured = b_displacement(frame, columns, patches.centres)
+    readout = np.zeros_like(measured.vector)
+    ok = measured.ok
+    r = []
+    for k in range(2):
+        readout[ok, k] = cv_predict(z[ok], measured.vector[ok, k])
+        r.append(float(np.corrcoef(readout[ok, k], measured.vector[ok, k])[0, 1]))
+    return patches.centres, measured, readout, tuple(r), int(ok.sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,9 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0] if main.__doc__ else None)
     ap.add_argument("--data", type=Path, required=True, help="one HAADF frame (.npy)")
     ap.add_argument("--out", type=Path, required=True, help="the figure (.png)")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a trained run (e.g. --atoms --atom-sublattice cells): draw the cross-validated linear readout of its z "
+        "under the measured field, at its own patch centres, and print R",
+    )
     args = ap.parse_args(argv)
     frame = np.load(args.data).astype(np.float32)
     columns = find_atoms(torch.from_numpy(frame), sigma=1.5, min_distance=5, threshold=0.2).numpy().astype(np.float64)
+    if args.run is not None:
+        centres, measured, readout, (r_dy, r_dx), n = model_readout(args.run, args.data, frame, columns)
+        title = f"read from z of {args.run.name} (cross-validated linear map; R dy {r_dy:.2f}, dx {r_dx:.2f})"
+        displacement_figure(frame, centres, measured, beside=(title, readout)).savefig(args.out, dpi=80)
+        print(f"{n} of {len(centres)} patch centres measured; z explains dy at R {r_dy:.3f}, dx at R {r_dx:.3f}")
+        return 0
     is_a, _ = a_sublattice(frame.astype(np.float64), columns)
     measured = b_displacement(frame, columns, columns[is_a])
     displacement_figure(frame, columns[is_a], measured).savefig(args.out, dpi=80)

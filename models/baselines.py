@@ -29,6 +29,7 @@ __all__ = [
     "baseline_encodings",
     "centre_intensity",
     "cv_correlation",
+    "cv_predict",
     "kmeans_labels",
     "match_detections",
     "pca_fit",
@@ -127,8 +128,9 @@ def balanced_accuracy(clusters: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == b] == b) for b in yk]))
 
 
-def cv_correlation(x: np.ndarray, target: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
-    """Pearson R between ``target`` and its out-of-fold least-squares prediction from ``x`` (with an intercept)."""
+def cv_predict(x: np.ndarray, target: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The out-of-fold least-squares prediction of ``target`` from ``x`` (with an intercept): each value predicted by
+    a fit that did not see it, so a readout of a latent cannot flatter itself."""
     x = np.asarray(x, np.float64).reshape(len(target), -1)
     y = np.asarray(target, np.float64).reshape(-1)
     order = np.random.default_rng(seed).permutation(len(y))
@@ -138,6 +140,13 @@ def cv_correlation(x: np.ndarray, target: np.ndarray, *, folds: int = 5, seed: i
         train = np.setdiff1d(order, fold)
         coef, *_ = np.linalg.lstsq(design[train], y[train], rcond=None)
         pred[fold] = design[fold] @ coef
+    return pred
+
+
+def cv_correlation(x: np.ndarray, target: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Pearson R between ``target`` and its out-of-fold least-squares prediction from ``x`` (with an intercept)."""
+    y = np.asarray(target, np.float64).reshape(-1)
+    pred = cv_predict(x, y, folds=folds, seed=seed)
     if pred.std() == 0 or y.std() == 0:
         return 0.0
     return float(np.corrcoef(pred, y)[0, 1])

@@ -10,15 +10,15 @@ import numpy as np
 
 def render(
     shape: tuple[int, int], a: np.ndarray, b: np.ndarray, *, sigma_a: float = 3.5, sigma_b: float = 3.0,
-    amp_b: float = 0.4, noise: float = 0.005, seed: int = 0,
+    amp_b: float | np.ndarray = 0.4, noise: float = 0.005, seed: int = 0,
 ) -> np.ndarray:  # fmt: skip
     """``shape`` frame: amplitude-1 Gaussians of width ``sigma_a`` at ``a`` (N, 2), ``amp_b`` ones of ``sigma_b`` at
-    ``b``, on a 0.1 background, plus normal noise of ``noise``."""
+    ``b`` (one amplitude, or one per B column), on a 0.1 background, plus normal noise of ``noise``."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     frame = np.full(shape, 0.1)
     for centres, amp, s in ((a, 1.0, sigma_a), (b, amp_b, sigma_b)):
-        for y, x in centres:
-            frame += amp * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s**2))
+        for (y, x), k in zip(centres, np.broadcast_to(np.asarray(amp, np.float64), len(centres)), strict=True):
+            frame += k * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s**2))
     return frame + np.random.default_rng(seed).normal(0.0, noise, shape)
 
 
