@@ -30,21 +30,23 @@ def _lattice(shape: tuple[int, int], seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("patch", "stride", "rotation", "translation", "moments"),
+    ("patch", "stride", "rotation", "translation", "moments", "invariance"),
     [
-        ((32, 32), (8, 8), True, True, 6),  # the grid default: ring harmonics of the spectrum and all six moments
-        ((24, 16), (6, 4), True, True, 4),  # neither square nor square-strided
-        ((20, 20), (5, 7), True, False, 6),  # rings of the pixels
-        ((17, 15), (4, 4), False, True, 2),  # the whole spectrum, odd sides
-        ((12, 12), (3, 3), False, False, 0),  # no invariance: the class reads the trunk
+        ((32, 32), (8, 8), True, True, 6, "model"),  # the grid default: ring harmonics of the spectrum, six moments
+        ((24, 16), (6, 4), True, True, 4, "model"),  # neither square nor square-strided
+        ((20, 20), (5, 7), True, False, 6, "model"),  # rings of the pixels
+        ((17, 15), (4, 4), False, True, 2, "model"),  # the whole spectrum, odd sides
+        ((12, 12), (3, 3), False, False, 0, "model"),  # no invariance: the class reads the trunk
+        ((16, 16), (4, 4), False, True, 6, "rotation"),  # rings for the class, no angle output
+        ((14, 14), (7, 7), False, False, 6, "rotation"),  # rings of the pixels, the cells recipe's class head
     ],
 )
 def test_the_frame_encoder_equals_the_patch_encoder_on_every_grid_patch(
-    patch: tuple[int, int], stride: tuple[int, int], rotation: bool, translation: bool, moments: int
+    patch: tuple[int, int], stride: tuple[int, int], rotation: bool, translation: bool, moments: int, invariance: str
 ) -> None:
     cfg = ModelConfig(
         patch=patch, n_classes=3, latent_dim=2, rotation=rotation, translation=translation, class_moments=moments,
-        encoder_hidden=(64, 32), decoder_hidden=(16, 16),
+        class_invariance=invariance, encoder_hidden=(64, 32), decoder_hidden=(16, 16),
     )  # fmt: skip
     torch.manual_seed(0)
     model = JTrVAE(cfg).eval()

@@ -367,8 +367,8 @@ def default_translation(data: Any) -> bool:
 #: measured on the PbTiO₃/SrRuO₃ scan (docs/real-data.md): with the rotation latent, a rotation of the cell moves its
 #: column as a displacement would, and the direction went into the angle; without it a class head reading the pixels
 #: split the film by displacement direction (so its features ignore rotations still); a σ 0.1 Gaussian keeps the
-#: low-variance displacement modes the Bernoulli likelihood treats as noise; and z has 3 dimensions because a third
-#: mode of these patches (column shape at the cell's corners) is as strong as the displacement's two.
+#: low-variance displacement modes the Bernoulli likelihood treats as noise; and z has 3 dimensions because one
+#: principal mode of these patches that is neither direction is stronger than the dx mode.
 CELL_MODEL: dict[str, Any] = {
     "rotation": False,
     "latent_dim": 3,
