@@ -18,8 +18,9 @@ B sites of a perovskite, Mo and S₂ in MoS₂) split into classes by sublattice
 classes for. Each column's intensity is compared with the median of its 4 nearest columns; when that local contrast is
 clearly bimodal (two-group split by Otsu's criterion, Ashman's D ≥ 2, each group ≥ 20 %) the lattice decides which
 columns are kept, not each column's brightness: the bond graph colours the columns into two sublattices
-(``lattice_colours``) and, where it does so consistently (≥ 97 % of bonds) and one colour holds clearly more of the
-bright columns than the other (by ``_COLOUR_EXPLAINS``), that colour is kept, whole — a dark dopant or a dim column
+(``lattice_colours``) and, where it does so consistently (≥ 97 % of bonds) and the bright columns sit on one colour
+(its share of bright columns ≥ 0.5 above the other's, or ≥ 30 % against at most a quarter of that), that colour is
+kept, whole — a dark dopant or a dim column
 on the bright sublattice stays (it is selected by where it is), and so does a region where the two sublattices look
 alike. The PbTiO₃/SrRuO₃ film has such regions: judged column by column (the rule before), they kept both
 sublattices there, and their "unit cells" came out at half the spacing. Where the bonds cannot colour the lattice
@@ -89,8 +90,13 @@ _SAME_CELL = 0.25
 #: lattice bonds in nearest-neighbour distances: to the same sublattice (√2 centred square, √3 honeycomb), ± share
 _SAME_BONDS = (math.sqrt(2), math.sqrt(3))
 _BOND_TOLERANCE = 0.12
-#: how much more often one sublattice's columns are bright than the other's for it to be the bright one
+#: when one sublattice is the bright one: its share of (locally) bright columns exceeds the other's by this much ...
 _COLOUR_EXPLAINS = 0.5
+#: ... or at least this share of its columns are bright and the other's share is at most ``_COLOUR_DIM`` of that:
+#: where a film's A and B look alike over much of a field of view (the right half of the PbTiO₃ scan, its lower film
+#: wide there) the A share falls to ~0.5 while B's stays ~0.01, and the difference alone called that unclear
+_COLOUR_BRIGHT = 0.3
+_COLOUR_DIM = 0.25
 #: the share of bonds a colouring must satisfy to be trusted: 0.99 on the PbTiO₃ scan, 0.87 on the MoS₂ one
 _BONDS_AGREE = 0.97
 _SAME_SUBLATTICE = 0.85
@@ -218,7 +224,8 @@ def one_sublattice(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
     key = 2 * component + colour
     counts = np.bincount(key, minlength=2 * n).reshape(-1, 2)
     share = np.bincount(key, bright.astype(np.float64), 2 * n).reshape(-1, 2) / np.maximum(counts, 1)
-    clear = np.abs(share[:, 1] - share[:, 0]) >= _COLOUR_EXPLAINS  # the geometry's two sublattices are the brightnesses
+    high, low = share.max(axis=1), share.min(axis=1)  # the geometry's sublattices are the brightnesses, when:
+    clear = (high - low >= _COLOUR_EXPLAINS) | ((high >= _COLOUR_BRIGHT) & (low <= _COLOUR_DIM * high))
     by_colour = colour == (share[:, 1] > share[:, 0])[component]
     return by_colour if clear[component].all() else np.where(clear[component], by_colour, _near_bright(pts, bright))
 
