@@ -163,8 +163,8 @@ def displacement_figure(
                 centres[s, 1], centres[s, 0], vector[s, 1], vector[s, 0], np.hypot(*vector[s].T),
                 angles="xy", scale_units="xy", scale=1 / 12, cmap="viridis", clim=(0, top), width=0.003,
             )  # fmt: skip
-            on_b = s & ~measured.on_a
             if beside is None:
+                on_b = s & ~measured.on_a
                 ax.plot(centres[on_b, 1], centres[on_b, 0], "r.", ms=3)
             ax.set(xlim=(x0, x1), ylim=(h, 0), xlabel="x (px)", ylabel="y (px)")
             if beside is not None:
@@ -191,6 +191,8 @@ def model_readout(run: Path, frame_path: Path, frame: np.ndarray, columns: np.nd
     measured = b_displacement(frame, columns, patches.centres)
     readout = np.zeros_like(measured.vector)
     ok = measured.ok
+    if ok.sum() < 10:
+        raise SystemExit(f"{run}: only {int(ok.sum())} of its {len(ok)} patch centres measured; a readout needs 10")
     r = []
     for k in range(2):
         readout[ok, k] = cv_predict(z[ok], measured.vector[ok, k])

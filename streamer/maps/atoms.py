@@ -13,20 +13,19 @@ of its ``(2·min_distance+1)²`` window and exceeds ``threshold`` → ties on a 
 pixels) keep one pixel → optional centre of mass of the smoothed frame around each peak (a square of half width 0.3
 of the column spacing, less its 20th percentile) → optionally one sublattice, or the centres of its unit cells.
 
-**One sublattice** (``sublattice="brightest"``): atom-centred patches on a lattice with two kinds of column (the A and
-B sites of a perovskite, Mo and S₂ in MoS₂) split into classes by sublattice, which is not what a user asks the
-classes for. Each column's intensity is compared with the median of its 4 nearest columns; when that local contrast is
-clearly bimodal (two-group split by Otsu's criterion, Ashman's D ≥ 2, each group ≥ 20 %) the lattice decides which
-columns are kept, not each column's brightness: the bond graph colours the columns into two sublattices
-(``lattice_colours``) and, where it does so consistently (≥ 97 % of bonds) and the bright columns sit on one colour
-(its share of bright columns ≥ 0.5 above the other's, or ≥ 30 % against at most a quarter of that), that colour is
-kept, whole — a dark dopant or a dim column
-on the bright sublattice stays (it is selected by where it is), and so does a region where the two sublattices look
-alike. The PbTiO₃/SrRuO₃ film has such regions: judged column by column (the rule before), they kept both
-sublattices there, and their "unit cells" came out at half the spacing. Where the bonds cannot colour the lattice
-(the MoS₂ scan's find agrees with 87 % of them), the column-by-column rule stays: the brighter group's lattice
-spacing ``d`` is measured and every column whose nearest bright column (other than itself) is at least ``0.85·d``
-away is kept. A unimodal frame keeps every column.
+**One sublattice** (``sublattice="brightest"``): atom-centred patches on a lattice with two kinds of column (the A and B
+sites of a perovskite, Mo and S₂ in MoS₂) split into classes by sublattice, which is not what a user asks the classes
+for. Each column's intensity is compared with the median of its 4 nearest columns; when that local contrast is clearly
+bimodal (two-group split by Otsu's criterion, Ashman's D ≥ 2, each group ≥ 20 %) the lattice decides which columns are
+kept, not each column's brightness: the bond graph colours the columns into two sublattices (``lattice_colours``) and,
+where it does so consistently (≥ 97 % of bonds) and the bright columns sit on one colour (its share of bright columns ≥
+0.5 above the other's, or ≥ 30 % against at most a quarter of that), that colour is kept, whole — a dark dopant or a dim
+column on the bright sublattice stays (it is selected by where it is), and so does a region where the two sublattices
+look alike. The PbTiO₃/SrRuO₃ film has such regions: judged column by column (the rule before), they kept both
+sublattices there, and their "unit cells" came out at half the spacing. Where the bonds cannot colour the lattice (the
+MoS₂ scan's find agrees with 87 % of them), the column-by-column rule stays: the brighter group's lattice spacing ``d``
+is measured and every column whose nearest bright column (other than itself) is at least ``0.85·d`` away is kept. A
+unimodal frame keeps every column.
 
 **Unit-cell centres** (``sublattice="cells"``): the paper's polarisation case centres patches on unit cells, so the
 column inside each cell (the B site of a perovskite) is the patch's centre and its displacement from the cell's
