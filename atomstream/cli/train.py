@@ -301,6 +301,8 @@ _DATA_FLAGS = {
 _MODEL_FLAGS = {
     "classes": "n_classes",
     "latent": "latent_dim",
+    "rotation": "rotation",
+    "translation": "translation",
     "class_invariance": "class_invariance",
     "encoder_hidden": "encoder_hidden",
     "decoder_hidden": "decoder_hidden",
@@ -379,9 +381,10 @@ CELL_MODEL: dict[str, Any] = {
 
 
 def default_model(data: Any) -> dict[str, Any]:
-    """``ModelConfig`` fields (and ``rotation``) a model on ``data``'s patches gets where no flag sets them:
-    ``CELL_MODEL`` for unit-cell patches, the configs' own defaults otherwise."""
-    return dict(CELL_MODEL) if data.kind == "atoms" and data.atom_sublattice == "cells" else {}
+    """``ModelConfig`` fields a model on ``data``'s patches gets where no flag sets them: the translation latent as
+    ``default_translation`` says, and ``CELL_MODEL`` for unit-cell patches; the configs' own defaults otherwise."""
+    cells = CELL_MODEL if data.kind == "atoms" and data.atom_sublattice == "cells" else {}
+    return {"translation": default_translation(data), **cells}
 
 
 def run_config(args: argparse.Namespace, data: Any) -> Any:
@@ -390,8 +393,6 @@ def run_config(args: argparse.Namespace, data: Any) -> Any:
     from models.config import Annealing, ModelConfig, RunConfig, TrainConfig
 
     model = {**default_model(data), **from_config(args, _MODEL_FLAGS)}
-    rotation = model.pop("rotation", True)
-    rotation = rotation if args.rotation is None else args.rotation
     if args.hidden is not None:
         model.setdefault("encoder_hidden", (args.hidden,) * 2)
         model.setdefault("decoder_hidden", (args.hidden,) * 3)
@@ -399,9 +400,8 @@ def run_config(args: argparse.Namespace, data: Any) -> Any:
     if args.beta2_start is not None:
         train["annealing"] = Annealing(beta2_start=args.beta2_start)
     run = {"name": args.name} if args.name is not None else {}
-    translation = default_translation(data) if args.translation is None else args.translation
     return RunConfig(
-        model=ModelConfig(patch=data.patch, rotation=rotation, translation=translation, **model),
+        model=ModelConfig(patch=data.patch, **model),
         train=TrainConfig(likelihood_threads=training_threads(args.threads), progress=not args.no_progress, **train),
         data=data,
         **run,
