@@ -43,8 +43,16 @@ if ((dry_run)); then
 else
     train=(--size 48 --batch 32 --steps 5 --warmup 2)
     encode=(--patch 48 --batches 1,64,4096 --repeats 20)
-    stream=(--sizes 1024,4096 --frames 8 --rounds 1 --repeats 5 --batch 4096 --device cuda --backend onnx)
+    stream=(--sizes 1024,4096 --frames 8 --rounds 1 --repeats 5 --batch 4096 --device cuda)
     limits=(120 150 180)
+    # the service's GPU backend: ONNX Runtime's CUDA provider where onnxruntime-gpu is installed, else TorchScript
+    # (`--backend torchscript`, the service's other GPU backend); the encoder stage times both either way
+    if "$python" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+        stream+=(--backend onnx)
+    else
+        stream+=(--backend torchscript)
+        stream_note="# stream: this onnxruntime has no CUDA provider (onnxruntime-gpu is not installed): TorchScript on the GPU"
+    fi
 fi
 
 failed=()
@@ -87,6 +95,7 @@ EOF
 
 stage training "${limits[0]}" "$python" benchmarks/train_speed.py "${train[@]}" --devices cpu,cuda --skip-pyroved --parity
 stage encoder "${limits[1]}" "$python" benchmarks/encode_speed.py "${encode[@]}" --devices cpu,cuda --parity
+[[ -n "${stream_note:-}" ]] && echo && echo "$stream_note"
 stage stream "${limits[2]}" "$python" benchmarks/stream_throughput.py "${stream[@]}" --parity
 
 echo
