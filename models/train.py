@@ -166,6 +166,7 @@ def fit(
     ``steps`` spreads each step over shards or processes (``models.shards``; ``models.distributed`` runs ranks).
     ``deadline`` (one process only: ranks would re-plan apart) re-plans ``cfg.train.epochs`` after each epoch so that
     the epochs end by it (``models.deadline``); the result's ``epochs`` and the saved config say what was trained.
+    The result's model is in eval mode on the CPU, whichever device trained it.
     """
     steps = steps or SingleProcess()
     if deadline is not None and steps.world_size > 1:
@@ -293,6 +294,9 @@ def fit(
             optimizer_state=optim.get_state(),
             diagnosis=diagnosis,
         )
+    # handed back on the CPU whatever trained it, as load_run gives a run: what follows a fit (encoding numpy
+    # patches, calibration, export, plots) takes host data (the first GPU run's demo failed here with a CUDA model)
+    model = model.to("cpu")
     return TrainResult(model=model, history=history, diagnosis=diagnosis, epochs=max(tc.epochs, start_epoch))
 
 

@@ -215,6 +215,11 @@ class _TorchScriptRunner:
         """A tensor in, tensors out on the module's device; numpy in, numpy out."""
         torch = sys.modules["torch"]
         host = not is_tensor(x)
+        if self.device.type == "cuda":
+            # the service calls from its worker thread, where no CUDA context is current yet: torch.cuda.device()
+            # skips setting an index that already reads as current, and cuBLAS then warned of a missing context
+            # (H200, torch 2.11); set_device makes the primary context current on this thread
+            torch.cuda.set_device(self.device)
         with torch.inference_mode():
             out = self.module((torch.from_numpy(x) if host else x.detach()).to(self.device, torch.float32).contiguous())
         outs = list(out) if isinstance(out, tuple | list) else [out]
