@@ -126,6 +126,7 @@ def _served_without_torch(artifact: Path, frames: list[np.ndarray]) -> dict[int,
             raise AssertionError(f"serve printed no ready line: {proc.communicate(timeout=10)[1][-3000:]}")
         ready = json.loads(line)
         assert ready["event"] == "ready", ready
+        assert ready["encoder"] == {"backend": "onnx", "device": "cpu", "providers": ["CPUExecutionProvider"]}, ready
         maps: dict[int, Any] = {}
         with Subscriber(ready["publish"], ("maps", "scan_summary")) as sub:
             status = sub.wait_connected(TIMEOUT_S)

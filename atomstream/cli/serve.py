@@ -132,6 +132,7 @@ def _ready_line(service: Any) -> dict[str, Any]:
         "publish_reliable": service.publish_reliable_endpoint,
         "metrics": service.metrics_url,
         "model": service.model.model_dump() if service.model is not None else None,
+        "encoder": service.encoder,
     }
 
 

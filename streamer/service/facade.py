@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from streamer.maps.pipeline import EncoderLike, Pipeline, PipelineError
 from streamer.service.batching import Batcher
@@ -256,6 +257,16 @@ class Service:
     def model(self) -> ModelRef | None:
         pipeline = self._slot.pipeline
         return pipeline.model if pipeline is not None else None
+
+    @property
+    def encoder(self) -> dict[str, Any] | None:
+        """Where the model runs — backend, device and ONNX Runtime's providers in order — for an operator reading the
+        start-up line: ``--device auto`` with the CPU build of onnxruntime serves on the CPU even beside a GPU."""
+        pipeline = self._slot.pipeline
+        if pipeline is None:
+            return None
+        enc = pipeline.encoder
+        return {"backend": enc.backend, "device": enc.device, "providers": list(getattr(enc, "providers", ()))}
 
     def _endpoint(self, name: str) -> str:
         if name not in self._endpoints:
