@@ -158,6 +158,6 @@ def fit_distributed(
         if not errors.empty():
             kind, message = errors.get()
             raise _USER_ERRORS[kind](message) from None
-        model, _ = load_run(run_dir, device=str(device))
-        history = load_training_state(run_dir, device=str(device)).history
+        model, _ = load_run(run_dir)  # on the CPU, as fit hands its model back
+        history = load_training_state(run_dir).history
         return TrainResult(model=model, history=history, diagnosis=load_diagnosis(run_dir), epochs=cfg.train.epochs)
