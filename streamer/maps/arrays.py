@@ -33,19 +33,31 @@ __all__ = [
     "amax",
     "amin",
     "arange",
+    "argsort_stable",
     "as_dtype",
     "asarray_like",
     "astype",
+    "copy",
     "copy_into",
     "dtype_name",
+    "einsum",
+    "flatnonzero",
     "floor",
     "is_floating",
     "is_tensor",
     "log1p",
+    "maximum",
+    "median",
+    "minimum",
     "on_gpu",
     "require_torch",
+    "sqrt",
+    "std",
     "sync",
+    "take_along_axis",
     "to_host",
+    "unique",
+    "where",
     "zeros",
 ]
 
@@ -164,3 +176,79 @@ def sync(x: Array) -> None:
     """Wait for queued device work on ``x``'s device: stage timings on CUDA would measure kernel launches only."""
     if on_gpu(x) and x.device.type == "cuda":
         sys.modules["torch"].cuda.synchronize(x.device)
+
+
+# The defect score's operations (``streamer.maps.novelty``), which runs on the encoder's device: the GPU path scores
+# there instead of on the host, where the per-frame medians bounded an H200's stream.
+
+
+def minimum(a: Array, b: Array) -> Array:
+    return sys.modules["torch"].minimum(a, b) if is_tensor(a) else np.minimum(a, b)
+
+
+def maximum(a: Array, b: Array | float) -> Array:
+    """Element-wise larger of two arrays, or of an array and a scalar floor."""
+    if not is_tensor(a):
+        return np.maximum(a, b)
+    torch = sys.modules["torch"]
+    return torch.maximum(a, b) if is_tensor(b) else torch.clamp_min(a, b)
+
+
+def sqrt(x: Array) -> Array:
+    return x.sqrt() if is_tensor(x) else np.sqrt(x)
+
+
+def where(cond: Array, x: Array, y: float) -> Array:
+    if is_tensor(x):
+        return sys.modules["torch"].where(cond, x, sys.modules["torch"].as_tensor(y, dtype=x.dtype, device=x.device))
+    return np.where(cond, x, y)
+
+
+def median(x: Array, axis: int | None = None) -> Array:
+    """numpy's median (the mean of the two middle values of an even count), also of a tensor: ``torch.median``
+    gives the lower one, and ``torch.quantile`` refuses inputs of more than 16M values."""
+    if not is_tensor(x):
+        return np.median(x, axis=axis)
+    flat = x.reshape(-1) if axis is None else x
+    dim = 0 if axis is None else axis
+    n = int(flat.shape[dim])
+    ranked = flat.sort(dim=dim).values
+    return (ranked.select(dim, (n - 1) // 2) + ranked.select(dim, n // 2)) * 0.5
+
+
+def std(x: Array, axis: int) -> Array:
+    """The population standard deviation (numpy's default; torch's is the sample one)."""
+    return x.std(dim=axis, correction=0) if is_tensor(x) else x.std(axis=axis)
+
+
+def copy(x: Array) -> Array:
+    return x.clone() if is_tensor(x) else x.copy()
+
+
+def unique(x: Array) -> Array:
+    return sys.modules["torch"].unique(x) if is_tensor(x) else np.unique(x)
+
+
+def flatnonzero(x: Array) -> Array:
+    return x.reshape(-1).nonzero().reshape(-1) if is_tensor(x) else np.flatnonzero(x)
+
+
+def argsort_stable(x: Array, axis: int) -> Array:
+    """Stable argsort (booleans too, which torch does not sort)."""
+    if is_tensor(x):
+        torch = sys.modules["torch"]
+        keys = x.to(torch.int8) if x.dtype == torch.bool else x
+        return torch.argsort(keys, dim=axis, stable=True)
+    return np.argsort(x, axis=axis, kind="stable")
+
+
+def take_along_axis(x: Array, idx: Array, axis: int) -> Array:
+    return x.gather(axis, idx) if is_tensor(x) else np.take_along_axis(x, idx, axis=axis)
+
+
+def einsum(subscripts: str, *operands: Array) -> Array:
+    return (
+        sys.modules["torch"].einsum(subscripts, *operands)
+        if is_tensor(operands[0])
+        else np.einsum(subscripts, *operands)
+    )

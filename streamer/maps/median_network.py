@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import numpy as np
+from streamer.maps.arrays import Array, maximum, minimum
 
 __all__ = ["median_of", "network"]
 
@@ -57,11 +57,11 @@ def network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(reversed(kept))
 
 
-def median_of(slabs: Sequence[np.ndarray]) -> np.ndarray:
-    """Element-wise median of ``slabs`` (equal shapes; the mean of the two middle values for an even count), as
-    ``np.median(np.stack(slabs), axis=0)`` gives it, by ``network(len(slabs))``."""
+def median_of(slabs: Sequence[Array]) -> Array:
+    """Element-wise median of ``slabs`` (equal shapes, numpy arrays or tensors on one device; the mean of the two
+    middle values for an even count), as ``np.median(np.stack(slabs), axis=0)`` gives it, by ``network(len(slabs))``."""
     n = len(slabs)
-    v: list[np.ndarray | None] = [*slabs, *[None] * ((1 << (n - 1).bit_length()) - n)]  # None: a +∞ pad slot
+    v: list[Array | None] = [*slabs, *[None] * ((1 << (n - 1).bit_length()) - n)]  # None: a +∞ pad slot
     for i, j in network(n):
         a, b = v[i], v[j]
         if b is None:  # (x, +∞) is already in order; (+∞, +∞) too
@@ -69,7 +69,7 @@ def median_of(slabs: Sequence[np.ndarray]) -> np.ndarray:
         if a is None:  # (+∞, x): the real value moves down, the pad up
             v[i], v[j] = b, None
             continue
-        v[i], v[j] = np.minimum(a, b), np.maximum(a, b)
+        v[i], v[j] = minimum(a, b), maximum(a, b)
     lo, hi = v[(n - 1) // 2], v[n // 2]
     assert lo is not None and hi is not None  # the first n slots after sorting hold the n real values
     return lo if lo is hi else 0.5 * (lo + hi)

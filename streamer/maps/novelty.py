@@ -42,12 +42,30 @@ two of three seeds, the redrawing none. Measured (benchmarks/real_data.py, docs/
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.spatial import cKDTree
 
+from streamer.maps.arrays import (
+    Array,
+    argsort_stable,
+    asarray_like,
+    astype,
+    copy,
+    einsum,
+    flatnonzero,
+    maximum,
+    median,
+    sqrt,
+    std,
+    take_along_axis,
+    unique,
+    where,
+    zeros,
+)
 from streamer.maps.median_network import median_of
 
 __all__ = [
@@ -146,43 +164,45 @@ def point_neighbours(centres: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
-def contrast(features: np.ndarray, neighbours: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def contrast(features: Array, neighbours: Array, scale: Array) -> Array:
     """``(N,)`` distance of each patch's features from the median of its neighbours', per feature in units of
-    ``scale``, corrected for the neighbour count (module docstring). No neighbour: 0."""
+    ``scale``, corrected for the neighbour count (module docstring). No neighbour: 0. numpy arrays, or tensors on one
+    device (the GPU path scores where it encodes), with the same float64 arithmetic."""
     r, has = _residuals(features, neighbours)
-    d = np.sqrt(((r / np.maximum(scale, _FLOOR)) ** 2).sum(axis=1))
-    m = np.maximum((neighbours >= 0).sum(axis=1), 1)
+    d = sqrt(((r / maximum(asarray_like(scale, r), _FLOOR)) ** 2).sum(axis=1))
+    m = maximum(astype((neighbours >= 0).sum(axis=1), "float64"), 1.0)
     full = max(int(neighbours.shape[1]) if neighbours.ndim == 2 else 1, 1)
-    d = d / np.sqrt((1 + np.pi / (2 * m)) / (1 + np.pi / (2 * full)))
-    return np.where(has, d, 0.0)
+    d = d / sqrt((1 + np.pi / (2 * m)) / (1 + np.pi / (2 * full)))
+    return where(has, d, 0.0)
 
 
-def _residuals(features: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _residuals(features: Array, neighbours: Array) -> tuple[Array, Array]:
     """Each patch's features minus the median of its neighbours' (rows without a neighbour: 0), and which have one."""
-    f = np.asarray(features, np.float64)
+    f = astype(features, "float64")
     if f.shape[0] == 0:
-        return f.copy(), np.zeros(0, bool)
+        return copy(f), zeros((0,), "bool", like=f)
     valid = neighbours >= 0
     counts = valid.sum(axis=1)
     has = counts > 0
-    med = f.copy()
+    med = copy(f)
     # Rows grouped by how many neighbours they have (a grid's interior, edges and corners; a point with fewer
     # atoms near it); each group's median by a sorting network over one (rows, F) slab per neighbour
     # (streamer.maps.median_network: the same values; a third of the grouped sort's time on encoder features).
     full = neighbours.shape[1] if neighbours.ndim == 2 else 0
-    for m in np.unique(counts[has]).tolist():
-        rows = np.flatnonzero(counts == m)
+    for m in unique(counts[has]).tolist():
+        rows = flatnonzero(counts == m)
         idx = neighbours[rows]
         if m < full:  # the valid neighbours first, in their order
-            idx = np.take_along_axis(idx, np.argsort(~valid[rows], axis=1, kind="stable")[:, :m], axis=1)
+            idx = take_along_axis(idx, argsort_stable(~valid[rows], axis=1)[:, :m], axis=1)
         med[rows] = median_of([f[idx[:, j]] for j in range(m)])
     return f - med, has
 
 
-def density(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+def density(features: Array, mean: Array, precision: Array) -> Array:
     """``(N,)`` Mahalanobis distance of each patch's features from the training distribution."""
-    d = np.asarray(features, np.float64) - mean
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0))
+    f = astype(features, "float64")
+    d = f - asarray_like(mean, f)
+    return sqrt(maximum(einsum("ij,jk,ik->i", d, asarray_like(precision, f), d), 0.0))
 
 
 class PartStats(BaseModel):
@@ -198,7 +218,7 @@ class PartStats(BaseModel):
     sd: float = Field(ge=0)
     train_share_over: float = Field(ge=0, le=1)
 
-    def normalised(self, features: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    def normalised(self, features: Array, neighbours: Array) -> Array:
         if features.shape[1] != len(self.scale):
             raise ValueError(
                 f"the encoder's {self.source} part has {features.shape[1]} features but the manifest's statistics "
@@ -260,9 +280,7 @@ class NoveltyStats(BaseModel):
         """Whether the score reads the decoder's redrawing, so the exported graph must return it."""
         return self.kind in REDRAWN_PARTS
 
-    def normalised(
-        self, features: np.ndarray, neighbours: np.ndarray, parts: dict[str, np.ndarray] | None = None
-    ) -> np.ndarray:
+    def normalised(self, features: Array, neighbours: Array, parts: dict[str, Array] | None = None) -> Array:
         """``(N,)`` raw score over its threshold (1 = the calibrated threshold), of this ``kind``; ``parts`` are the
         reconstruction parts' features (``part_features``), which kinds ``joint`` and ``residual`` need."""
         if features.shape[1] != self.n_features:
@@ -278,7 +296,7 @@ class NoveltyStats(BaseModel):
                     "redrawing); re-export the artifact"
                 )
             assert parts is not None
-            return np.maximum.reduce([part.normalised(parts[part.source], neighbours) for part in self.parts])
+            return functools.reduce(maximum, [part.normalised(parts[part.source], neighbours) for part in self.parts])
         # each kind computes only what it reads: this runs on every frame the service scores
         c = d = None
         if self.kind in ("contrast", "combined"):
@@ -287,15 +305,15 @@ class NoveltyStats(BaseModel):
             d = density(features, np.asarray(self.mean), np.asarray(self.precision)) / self.density_threshold
         if c is None or d is None:
             return c if d is None else d
-        return np.maximum(c, d)
+        return maximum(c, d)
 
 
-def _robust(values: np.ndarray) -> tuple[float, float]:
+def _robust(values: Array) -> tuple[float, float]:
     """Median and robust standard deviation (1.4826 · MAD) of the training scores."""
-    if values.size == 0:
+    if values.shape[0] == 0:
         return 0.0, 0.0
-    med = float(np.median(values))
-    return med, _MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
+    med = float(median(values))
+    return med, _MAD_TO_SIGMA * float(median(abs(values - med)))
 
 
 def _threshold(median: float, sd: float, k: float) -> float:
@@ -386,18 +404,18 @@ def _calibrated_contrast(
     return scale, c, (med, sd, _threshold(med, sd, k))
 
 
-def robust_scale(f: np.ndarray) -> np.ndarray:
+def robust_scale(f: Array) -> Array:
     """Each feature's robust spread (1.4826 · MAD), floored at a tenth of its standard deviation."""
-    scale = _MAD_TO_SIGMA * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
-    return np.maximum(scale, np.maximum(f.std(axis=0) * 0.1, _FLOOR))
+    scale = _MAD_TO_SIGMA * median(abs(f - median(f, axis=0)), axis=0)
+    return maximum(scale, maximum(std(f, axis=0) * 0.1, _FLOOR))
 
 
 def novelty_score(
-    features: np.ndarray,
-    neighbours: np.ndarray,
+    features: Array,
+    neighbours: Array,
     stats: NoveltyStats | None,
-    parts: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
+    parts: dict[str, Array] | None = None,
+) -> Array:
     """``(N,)`` float32 published defect score in [0, 1): 0.5 at the calibrated threshold.
 
     With training statistics the threshold is the calibrated one **or the frame's own bar, whichever is higher**:
@@ -413,20 +431,20 @@ def novelty_score(
     standard deviations of that contrast. Weaker than a training calibration (a frame full of defects raises its
     own bar) but never worse than chance, and a uniform frame flags almost nothing.
     """
-    f = np.asarray(features, np.float64)
+    f = astype(features, "float64")
     if stats is not None:
         s = stats.normalised(f, neighbours, parts)
-        if s.size >= FRAME_MIN_PATCHES:
+        if s.shape[0] >= FRAME_MIN_PATCHES:
             s = s / max(1.0, _frame_bar(s))
     elif f.shape[0] == 0:
-        s = np.zeros(0)
+        s = zeros((0,), "float64", like=f)
     else:
         c = contrast(f, neighbours, robust_scale(f))
         s = c / max(_frame_bar(c), _FLOOR)
-    return (s / (1.0 + s)).astype(np.float32)
+    return astype(s / (1.0 + s), "float32")
 
 
-def _frame_bar(scores: np.ndarray) -> float:
+def _frame_bar(scores: Array) -> float:
     """The frame's own bar: its median + ``FRAME_K`` robust standard deviations of ``scores``."""
     med, sd = _robust(scores)
     return med + FRAME_K * sd

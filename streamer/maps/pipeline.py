@@ -529,8 +529,15 @@ class Pipeline:
             neighbours = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
         else:
             neighbours = point_neighbours(centres, stats.neighbours if stats is not None else 6)
-        features = encoder_features(outputs)
-        score = novelty_score(features, neighbours, stats, part_features(outputs))
+        features, parts = encoder_features(outputs), part_features(outputs)
+        if self.device != "cpu":
+            # scored on the encoder's device, in the same float64 arithmetic: on an H200 the host's per-frame
+            # medians were 80 % of the encoder thread's time and held the stream to 6 % of the bare encoder
+            device = self.encoder.torch_device
+            torch = require_torch("a CUDA device")
+            features, neighbours = (torch.from_numpy(a).to(device) for a in (features, neighbours))
+            parts = {name: torch.from_numpy(a).to(device) for name, a in parts.items()}
+        score = to_host(novelty_score(features, neighbours, stats, parts))
         return score, stats.kind if stats is not None else "contrast"
 
     def process(self, frame: Array) -> FrameMaps:
