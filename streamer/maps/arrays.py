@@ -2,9 +2,9 @@
 
 Why: the CPU serving path must run without torch installed (``pip install atomstream[serve]`` has none), and the
 GPU path keeps frames as torch tensors on the device. The maps functions (``tiling``, ``spectral``, ``preprocess``,
-``atoms``) take either and give back the same kind, on the same device; where the two libraries already agree
-(indexing, ``reshape``, arithmetic, ``mean``/``sum`` with ``axis``/``keepdims``, ``clip``, ``abs``) they are called
-directly, and the rest goes through this module.
+``atoms``, the defect score in ``novelty``) take either and give back the same kind, on the same device; where the
+two libraries already agree (indexing, ``reshape``, arithmetic, ``mean``/``sum`` with ``axis``/``keepdims``,
+``clip``, ``abs``) they are called directly, and the rest goes through this module.
 
 torch is never imported here: a tensor can only exist once its caller imported torch, so ``is_tensor`` asks
 ``sys.modules``. ``require_torch`` imports it for the things that need it whatever the input (the TorchScript
