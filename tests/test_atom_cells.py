@@ -43,7 +43,7 @@ def test_a_cells_run_is_served_on_the_patches_it_was_trained_on(
     assert data.atom_sublattice == "cells" and data.preprocessing.patch_norm == "minmax"
     assert (model.rotation, model.latent_dim, model.likelihood, model.class_invariance) == (
         False,
-        3,
+        4,
         "gaussian",
         "rotation",
     )  # the polarisation recipe (atomstream.cli.train.CELL_MODEL), exported and served below

@@ -108,5 +108,5 @@ def test_a_cells_run_s_z_explains_the_displacement_of_a_scan_it_never_saw(
     found = re.search(r"(\d+) of (\d+) patch centres measured; z explains dy at R ([-\d.]+), dx at R ([-\d.]+)", said)
     assert found is not None, said
     measured, r_dy, r_dx = int(found[1]), float(found[3]), float(found[4])
-    assert measured >= 100 and r_dy >= 0.98 and r_dx >= 0.98, said  # 0.998 / 0.997 measured
+    assert measured >= 100 and r_dy >= 0.98 and r_dx >= 0.98, said  # 0.997 / 0.997 measured (0.998 / 0.997 at dim z 3)
     assert (tmp_path / "f.png").stat().st_size > 0

@@ -228,14 +228,14 @@ def test_the_translation_latent_is_off_by_default_for_atom_centred_and_fft_patch
 @pytest.mark.parametrize(
     ("sublattice", "flags", "want"),
     [
-        ("cells", [], (False, 3, "gaussian", 0.1, "rotation")),  # the polarisation recipe
+        ("cells", [], (False, 4, "gaussian", 0.1, "rotation")),  # the polarisation recipe
         ("brightest", [], (True, 2, "bernoulli", 0.2, "model")),  # the configs' own defaults
         (
             "cells",
             ["--rotation", "--latent", "2", "--likelihood", "bernoulli"],
             (True, 2, "bernoulli", 0.1, "rotation"),
         ),
-        ("cells", ["--class-invariance", "model", "--gaussian-scale", "0.2"], (False, 3, "gaussian", 0.2, "model")),
+        ("cells", ["--class-invariance", "model", "--gaussian-scale", "0.2"], (False, 4, "gaussian", 0.2, "model")),
     ],
 )
 def test_unit_cell_patches_get_the_polarisation_recipe_unless_a_flag_says_otherwise(
