@@ -53,6 +53,7 @@ class TrainResult:
     history: list[dict]  # per epoch: epoch (0-based), loss, val_loss (None without validation), beta1..3, seconds
     diagnosis: dict | None = None  # models.evaluate.ClassDiagnosis.to_dict() on the training patches (K > 1)
     epochs: int = 0  # the epochs the run has in all (a deadline may have re-planned cfg.train.epochs)
+    kept_epoch: int | None = None  # train.keep "best_val": the (0-based) epoch whose weights the model holds
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,7 +167,8 @@ def fit(
     ``steps`` spreads each step over shards or processes (``models.shards``; ``models.distributed`` runs ranks).
     ``deadline`` (one process only: ranks would re-plan apart) re-plans ``cfg.train.epochs`` after each epoch so that
     the epochs end by it (``models.deadline``); the result's ``epochs`` and the saved config say what was trained.
-    The result's model is in eval mode on the CPU, whichever device trained it.
+    The result's model is in eval mode on the CPU, whichever device trained it; with ``train.keep = "best_val"`` it
+    holds the weights of the post-ramp epoch with the lowest held-out loss (``kept_epoch``), the history all epochs.
     """
     steps = steps or SingleProcess()
     if deadline is not None and steps.world_size > 1:
@@ -182,6 +184,8 @@ def fit(
         x_train, x_val = x_all[tr], x_all[va]
     else:
         x_train, x_val = x_all, None
+    if tc.keep == "best_val" and x_val is None:
+        raise FitError("train.keep 'best_val' needs held-out patches: give val_fraction > 0 (or val_images)")
     x_train = x_train.to(device=device, dtype=dtype)
 
     pyro.clear_param_store()
@@ -233,6 +237,7 @@ def fit(
     steps_per_epoch = math.ceil(n / batch)
     bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress and steps.is_main)
     epoch = start_epoch
+    best: tuple[float, int, dict[str, Tensor]] | None = None  # train.keep "best_val": (val loss, epoch, weights)
     while epoch < tc.epochs:
         beta = tc.annealing.at(epoch, tc.epochs)
         f = _anchor_fraction(tc.annealing.ramp_fraction, epoch, tc.epochs)
@@ -261,6 +266,9 @@ def fit(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
+        ramped = epoch >= tc.annealing.ramp_fraction * tc.epochs  # before, the loss is of another β: not comparable
+        if tc.keep == "best_val" and val_loss is not None and ramped and (best is None or val_loss < best[0]):
+            best = (val_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         done = epoch + 1
         if deadline is not None:
             epochs = deadline.replan(done, tc.epochs, [r["seconds"] for r in history[start_epoch:]])
@@ -282,6 +290,10 @@ def fit(
         epoch = done
     if bar is not None:
         bar.close()
+    kept = None
+    if best is not None:
+        model.load_state_dict(best[2])
+        kept = best[1]
     model.eval()
     diagnosis = _diagnose(model, x_train, anchor, batch_size=max(tc.batch_size, 256))
     if out_dir is not None:
@@ -297,7 +309,9 @@ def fit(
     # handed back on the CPU whatever trained it, as load_run gives a run: what follows a fit (encoding numpy
     # patches, calibration, export, plots) takes host data (the first GPU run's demo failed here with a CUDA model)
     model = model.to("cpu")
-    return TrainResult(model=model, history=history, diagnosis=diagnosis, epochs=max(tc.epochs, start_epoch))
+    return TrainResult(
+        model=model, history=history, diagnosis=diagnosis, epochs=max(tc.epochs, start_epoch), kept_epoch=kept
+    )
 
 
 @torch.no_grad()

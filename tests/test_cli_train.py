@@ -249,3 +249,19 @@ def test_unit_cell_patches_get_the_polarisation_recipe_unless_a_flag_says_otherw
     args = build_parser().parse_args(["train", "--data", "x.npy", "--out", "run", *flags])
     m = run_config(args, data).model
     assert (m.rotation, m.latent_dim, m.likelihood, m.gaussian_scale, m.class_invariance) == want
+
+
+@pytest.mark.parametrize(
+    ("sublattice", "flags", "keep"),
+    [("cells", [], "best_val"), ("brightest", [], "last"), ("cells", ["--keep", "last"], "last")],
+)
+def test_unit_cell_patches_keep_their_best_held_out_epoch_unless_told(
+    sublattice: str, flags: list[str], keep: str
+) -> None:
+    from atomstream.cli import build_parser
+    from atomstream.cli.train import run_config
+    from models.config import DataConfig
+
+    data = DataConfig(kind="atoms", atom_sublattice=sublattice)  # type: ignore[arg-type]
+    args = build_parser().parse_args(["train", "--data", "x.npy", "--out", "run", *flags])
+    assert run_config(args, data).train.keep == keep

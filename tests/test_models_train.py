@@ -186,3 +186,32 @@ def test_jrvae_separates_bars_from_crosses_under_random_rotation() -> None:
     res = fit(RunConfig(model=model, train=train), x_train, None)
     pred = res.model.encode(torch.from_numpy(x_test))["class_prob"].argmax(-1).numpy()
     assert _matched_accuracy(pred, y_test, 2) >= 0.9
+
+
+def test_keep_best_val_ends_on_the_epoch_with_the_lowest_held_out_loss_after_the_ramp() -> None:
+    """``train.keep = "best_val"``: 24 blobs and a decoder wide enough to memorise them over-fit within 60 epochs;
+    the run ends holding the weights of the post-ramp epoch whose held-out loss was lowest, and re-scoring the held-out
+    patches with the returned model gives that epoch's recorded loss. ``"last"`` keeps the final epoch's."""
+    from models.train import split_validation
+
+    images = _blobs(24, 3)
+    model = TINY.model_copy(update={"decoder_hidden": (64, 64)})
+    cfg = RunConfig(
+        model=model,
+        train=TrainConfig(epochs=60, batch_size=8, progress=False, val_fraction=0.25, keep="best_val", lr=1e-2),
+    )
+    result = fit(cfg, images, None)
+    ramp = cfg.train.annealing.ramp_fraction * cfg.train.epochs
+    after = [r for r in result.history if r["epoch"] >= ramp]
+    best = min(after, key=lambda r: r["val_loss"])
+    assert result.kept_epoch == best["epoch"] < result.history[-1]["epoch"]  # it did over-fit: an earlier epoch won
+    assert best["val_loss"] < result.history[-1]["val_loss"]
+    _, va = split_validation(len(images), 0.25, cfg.train.seed)
+    x_val = torch.from_numpy(images)[va]
+    beta = cfg.train.annealing.at(best["epoch"], cfg.train.epochs)
+    assert evaluate_loss(result.model, x_val, beta=beta) == pytest.approx(best["val_loss"], rel=1e-5)
+    last = fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"keep": "last"})}), images, None)
+    assert last.kept_epoch is None
+    assert evaluate_loss(last.model, x_val, beta=beta) == pytest.approx(last.history[-1]["val_loss"], rel=1e-5)
+    with pytest.raises(FitError, match="needs held-out patches"):
+        fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"val_fraction": 0.0})}), images, None)
