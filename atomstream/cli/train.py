@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --atoms: centre patches on one sublattice (brightest), so classes do not split by sublattice; "
         "all keeps every column; cells centres them on that sublattice's unit cells, the column inside each at the "
         "patch centre, for polarisation, and sets that model's own defaults: no rotation latent, --latent 4, "
-        "--likelihood gaussian --gaussian-scale 0.1, --class-invariance rotation (default: %(default)s)",
+        "--likelihood gaussian --gaussian-scale 0.1, --class-invariance rotation, --keep best_val (default: "
+        "%(default)s)",
     )
     data.add_argument(
         "--patch-norm",
