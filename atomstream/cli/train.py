@@ -396,11 +396,15 @@ CELL_MODEL: dict[str, Any] = {
 CELL_TRAIN: dict[str, Any] = {"keep": "best_val"}
 
 
+def _unit_cells(data: Any) -> bool:
+    """Whether ``data`` cuts unit-cell patches: the cells recipe (``CELL_MODEL``, ``CELL_TRAIN``) applies."""
+    return bool(data.kind == "atoms" and data.atom_sublattice == "cells")
+
+
 def default_model(data: Any) -> dict[str, Any]:
     """``ModelConfig`` fields a model on ``data``'s patches gets where no flag sets them: the translation latent as
     ``default_translation`` says, and ``CELL_MODEL`` for unit-cell patches; the configs' own defaults otherwise."""
-    cells = CELL_MODEL if data.kind == "atoms" and data.atom_sublattice == "cells" else {}
-    return {"translation": default_translation(data), **cells}
+    return {"translation": default_translation(data), **(CELL_MODEL if _unit_cells(data) else {})}
 
 
 def run_config(args: argparse.Namespace, data: Any) -> Any:
@@ -412,8 +416,7 @@ def run_config(args: argparse.Namespace, data: Any) -> Any:
     if args.hidden is not None:
         model.setdefault("encoder_hidden", (args.hidden,) * 2)
         model.setdefault("decoder_hidden", (args.hidden,) * 3)
-    cells = data.kind == "atoms" and data.atom_sublattice == "cells"
-    train = {**(CELL_TRAIN if cells else {}), **from_config(args, _TRAIN_FLAGS)}
+    train = {**(CELL_TRAIN if _unit_cells(data) else {}), **from_config(args, _TRAIN_FLAGS)}
     if args.beta2_start is not None:
         train["annealing"] = Annealing(beta2_start=args.beta2_start)
     run = {"name": args.name} if args.name is not None else {}
@@ -444,7 +447,7 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(in_flags(_one_line(exc), _ALL_FLAGS)) from None
     if len(patches) < 2:
         raise CommandError(f"--data {args.data} gives {len(patches)} patch(es); training needs at least 2")
-    if patches.data.kind == "atoms" and patches.data.atom_sublattice == "cells":
+    if _unit_cells(patches.data):
         first = patches.positions[:, 0] == patches.positions[0, 0]  # one frame's cells: frames overlap in place
         print(cells_line(patches.centres[first], patches.data.patch[0]), flush=True)
     from models.checkpoint import CheckpointError
