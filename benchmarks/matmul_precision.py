@@ -6,7 +6,11 @@ back what the arithmetic costs?). Columns: epochs trained, the final held-out EL
 scored in float32; lower is better), accuracy on 1000 cards drawn with another seed, and the training seconds. The
 answer decided ``TrainConfig.decoder_matmul``'s default (docs/training.md).
 
+``--networks paper`` trains the paper's networks (encoder 2×256, decoder 3×256, as ``train_speed.py`` times them)
+instead of the CLI's 2×128 / 3×64: bfloat16 pays only on wide matmuls, so that is where its cost is worth knowing.
+
     python benchmarks/matmul_precision.py [--sizes 24,32] [--seeds 0,2] [--rotation 60] (--epochs 12 | --budget 90)
+        [--networks cli|paper]
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from models.evaluate import clustering_accuracy, encode_images
 from models.fused_likelihood import native_bfloat16
 
 PRECISIONS = ("full", "bfloat16")
+#: the paper's networks, as ``atomstream train`` flags (``benchmarks/train_speed.py`` times the same)
+PAPER_NETWORKS = ["--encoder-hidden", "256,256", "--decoder-hidden", "256,256,256"]
 
 
 def train_once(images: np.ndarray, labels: np.ndarray, seed: int, matmul: str, length: list[str]) -> dict:
@@ -38,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     length = ap.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None)
     length.add_argument("--budget", type=float, default=None, help="training seconds (default: --epochs 12)")
+    ap.add_argument("--networks", choices=("cli", "paper"), default="cli", help="the CLI's widths or the paper's")
     args = ap.parse_args(argv)
     if not native_bfloat16():
         print("# this CPU has no native bfloat16: the bfloat16 rows are emulated (slow) and say nothing about speed")
     flags = ["--budget", f"{args.budget:g}"] if args.budget is not None else ["--epochs", str(args.epochs or 12)]
+    flags += PAPER_NETWORKS if args.networks == "paper" else []
     print(f"# cards ±{args.rotation:g}°, 2000 training / 1000 held-out, atomstream train defaults + {' '.join(flags)}")
     print(f"{'size':>4} {'seed':>4} {'matmul':>8} {'epochs':>6} {'val ELBO':>9} {'accuracy':>8} {'seconds':>8}")
     for size in [int(s) for s in args.sizes.split(",")]:

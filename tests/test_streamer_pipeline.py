@@ -164,3 +164,12 @@ def test_the_manifest_tiling_is_what_the_pipeline_uses(tmp_path: Path) -> None:
     enc = load(make_artifact(tmp_path, stride=(5, 7), patch=(8, 8), seed=3), device="cpu", batch_sizes=(1,))
     maps = Pipeline(enc).process(_frame((30, 30), seed=9))
     assert maps.stride == (5, 7) and maps.patch == (8, 8) and maps.grid == ((30 - 8) // 5 + 1, (30 - 8) // 7 + 1)
+
+
+def test_a_pipeline_scores_frames_of_changing_sizes_as_a_fresh_one_does(grid_encoder: Encoder) -> None:
+    # the neighbour index is kept per grid shape: a frame of another size must not be scored with the last one's
+    shared = Pipeline(grid_encoder)
+    for shape, seed in [((61, 47), 0), ((85, 93), 1), ((61, 47), 2), ((45, 45), 3), ((85, 93), 4)]:
+        frame = _frame(shape, seed=seed)
+        got, want = shared.process(frame).arrays, Pipeline(grid_encoder).process(frame).arrays
+        np.testing.assert_array_equal(got["defect_score"], want["defect_score"])

@@ -70,6 +70,8 @@ __all__ = [
     "slice_outputs",
 ]
 
+#: grid shapes whose neighbour index a pipeline keeps (a scan sends one or two frame sizes)
+_NEIGHBOUR_CACHE = 4
 #: The order of the published arrays (DESIGN.md); absent ones are skipped.
 ARRAY_ORDER: tuple[str, ...] = ("class", "class_prob", "z", "angle", "shift", "defect_score", "centers")
 
@@ -280,6 +282,7 @@ class Pipeline:
         self.encoder = encoder
         self.manifest = m
         self.max_batch_patches = max_batch_patches
+        self._neighbour_cache: dict[tuple[int, int], Array] = {}
         self.model = ModelRef(name=m.name, version=m.version, sha256=encoder.sha256)
         #: where frames are prepared: "cpu" (numpy, no torch needed) or the encoder's torch device (the GPU path)
         self.device: torch.device | Literal["cpu"] = "cpu" if encoder.device == "cpu" else encoder.torch_device
@@ -517,6 +520,24 @@ class Pipeline:
             defects_note=note,
         )
 
+    def _grid_neighbours(self, grid: tuple[int, int]) -> Array:
+        """The neighbour index of a grid, on the scoring device, built once per grid shape: a scan sends frames of
+        one size, and rebuilding (and, on a GPU, uploading) the same index every frame was a per-frame cost."""
+        cached = self._neighbour_cache.get(grid)
+        if cached is None:
+            stats = self.manifest.novelty
+            index = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
+            index.setflags(write=False)
+            if self.device != "cpu":
+                torch = require_torch("a CUDA device")
+                cached = torch.from_numpy(index).to(self.encoder.torch_device)
+            else:
+                cached = index
+            if len(self._neighbour_cache) >= _NEIGHBOUR_CACHE:
+                self._neighbour_cache.pop(next(iter(self._neighbour_cache)))
+            self._neighbour_cache[grid] = cached
+        return cached
+
     def score(
         self, outputs: dict[str, np.ndarray], prob: np.ndarray, grid: tuple[int, int] | None, centres: np.ndarray
     ) -> tuple[np.ndarray, str]:
@@ -525,17 +546,20 @@ class Pipeline:
         if self.rule.classes:
             return class_score(prob, self.rule.classes), "class"
         stats = self.manifest.novelty
-        if grid is not None:
-            neighbours = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
-        else:
-            neighbours = point_neighbours(centres, stats.neighbours if stats is not None else 6)
         features, parts = encoder_features(outputs), part_features(outputs)
+        neighbours: Array = (
+            self._grid_neighbours(grid)
+            if grid is not None
+            else point_neighbours(centres, stats.neighbours if stats is not None else 6)
+        )
         if self.device != "cpu":
             # scored on the encoder's device, in the same float64 arithmetic: on an H200 the host's per-frame
             # medians were 80 % of the encoder thread's time and held the stream to 6 % of the bare encoder
             device = self.encoder.torch_device
             torch = require_torch("a CUDA device")
-            features, neighbours = (torch.from_numpy(a).to(device) for a in (features, neighbours))
+            features = torch.from_numpy(features).to(device)
+            if grid is None:
+                neighbours = torch.from_numpy(neighbours).to(device)
             parts = {name: torch.from_numpy(a).to(device) for name, a in parts.items()}
         score = to_host(novelty_score(features, neighbours, stats, parts))
         return score, stats.kind if stats is not None else "contrast"
