@@ -86,6 +86,8 @@ def test_cli_trains_on_two_processes_and_rank_zero_writes_the_run(
     np.savez(data, images=images, labels=labels)
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--classes", "2", "--hidden", "16", "--epochs", "1", "--batch-size", "4"]
+    # gloo on the CPU: on a one-GPU machine `auto` means CUDA, where two processes need two GPUs and train refuses
+    argv += ["--device", "cpu"]
     assert main([*argv, "--nproc", "2", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "training on 2 processes" in printed and "2 x 4 = 8 patches per step" in printed

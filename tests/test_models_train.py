@@ -198,7 +198,10 @@ def test_keep_best_val_ends_on_the_epoch_with_the_lowest_held_out_loss_after_the
     model = TINY.model_copy(update={"decoder_hidden": (64, 64)})
     cfg = RunConfig(
         model=model,
-        train=TrainConfig(epochs=60, batch_size=8, progress=False, val_fraction=0.25, keep="best_val", lr=1e-2),
+        # on the CPU: the over-fitting this needs was seen on the CPU kernel's trajectory, not on CUDA's
+        train=TrainConfig(
+            epochs=60, batch_size=8, progress=False, val_fraction=0.25, keep="best_val", lr=1e-2, device="cpu"
+        ),
     )
     result = fit(cfg, images, None)
     ramp = cfg.train.annealing.ramp_fraction * cfg.train.epochs

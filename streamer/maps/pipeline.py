@@ -527,11 +527,11 @@ class Pipeline:
         if cached is None:
             stats = self.manifest.novelty
             index = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
-            index.setflags(write=False)
             if self.device != "cpu":
                 torch = require_torch("a CUDA device")
                 cached = torch.from_numpy(index).to(self.encoder.torch_device)
             else:
+                index.setflags(write=False)  # shared by every frame of this shape: nobody may write to it
                 cached = index
             if len(self._neighbour_cache) >= _NEIGHBOUR_CACHE:
                 self._neighbour_cache.pop(next(iter(self._neighbour_cache)))
