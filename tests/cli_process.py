@@ -33,7 +33,9 @@ def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
 @contextmanager
 def running(*args: str) -> Iterator[subprocess.Popen[str]]:
     """``atomstream ARGS`` in a subprocess; SIGINT (then kill) on exit, pipes closed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # ahead of the caller's path, not instead of it: where the dependencies sit on PYTHONPATH (the GPU machine's
+    # were installed that way) a replaced path made every CLI subprocess fail to import them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(
         [*_CLI, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
