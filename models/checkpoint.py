@@ -6,7 +6,8 @@ Layout of ``out_dir``:
 * ``model.pt`` — the ``JTrVAE`` state_dict (tensors only, loaded with ``weights_only=True``);
 * ``optimizer.pt`` — Pyro's Adam state per parameter, for ``fit(..., resume=True)``;
 * ``history.json`` and ``loss.csv`` — one row per finished epoch; ``loss.png`` — the loss curves;
-* ``state.json`` — ``{"epoch": n}``, the number of finished epochs (the next epoch to run, 0-based).
+* ``state.json`` — ``{"epoch": n}``, the number of finished epochs (the next epoch to run, 0-based), and
+  ``"kept_epoch": k`` when ``train.keep = "best_val"`` left the weights of epoch ``k`` (0-based) in ``model.pt``.
 
 Files are written to a temporary name and renamed, so a run killed mid-save leaves the previous checkpoint intact.
 """
@@ -52,6 +53,7 @@ class TrainingState:
     epoch: int  # finished epochs = the next 0-based epoch to run
     history: list[dict]
     optimizer: dict | None  # Pyro optimiser state (PyroOptim.get_state), None when the run saved none
+    kept_epoch: int | None = None  # train.keep "best_val": the epoch whose weights model.pt holds
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -112,11 +114,14 @@ def save_run(
     history: list[dict],
     optimizer_state: dict | None = None,
     diagnosis: dict | None = None,
+    kept_epoch: int | None = None,
 ) -> None:
     """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs.
 
     ``diagnosis`` (the class-collapse diagnosis at the end of training) goes to ``diagnosis.json``, which
-    ``atomstream export`` reads to refuse a collapsed model and copies into the manifest.
+    ``atomstream export`` reads to refuse a collapsed model and copies into the manifest. ``kept_epoch`` goes to
+    ``state.json``: the weights are then not the last epoch's, and a reader of the run (or ``fit_distributed``,
+    which reads back what rank 0 wrote) must be able to tell.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,8 @@ def save_run(
     _atomic_write_text(out / "loss.csv", _history_csv(history))
     if history:
         plot_history(history, out / "loss.png")
-    _atomic_write_text(out / "state.json", json.dumps({"epoch": int(epoch)}) + "\n")
+    kept = {} if kept_epoch is None else {"kept_epoch": int(kept_epoch)}
+    _atomic_write_text(out / "state.json", json.dumps({"epoch": int(epoch), **kept}) + "\n")
     if diagnosis is not None:
         _atomic_write_text(out / "diagnosis.json", json.dumps(diagnosis, indent=1) + "\n")
 
@@ -187,9 +193,12 @@ def load_training_state(run_dir: str | Path, *, device: str = "cpu") -> Training
     state_path = run / "state.json"
     if not state_path.is_file():
         raise CheckpointError(f"{state_path} not found: nothing to resume in {run}; train without resume first")
-    epoch = int(json.loads(state_path.read_text())["epoch"])
+    saved = json.loads(state_path.read_text())
+    epoch, kept = int(saved["epoch"]), saved.get("kept_epoch")
     history_path = run / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     opt_path = run / "optimizer.pt"
     optimizer = torch.load(opt_path, map_location=device, weights_only=True) if opt_path.is_file() else None
-    return TrainingState(epoch=epoch, history=history, optimizer=optimizer)
+    return TrainingState(
+        epoch=epoch, history=history, optimizer=optimizer, kept_epoch=None if kept is None else int(kept)
+    )

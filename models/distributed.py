@@ -159,5 +159,11 @@ def fit_distributed(
             kind, message = errors.get()
             raise _USER_ERRORS[kind](message) from None
         model, _ = load_run(run_dir)  # on the CPU, as fit hands its model back
-        history = load_training_state(run_dir).history
-        return TrainResult(model=model, history=history, diagnosis=load_diagnosis(run_dir), epochs=cfg.train.epochs)
+        state = load_training_state(run_dir)
+        return TrainResult(
+            model=model,
+            history=state.history,
+            diagnosis=load_diagnosis(run_dir),
+            epochs=cfg.train.epochs,
+            kept_epoch=state.kept_epoch,
+        )

@@ -305,6 +305,7 @@ def fit(
             history=history,
             optimizer_state=optim.get_state(),
             diagnosis=diagnosis,
+            kept_epoch=kept,
         )
     # handed back on the CPU whatever trained it, as load_run gives a run: what follows a fit (encoding numpy
     # patches, calibration, export, plots) takes host data (the first GPU run's demo failed here with a CUDA model)

@@ -34,9 +34,10 @@ def test_two_gloo_processes_train_what_one_process_computes(tmp_path: Path) -> N
     # empty). The two runs differ only in the order the shards' gradients are added. float64, because Adam divides by
     # √v + 1e-8: a gradient that is pure rounding noise (float32: ~1e-7 of its summands) could move a weight by up to
     # the learning rate, while float64 noise (~1e-16) stays far below that epsilon.
-    cfg = RunConfig(
-        model=TINY, train=TrainConfig(epochs=2, batch_size=8, progress=False, dtype="float64", device="cpu")
-    )
+    # keep "best_val": epoch 1 is the only one after the β ramp, so the weights are the last epoch's either way, and
+    # the kept epoch must come back from the run rank 0 wrote
+    train = TrainConfig(epochs=2, batch_size=8, progress=False, dtype="float64", device="cpu", keep="best_val")
+    cfg = RunConfig(model=TINY, train=train)
     x = _blobs(37, 0, size=12)
     training_threads()  # one torch thread here, as in every rank, so the warm start rounds alike (conftest restores)
     ddp = fit_distributed(cfg, x, tmp_path / "run", nproc=2, worker_setup=training_threads)  # 1 thread, as here
@@ -54,7 +55,8 @@ def test_two_gloo_processes_train_what_one_process_computes(tmp_path: Path) -> N
     for a, b in zip(ddp.history, one.history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-12)
-    assert json.loads((tmp_path / "run" / "state.json").read_text()) == {"epoch": 2}
+    assert json.loads((tmp_path / "run" / "state.json").read_text()) == {"epoch": 2, "kept_epoch": 1}
+    assert ddp.kept_epoch == one.kept_epoch == 1
     for key, value in one.diagnosis.items():
         assert ddp.diagnosis[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float | list) else value)
 
