@@ -7,7 +7,9 @@ Layout of ``out_dir``:
 * ``optimizer.pt`` — Pyro's Adam state per parameter, for ``fit(..., resume=True)``;
 * ``history.json`` and ``loss.csv`` — one row per finished epoch; ``loss.png`` — the loss curves;
 * ``state.json`` — ``{"epoch": n}``, the number of finished epochs (the next epoch to run, 0-based), and
-  ``"kept_epoch": k`` when ``train.keep = "best_val"`` left the weights of epoch ``k`` (0-based) in ``model.pt``.
+  ``"kept_epoch": k`` when ``train.keep = "best_val"`` left the weights of epoch ``k`` (0-based) in ``model.pt``;
+* ``last.pt`` — only then: the last epoch's weights, which ``resume`` continues from (the optimiser state and the
+  epoch count are the last epoch's; continuing from the kept weights with them would mix two points of the run).
 
 Files are written to a temporary name and renamed, so a run killed mid-save leaves the previous checkpoint intact.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from models.config import ModelConfig, RunConfig
 from models.jtrvae import JTrVAE
@@ -32,6 +35,7 @@ __all__ = [
     "TrainingState",
     "load_config",
     "load_diagnosis",
+    "load_last_weights",
     "load_run",
     "load_training_state",
     "plot_history",
@@ -115,18 +119,24 @@ def save_run(
     optimizer_state: dict | None = None,
     diagnosis: dict | None = None,
     kept_epoch: int | None = None,
+    last_weights: dict[str, Tensor] | None = None,
 ) -> None:
     """Write (or overwrite) the run directory; ``epoch`` is the number of finished epochs.
 
     ``diagnosis`` (the class-collapse diagnosis at the end of training) goes to ``diagnosis.json``, which
     ``atomstream export`` reads to refuse a collapsed model and copies into the manifest. ``kept_epoch`` goes to
     ``state.json``: the weights are then not the last epoch's, and a reader of the run (or ``fit_distributed``,
-    which reads back what rank 0 wrote) must be able to tell.
+    which reads back what rank 0 wrote) must be able to tell; ``last_weights``, the last epoch's, go to ``last.pt``
+    for a resume. A save without them removes an older ``last.pt``: it would no longer be the last epoch's.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_write_bytes(out / "model.pt", _torch_bytes(state))
+    if last_weights is not None:
+        _atomic_write_bytes(out / "last.pt", _torch_bytes({k: v.detach().cpu() for k, v in last_weights.items()}))
+    else:
+        (out / "last.pt").unlink(missing_ok=True)
     if optimizer_state is not None:
         _atomic_write_bytes(out / "optimizer.pt", _torch_bytes(optimizer_state))
     _atomic_write_text(out / "config.json", cfg.model_dump_json(indent=2) + "\n")
@@ -185,6 +195,12 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[JTrVAE, RunCo
     model.load_state_dict(state)
     model.eval()
     return model, cfg
+
+
+def load_last_weights(run_dir: str | Path, *, device: str = "cpu") -> dict[str, Tensor] | None:
+    """The last epoch's weights where ``model.pt`` holds a kept earlier epoch's (``last.pt``), else None."""
+    path = Path(run_dir) / "last.pt"
+    return torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
 
 
 def load_training_state(run_dir: str | Path, *, device: str = "cpu") -> TrainingState:

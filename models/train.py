@@ -21,7 +21,14 @@ from pyro.infer.elbo import ELBO
 from pyro.optim import Adam
 from torch import Tensor
 
-from models.checkpoint import CheckpointError, load_config, load_run, load_training_state, save_run
+from models.checkpoint import (
+    CheckpointError,
+    load_config,
+    load_last_weights,
+    load_run,
+    load_training_state,
+    save_run,
+)
 from models.config import ModelConfig, RunConfig, TrainConfig
 from models.deadline import Deadline
 from models.evaluate import diagnose_classes, normalized_mutual_info
@@ -191,6 +198,7 @@ def fit(
     pyro.clear_param_store()
     pyro.set_rng_seed(tc.seed)
     start_epoch, history, opt_state = 0, [], None
+    best: tuple[float, int, dict[str, Tensor]] | None = None  # train.keep "best_val": (val loss, epoch, weights)
     if resume:
         if out_dir is None:
             raise FitError("resume=True needs out_dir, the run directory to continue")
@@ -199,6 +207,14 @@ def fit(
         model = model.to(dtype=dtype).train()
         state = load_training_state(out_dir, device=str(device))
         start_epoch, history, opt_state = state.epoch, list(state.history), state.optimizer
+        last = load_last_weights(out_dir, device=str(device))
+        if state.kept_epoch is not None and tc.keep == "best_val":
+            # the kept epoch stays a candidate: the resumed run keeps the best of all its epochs, not of the new ones
+            val = next((r["val_loss"] for r in history if r["epoch"] == state.kept_epoch), None)
+            if val is not None:
+                best = (float(val), state.kept_epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if last is not None:  # model.pt holds a kept earlier epoch: continue from where training stopped
+            model.load_state_dict(last)
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
     else:
         model = JTrVAE(cfg.model).to(device=device, dtype=dtype)
@@ -237,7 +253,6 @@ def fit(
     steps_per_epoch = math.ceil(n / batch)
     bar = _progress(tc.epochs - start_epoch, steps_per_epoch, tc.progress and steps.is_main)
     epoch = start_epoch
-    best: tuple[float, int, dict[str, Tensor]] | None = None  # train.keep "best_val": (val loss, epoch, weights)
     while epoch < tc.epochs:
         beta = tc.annealing.at(epoch, tc.epochs)
         f = _anchor_fraction(tc.annealing.ramp_fraction, epoch, tc.epochs)
@@ -290,9 +305,11 @@ def fit(
         epoch = done
     if bar is not None:
         bar.close()
-    kept = None
-    if best is not None:
+    kept = last_weights = None
+    if best is not None and best[1] != epoch - 1:  # an earlier epoch won: keep it, and the last one for a resume
+        last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best[2])
+    if best is not None:
         kept = best[1]
     model.eval()
     diagnosis = _diagnose(model, x_train, anchor, batch_size=max(tc.batch_size, 256))
@@ -306,6 +323,7 @@ def fit(
             optimizer_state=optim.get_state(),
             diagnosis=diagnosis,
             kept_epoch=kept,
+            last_weights=last_weights,
         )
     # handed back on the CPU whatever trained it, as load_run gives a run: what follows a fit (encoding numpy
     # patches, calibration, export, plots) takes host data (the first GPU run's demo failed here with a CUDA model)

@@ -218,3 +218,46 @@ def test_keep_best_val_ends_on_the_epoch_with_the_lowest_held_out_loss_after_the
     assert evaluate_loss(last.model, x_val, beta=beta) == pytest.approx(last.history[-1]["val_loss"], rel=1e-5)
     with pytest.raises(FitError, match="needs held-out patches"):
         fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"val_fraction": 0.0})}), images, None)
+
+
+def test_resuming_a_run_that_kept_an_earlier_epoch_continues_from_the_last_and_keeps_the_best_of_all(
+    tmp_path: Path,
+) -> None:
+    """``keep = "best_val"`` leaves an earlier epoch's weights in ``model.pt``; ``resume`` must continue from the last
+    epoch's (``last.pt``: the optimiser state and epoch count are the last epoch's), and the kept epoch stays a
+    candidate, so the resumed run ends on the best epoch of the whole history."""
+    from models.checkpoint import load_last_weights, load_training_state
+
+    images = _blobs(24, 3)
+    model = TINY.model_copy(update={"decoder_hidden": (64, 64)})
+    train = TrainConfig(
+        epochs=40, batch_size=8, progress=False, val_fraction=0.25, keep="best_val", lr=1e-2, device="cpu"
+    )
+    run = tmp_path / "run"
+    first = fit(RunConfig(model=model, train=train), images, run)
+    state = load_training_state(run)
+    assert first.kept_epoch is not None and state.kept_epoch == first.kept_epoch < 39  # it over-fitted
+    last = load_last_weights(run)
+    assert last is not None and any(not torch.equal(v, first.model.state_dict()[k]) for k, v in last.items())
+
+    # resumed with no epoch left to run, the run is re-saved from the weights the resume started from: they must be
+    # the last epoch's (had the resume started from model.pt, last.pt would now hold the kept epoch's), and the kept
+    # epoch, a candidate still, stays in model.pt
+    again = fit(RunConfig(model=model, train=train), images, run, resume=True)
+    after = load_last_weights(run)
+    assert after is not None and again.kept_epoch == first.kept_epoch
+    for name, want in last.items():
+        torch.testing.assert_close(after[name], want, rtol=0, atol=0)
+        torch.testing.assert_close(again.model.state_dict()[name], first.model.state_dict()[name], rtol=0, atol=0)
+    # two more epochs: the best of the whole history after the (longer) ramp is kept
+    more = train.model_copy(update={"epochs": 42})
+    resumed = fit(RunConfig(model=model, train=more), images, run, resume=True)
+    assert [r["epoch"] for r in resumed.history] == list(range(42))
+    ramp = more.annealing.ramp_fraction * more.epochs
+    assert (
+        resumed.kept_epoch
+        == min((r for r in resumed.history if r["epoch"] >= ramp), key=lambda r: r["val_loss"])["epoch"]
+    )
+    # a later save without a kept epoch leaves no stale last.pt behind
+    fit(RunConfig(model=model, train=train.model_copy(update={"keep": "last", "epochs": 43})), images, run, resume=True)
+    assert load_last_weights(run) is None and load_training_state(run).kept_epoch is None
