@@ -233,6 +233,11 @@ def fit(
 
     optim = Adam({"lr": tc.lr})
     if opt_state is not None:
+        # Adam's moments carry over; its learning rate is this run's: a saved state restores its own param groups,
+        # so a resume at a lower lr (to fine-tune) otherwise ran silently at the old one
+        for saved in opt_state.values():
+            for group in saved.get("param_groups", []):
+                group["lr"] = tc.lr
         optim.set_state(opt_state)
     elbo = make_elbo(model)
 

@@ -261,3 +261,15 @@ def test_resuming_a_run_that_kept_an_earlier_epoch_continues_from_the_last_and_k
     # a later save without a kept epoch leaves no stale last.pt behind
     fit(RunConfig(model=model, train=train.model_copy(update={"keep": "last", "epochs": 43})), images, run, resume=True)
     assert load_last_weights(run) is None and load_training_state(run).kept_epoch is None
+
+
+def test_a_resumed_run_trains_at_its_own_learning_rate(tmp_path: Path) -> None:
+    from models.checkpoint import load_training_state
+
+    images, run = _blobs(24, 3), tmp_path / "run"
+    train = TrainConfig(epochs=2, batch_size=8, progress=False, lr=1e-2, device="cpu")
+    fit(RunConfig(model=TINY, train=train), images, run)
+    fit(RunConfig(model=TINY, train=train.model_copy(update={"epochs": 3, "lr": 1e-4})), images, run, resume=True)
+    saved = load_training_state(run).optimizer
+    assert saved
+    assert {g["lr"] for state in saved.values() for g in state["param_groups"]} == {1e-4}
