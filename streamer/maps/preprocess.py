@@ -206,9 +206,11 @@ def _view(x: Array, shape: tuple[int, ...]) -> Array:
     """A view of contiguous ``x`` with ``shape`` (never a copy: writes through it must land in ``x``)."""
     if is_tensor(x):
         return x.view(shape)
-    view = x.view()
-    view.shape = shape
-    return view
+    if not x.flags.c_contiguous:
+        raise ValueError(f"a view of shape {shape} needs a contiguous array, got strides {x.strides}")
+    # a C-contiguous array always reshapes to a view; setting .shape instead is deprecated from numpy 2.5 (on the
+    # GPU machine's numpy 2.5.2 it failed the suite's warnings-as-errors wherever patches were cut into a buffer)
+    return x.reshape(shape)
 
 
 def _minmax(x: Array, out: Array | None) -> Array:
