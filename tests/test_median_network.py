@@ -45,3 +45,22 @@ def test_residuals_match_a_per_row_median(neighbours: np.ndarray) -> None:
         want = f[i] - np.median(f[idx], axis=0) if len(idx) else np.zeros(7)
         assert has[i] == bool(len(idx))
         assert np.array_equal(r[i], want)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 13, 16])
+def test_float32_slabs_give_the_float64_median_bit_for_bit(n: int) -> None:
+    # what the served score relies on: its 64 redrawn values a patch are gathered and sorted in float32, and only
+    # the middle pair is averaged in float64 (an average in float32 would round differently)
+    rng = np.random.default_rng(10 + n)
+    slabs = [rng.normal(size=(500, 9)).astype(np.float32) for _ in range(n)]
+    got = median_of(slabs, dtype="float64")
+    want = np.median(np.stack([s.astype(np.float64) for s in slabs]), axis=0)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
+def test_residuals_of_float32_features_equal_those_of_their_float64_copies() -> None:
+    neighbours = grid_neighbours((19, 23), 2, 2)  # every count from 3 to 16: odd and even middles
+    f = np.random.default_rng(5).normal(size=(neighbours.shape[0], 11)).astype(np.float32)
+    r32, has32 = _residuals(f, neighbours)
+    r64, has64 = _residuals(f.astype(np.float64), neighbours)
+    assert r32.dtype == np.float64 and np.array_equal(r32, r64) and np.array_equal(has32, has64)

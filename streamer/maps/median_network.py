@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from streamer.maps.arrays import Array, maximum, minimum
+from streamer.maps.arrays import Array, astype, maximum, minimum
 
 __all__ = ["median_of", "network"]
 
@@ -57,9 +57,12 @@ def network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(reversed(kept))
 
 
-def median_of(slabs: Sequence[Array]) -> Array:
+def median_of(slabs: Sequence[Array], dtype: str | None = None) -> Array:
     """Element-wise median of ``slabs`` (equal shapes, numpy arrays or tensors on one device; the mean of the two
-    middle values for an even count), as ``np.median(np.stack(slabs), axis=0)`` gives it, by ``network(len(slabs))``."""
+    middle values for an even count), as ``np.median(np.stack(slabs), axis=0)`` gives it, by ``network(len(slabs))``.
+
+    ``dtype`` (e.g. ``"float64"``): the result's, the two middle values converted to it before they are averaged —
+    the median of float32 slabs in float64 arithmetic, without sorting float64 copies."""
     n = len(slabs)
     v: list[Array | None] = [*slabs, *[None] * ((1 << (n - 1).bit_length()) - n)]  # None: a +∞ pad slot
     for i, j in network(n):
@@ -72,4 +75,8 @@ def median_of(slabs: Sequence[Array]) -> Array:
         v[i], v[j] = minimum(a, b), maximum(a, b)
     lo, hi = v[(n - 1) // 2], v[n // 2]
     assert lo is not None and hi is not None  # the first n slots after sorting hold the n real values
-    return lo if lo is hi else 0.5 * (lo + hi)
+    if lo is hi:
+        return lo if dtype is None else astype(lo, dtype)
+    if dtype is not None:
+        lo, hi = astype(lo, dtype), astype(hi, dtype)
+    return 0.5 * (lo + hi)

@@ -122,13 +122,18 @@ def encoder_features(outputs: dict[str, np.ndarray]) -> np.ndarray:
 
 def part_features(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reconstruction parts' ``(N, F)`` features from the outputs that have them (``{}`` for an encoder-only
-    artifact): the patch's negative log-likelihood under the decoder, and its per-pixel residual."""
-    return {src: _rows(outputs[name]) for src, name in _PART_OUTPUT.items() if name in outputs}
+    artifact): the patch's negative log-likelihood under the decoder, and its per-pixel residual. In the encoder's
+    float32 (or float64), not converted: the contrast's neighbour median only selects values, so it gathers and
+    sorts them in their own precision and scores in float64 (``_residuals``) — half the memory traffic of the
+    64 redrawn values a patch, the largest array a frame's score reads."""
+    return {src: _rows(outputs[name], keep_float=True) for src, name in _PART_OUTPUT.items() if name in outputs}
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """``(N, ...)`` → ``(N, F)`` float64, also for N = 0."""
-    a = np.asarray(a, np.float64)
+def _rows(a: np.ndarray, *, keep_float: bool = False) -> np.ndarray:
+    """``(N, ...)`` → ``(N, F)`` float64 (float32 kept with ``keep_float``), also for N = 0."""
+    a = np.asarray(a)
+    if not (keep_float and a.dtype in (np.float32, np.float64)):
+        a = a.astype(np.float64)
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
 
 
@@ -177,7 +182,11 @@ def contrast(features: Array, neighbours: Array, scale: Array) -> Array:
 
 
 def _residuals(features: Array, neighbours: Array) -> tuple[Array, Array]:
-    """Each patch's features minus the median of its neighbours' (rows without a neighbour: 0), and which have one."""
+    """Each patch's features minus the median of its neighbours' (rows without a neighbour: 0), and which have one.
+
+    The medians are gathered and sorted in ``features``' own precision (a float32 value is the same number in
+    float64, and min/max only select), then averaged and subtracted in float64: the same result as from float64
+    features, bit for bit."""
     f = astype(features, "float64")
     if f.shape[0] == 0:
         return copy(f), zeros((0,), "bool", like=f)
@@ -194,7 +203,7 @@ def _residuals(features: Array, neighbours: Array) -> tuple[Array, Array]:
         idx = neighbours[rows]
         if m < full:  # the valid neighbours first, in their order
             idx = take_along_axis(idx, argsort_stable(~valid[rows], axis=1)[:, :m], axis=1)
-        med[rows] = median_of([f[idx[:, j]] for j in range(m)])
+        med[rows] = median_of([features[idx[:, j]] for j in range(m)], dtype="float64")
     return f - med, has
 
 
