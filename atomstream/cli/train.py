@@ -198,7 +198,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each takes --batch-size patches per step, so a step takes N times as many (default: %(default)s; under "
         "torchrun leave it at 1)",
     )
-    opt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    opt.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint: the last epoch's weights and Adam's moments (also "
+        "after --keep best_val, whose kept epoch stays a candidate), at this command's --epochs and --lr",
+    )
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     config_flag(tr, "--name", where=_RUN, field="name", help="model name recorded in the run and its artifact")
     tr.add_argument("--out", type=Path, required=True, help="run directory to write (config.json, weights)")
