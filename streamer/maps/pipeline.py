@@ -241,9 +241,10 @@ def slice_outputs(outputs: dict[str, np.ndarray], start: int, stop: int) -> dict
     return {name: value[start:stop] for name, value in outputs.items()}
 
 
-def _frame_tensor(frame: Array, device: torch.device) -> torch.Tensor:
-    """The frame on the device (the GPU path), moved once. Read-only buffers (views on received messages) are copied
-    on the host first because torch cannot wrap them; uint16 widens to int32, which every torch op supports."""
+def _to_device(frame: Array, device: torch.device) -> torch.Tensor:
+    """A frame (or the defect score's arrays) on the device (the GPU path), moved once. Read-only buffers (views on
+    received messages) are copied on the host first because torch cannot wrap them; uint16 widens to int32, which
+    every torch op supports."""
     torch = require_torch("a CUDA device")
     if is_tensor(frame):
         return frame.to(device, non_blocking=True)
@@ -335,9 +336,9 @@ class Pipeline:
                 # (prepare_frame's two paths agree), and on an H200 the device's percentile selection (topk and its
                 # syncs) took 16 ms of a 1024² frame where numpy takes a few
                 x = frame
-                normalised = _frame_tensor(prepare_frame(frame, spec), self.device)
+                normalised = _to_device(prepare_frame(frame, spec), self.device)
             else:
-                x = _frame_tensor(frame, self.device)
+                x = _to_device(frame, self.device)
             if self.layout == "grid":
                 if normalised is None:
                     normalised = prepare_frame(x, spec)
@@ -527,12 +528,8 @@ class Pipeline:
         if cached is None:
             stats = self.manifest.novelty
             index = grid_neighbours(grid, stats.grid_step, stats.grid_span) if stats else grid_neighbours(grid, 1)
-            if self.device != "cpu":
-                torch = require_torch("a CUDA device")
-                cached = torch.from_numpy(index).to(self.encoder.torch_device)
-            else:
-                index.setflags(write=False)  # shared by every frame of this shape: nobody may write to it
-                cached = index
+            index.setflags(write=False)  # shared by every frame of this shape: nobody may write to it
+            cached = index if self.device == "cpu" else _to_device(index, self.device)
             if len(self._neighbour_cache) >= _NEIGHBOUR_CACHE:
                 self._neighbour_cache.pop(next(iter(self._neighbour_cache)))
             self._neighbour_cache[grid] = cached
@@ -555,12 +552,10 @@ class Pipeline:
         if self.device != "cpu":
             # scored on the encoder's device, in the same float64 arithmetic: on an H200 the host's per-frame
             # medians were 80 % of the encoder thread's time and held the stream to 6 % of the bare encoder
-            device = self.encoder.torch_device
-            torch = require_torch("a CUDA device")
-            features = torch.from_numpy(features).to(device)
+            features = _to_device(features, self.device)
             if grid is None:
-                neighbours = torch.from_numpy(neighbours).to(device)
-            parts = {name: torch.from_numpy(a).to(device) for name, a in parts.items()}
+                neighbours = _to_device(neighbours, self.device)
+            parts = {name: _to_device(a, self.device) for name, a in parts.items()}
         score = to_host(novelty_score(features, neighbours, stats, parts))
         return score, stats.kind if stats is not None else "contrast"
 
