@@ -114,6 +114,11 @@ def with_training_settings(model: JTrVAE, tc: TrainConfig) -> JTrVAE:
     return model
 
 
+def _snapshot(model: JTrVAE) -> dict[str, Tensor]:
+    """A copy of the weights as they are now (``keep = "best_val"``'s candidates, and the last epoch's for a resume)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def evaluate_loss(
     model: JTrVAE,
     images: np.ndarray | Tensor,
@@ -212,7 +217,7 @@ def fit(
             # the kept epoch stays a candidate: the resumed run keeps the best of all its epochs, not of the new ones
             val = next((r["val_loss"] for r in history if r["epoch"] == state.kept_epoch), None)
             if val is not None:
-                best = (float(val), state.kept_epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                best = (float(val), state.kept_epoch, _snapshot(model))
         if last is not None:  # model.pt holds a kept earlier epoch: continue from where training stopped
             model.load_state_dict(last)
         pyro.set_rng_seed(tc.seed + start_epoch)  # a fresh but reproducible stream for the continued epochs
@@ -288,7 +293,7 @@ def fit(
         history.append(row)
         ramped = epoch >= tc.annealing.ramp_fraction * tc.epochs  # before, the loss is of another β: not comparable
         if tc.keep == "best_val" and val_loss is not None and ramped and (best is None or val_loss < best[0]):
-            best = (val_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (val_loss, epoch, _snapshot(model))
         done = epoch + 1
         if deadline is not None:
             epochs = deadline.replan(done, tc.epochs, [r["seconds"] for r in history[start_epoch:]])
@@ -312,7 +317,7 @@ def fit(
         bar.close()
     kept = last_weights = None
     if best is not None and best[1] != epoch - 1:  # an earlier epoch won: keep it, and the last one for a resume
-        last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        last_weights = _snapshot(model)
         model.load_state_dict(best[2])
     if best is not None:
         kept = best[1]
