@@ -30,6 +30,8 @@ def test_quick_benchmark_prints_every_case_beside_its_baselines(
             assert f"### {name}: skipped" not in out
         else:
             assert f"### {name}: skipped" in out
+    if (DATA / "haadf_MoS2_Vdoped.npy").is_file():
+        assert "unmatched published points within a patch of the frame edge" in out
     if (DATA / "haadf_PbTiO3_SrRuO3.npy").is_file():
         assert "film/substrate balanced accuracy: PCA2 + k-means" in out
     assert (tmp_path / "r.json").read_text().startswith("[")
