@@ -31,6 +31,7 @@ import torch
 from models.data import DataError, PatchSet, patches_from_config
 from models.jtrvae import JTrVAE
 from streamer.maps.novelty import (
+    MAX_GRID_SPAN,
     REDRAWN_PARTS,
     TRAIN_K,
     NoveltyKind,
@@ -113,9 +114,7 @@ def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.
 def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
     """The neighbour distance in grid cells and its span (module docstring), judged on the ``(N, F)`` features the
     score reads: ``(step, 1)`` for the cells ``step`` away, ``(step, 2)`` for those ``step`` and ``step + 1`` away."""
-    ph, pw = patches.images.shape[1:]
-    sy, sx = patches.data.stride
-    first = max(1, math.ceil(max(ph / sy, pw / sx)))
+    first = _first_step(patches)
     gh, gw = patches.grid if patches.grid is not None else (0, 0)
     candidates = [(s, n) for s in range(first, first + 4) for n in (1, 2) if s + n - 1 < first + 4]
     candidates = [(s, n) for s, n in candidates if 2 * (s + n - 1) < min(gh, gw)] or [(1, 1)]
@@ -130,15 +129,38 @@ def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
     return candidates[best] if medians[best] < _CLEARLY_BETTER * medians[0] else candidates[0]
 
 
+def _first_step(patches: PatchSet) -> int:
+    """The nearest grid step, in cells, whose patches do not overlap the patch's own."""
+    ph, pw = patches.images.shape[1:]
+    sy, sx = patches.data.stride
+    return max(1, math.ceil(max(ph / sy, pw / sx)))
+
+
 def calibrate_novelty(
-    model: JTrVAE, patches: PatchSet, *, kind: NoveltyKind = DEFAULT_KIND, k: float = TRAIN_K
+    model: JTrVAE,
+    patches: PatchSet,
+    *,
+    kind: NoveltyKind = DEFAULT_KIND,
+    k: float = TRAIN_K,
+    span: int | None = None,
 ) -> NoveltyStats:
-    """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept)."""
+    """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept).
+
+    ``span`` (grid patches): instead of the chosen neighbourhood, the ``span`` nearest rings of cells whose patches
+    do not overlap the patch's own (steps ``first`` … ``first + span - 1``): a wider neighbourhood, whose median is
+    steadier where the lattice repeats at every ring (docs/real-data.md, the STM graphene scan)."""
     if patches.data.kind == "stack":
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
+    if span is not None and not 1 <= span <= MAX_GRID_SPAN:
+        raise ValueError(f"span={span} must be between 1 and {MAX_GRID_SPAN} rings of cells")
     outputs = encoder_outputs(model, patches.images, reconstruction=kind in REDRAWN_PARTS)
     features, parts = encoder_features(outputs), part_features(outputs)
-    step, span = _grid_step(patches, score_features(kind, features, parts)) if patches.grid is not None else (1, 1)
+    if patches.grid is None:
+        step, span = 1, 1
+    elif span is not None:
+        step = _first_step(patches)
+    else:
+        step, span = _grid_step(patches, score_features(kind, features, parts))
     neighbours = patch_neighbours(patches, grid_step=step, grid_span=span)
     return fit_novelty(
         features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, grid_span=span,

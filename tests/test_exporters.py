@@ -209,3 +209,32 @@ def test_cli_rejects_bad_arguments(trained_run: Path, tmp_path: Path, capsys: py
     err = _error_line(capsys, ["export", str(trained_run), "--out", str(tmp_path / "a"), "--defect-class", "jokers"])
     assert "--defect-class 'jokers'" in err
     assert json.loads((trained_run / "config.json").read_text())["name"] == "cards-tiny"
+
+
+def test_defect_k_and_span_reach_the_manifest_and_are_checked(
+    tmp_path: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--defect-k`` / ``--defect-span``: a grid run's artifact carries both (the server scores with them); a bad
+    k, or a span for patches that are not a grid, is one line naming the flag."""
+    from sim.lattice import LatticeConfig, synth_scan
+
+    frames, _ = synth_scan(LatticeConfig(shape=(96, 96), n_defects=0), 1, seed=0)
+    np.save(tmp_path / "scan.npy", frames[0])
+    run = tmp_path / "run"
+    train = ["train", "--data", str(tmp_path / "scan.npy"), "--patch", "16", "--stride", "8", "--classes", "2"]
+    assert main([*train, "--hidden", "16", "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    out = tmp_path / "artifact"
+    flags = ["--defect-score", "residual", "--defect-k", "4.5", "--defect-span", "3"]
+    assert main(["export", str(run), "--out", str(out), *flags]) == 0
+    assert "threshold median + 4.5 robust sd" in capsys.readouterr().out
+    novelty = read_manifest(out).novelty
+    assert novelty is not None and (novelty.kind, novelty.k, novelty.grid_step, novelty.grid_span) == (
+        "residual",
+        4.5,
+        2,
+        3,
+    )
+    err = _error_line(capsys, ["export", str(run), "--out", str(tmp_path / "b"), "--defect-k", "0"])
+    assert "--defect-k 0" in err
+    err = _error_line(capsys, ["export", str(trained_run), "--out", str(tmp_path / "c"), "--defect-span", "2"])
+    assert "--defect-span is for grid patches" in err

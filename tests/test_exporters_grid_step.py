@@ -72,3 +72,32 @@ def test_the_joint_score_is_judged_on_the_redrawing_and_the_others_on_the_encode
     assert _grid_step(patches, score_features("contrast", features, parts)) == (4, 1)
     with pytest.raises(ValueError, match="redrawing"):
         score_features("joint", features, {})
+
+
+def test_a_given_span_takes_the_nearest_non_overlapping_rings_and_the_served_index_follows() -> None:
+    """``atomstream export --defect-span N``: the N rings of cells from the first step whose patches do not overlap,
+    whatever calibration would have chosen; the pipeline serves the same neighbours (the manifest says which)."""
+    import torch
+
+    from exporters.calibrate import calibrate_novelty
+    from models.config import ModelConfig
+    from models.data import scan_patches
+    from models.jtrvae import JTrVAE
+    from sim.lattice import LatticeConfig, synth_scan
+    from streamer.maps.novelty import grid_neighbours
+
+    frames, _ = synth_scan(LatticeConfig(shape=(96, 96), n_defects=0), 1, seed=0)
+    data = DataConfig(kind="grid", patch=(16, 16), stride=(8, 8))
+    patches = scan_patches(frames, data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = JTrVAE(ModelConfig(patch=(16, 16), encoder_hidden=(16,), decoder_hidden=(16,))).eval()
+    stats = calibrate_novelty(model, patches, kind="residual", k=4.5, span=3)
+    assert (stats.grid_step, stats.grid_span, stats.k) == (2, 3, 4.5)  # 16-px patches every 8 px: step 2 first
+    ring = grid_neighbours(patches.grid, 2, 3)
+    assert ring.shape[1] == 24
+    centre = 5 * patches.grid[1] + 5  # an interior cell: its neighbours lie 2, 3 and 4 cells away, in 8 directions
+    rows, cols = np.divmod(ring[centre], patches.grid[1])
+    assert sorted(set(np.maximum(np.abs(rows - 5), np.abs(cols - 5)).tolist())) == [2, 3, 4]
+    with pytest.raises(ValueError, match="span=5"):
+        calibrate_novelty(model, patches, span=5)

@@ -497,3 +497,19 @@ def test_the_residual_kind_keeps_only_the_residual_part_and_publishes_under_its_
     found = np.array([[d.y, d.x] for d in maps.defects])
     truth = truths[0].defects
     assert (np.hypot(found[:, None, 0] - truth[None, :, 0], found[:, None, 1] - truth[None, :, 1]).min(1) <= 16).all()
+
+
+def test_the_frames_own_bar_takes_the_calibrated_k() -> None:
+    """An artifact exported at ``--defect-k 3`` moves both bars: the training threshold and each frame's own."""
+    nb = grid_neighbours((30, 30), 1)
+    train = np.concatenate([_lattice_features(30, 30, seed=s) for s in range(4)])
+    nb_train = np.concatenate([np.where(nb >= 0, nb + 900 * s, -1) for s in range(4)])
+    noisy = _lattice_features(30, 30, seed=9) + np.random.default_rng(1).normal(0, 0.3, (900, 5))
+    for k in (3.0, 6.0):
+        stats = fit_novelty(train, nb_train, kind="contrast", k=k)
+        assert stats.contrast_threshold == pytest.approx(stats.contrast_median + k * stats.contrast_sd)
+        raw = contrast(noisy, nb, np.asarray(stats.scale)) / stats.contrast_threshold
+        med = np.median(raw)
+        bar = med + k * 1.4826 * np.median(np.abs(raw - med))
+        assert bar > 1  # this frame's own bar is the higher one, at either k
+        np.testing.assert_allclose(novelty_score(noisy, nb, stats), _published(raw / bar), rtol=1e-6)

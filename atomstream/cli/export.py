@@ -8,6 +8,7 @@ uniform random patches. A parity failure prints one line naming the worst backen
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -64,6 +65,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "graphene scan the likelihood flags clean patches); contrast/density/combined read the encoder's "
         "outputs only (cheaper)",
     )
+    p.add_argument(
+        "--defect-k",
+        type=float,
+        default=None,
+        metavar="K",
+        help="the defect score's bars (the training scores' and each frame's own) at median + K robust sd "
+        "(default 6; lower finds fainter defects and flags more clean patches: docs/real-data.md)",
+    )
+    p.add_argument(
+        "--defect-span",
+        type=int,
+        choices=range(1, 5),
+        default=None,
+        metavar="N",
+        help="grid patches: compare each patch with the N nearest rings of non-overlapping cells (1-4) instead of "
+        "the neighbourhood calibration chooses; a steadier median where the lattice repeats at every ring "
+        "(the STM graphene recipe in docs/real-data.md; default: calibration chooses 1 or 2 rings)",
+    )
     p.set_defaults(func=_export)
 
 
@@ -81,7 +100,9 @@ def _defect_classes(given: list[str], names: tuple[str, ...]) -> tuple[int, ...]
     return tuple(dict.fromkeys(out))
 
 
-def _calibration(model: object, run: object, kind: str) -> tuple[object, str]:
+def _calibration(
+    model: object, run: object, kind: str, *, k: float | None = None, span: int | None = None
+) -> tuple[object, str]:
     """The defect score's statistics from the run's own training scan, and a line saying what was done; ``None``
     without a scan to re-cut (the server then calibrates on each frame)."""
     from exporters.calibrate import calibrate_novelty, training_patches
@@ -97,7 +118,15 @@ def _calibration(model: object, run: object, kind: str) -> tuple[object, str]:
             "warning: no training scan to calibrate the defect score on; the server will calibrate it on each frame "
             "instead (weaker)"
         )
-    stats = calibrate_novelty(model, patches, kind=kind)  # type: ignore[arg-type]
+    from streamer.maps.novelty import TRAIN_K
+
+    stats = calibrate_novelty(
+        model,  # type: ignore[arg-type]
+        patches,
+        kind=kind,  # type: ignore[arg-type]
+        k=TRAIN_K if k is None else k,
+        span=span,
+    )
     return stats, (
         f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
         f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
@@ -129,6 +158,8 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(f"run directory {str(args.run_dir)!r} does not exist; train one with atomstream train")
     if args.parity_data is not None and not args.parity_data.is_file():
         raise CommandError(f"--parity-data {str(args.parity_data)!r}: no such file")
+    if args.defect_k is not None and not (args.defect_k > 0 and math.isfinite(args.defect_k)):
+        raise CommandError(f"--defect-k {args.defect_k:g}: the bar's robust sd count must be a positive number")
     from tqdm import tqdm
 
     # disable=None: the bar shows on a terminal only, so it never runs into the one-line error a script reads
@@ -150,6 +181,11 @@ def _export(args: argparse.Namespace) -> int:
         reason = health.get("reason")
         print(f"atomstream export: warning: exporting a collapsed model (--force): {reason}", file=sys.stderr)
     defects = _defect_classes(args.defect_class, run.model.names_of_classes())
+    if args.defect_span is not None and run.data.kind != "grid":
+        raise CommandError(
+            f"--defect-span is for grid patches; run {str(args.run_dir)!r} cut {run.data.kind} patches, whose "
+            "neighbours are the nearest atoms"
+        )
     bar.update(1)
     bar.set_description("cutting parity patches")
     try:
@@ -159,7 +195,7 @@ def _export(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"atomstream export: warning: {note.replace('parity_data', '--parity-data')}", file=sys.stderr)
     bar.write(f"parity data: {described}")
-    novelty, calibrated = _calibration(model, run, args.defect_score)
+    novelty, calibrated = _calibration(model, run, args.defect_score, k=args.defect_k, span=args.defect_span)
     bar.update(1)
     bar.set_description("exporting ONNX + TorchScript, checking parity")
     try:

@@ -1,6 +1,7 @@
 """The median of a few arrays, element by element, by a sorting network: the defect score's neighbour median.
 
-Every patch's features are compared with the median of its 3 to 16 neighbours' (``streamer.maps.novelty``). Sorting
+Every patch's features are compared with the median of its 3 to 16 neighbours' (up to 32 with
+``atomstream export --defect-span 4``; ``streamer.maps.novelty``). Sorting
 a ``(patches, features, neighbours)`` array along its short last axis costs numpy a call per row; a sorting network
 instead runs each compare-exchange as two whole-array ``minimum``/``maximum`` calls over ``(patches, features)``
 slabs, and only the comparators the two middle order statistics depend on are kept; the result is identical (min

@@ -2,8 +2,8 @@
 
 A model's classes may come out as anything (film/substrate, a sublattice, one collapsed class), so the score must not
 depend on them. Two families of features per patch, each compared with the patch's neighbours one lattice period
-away (grid: the 8 cells ``step`` cells away, or those of two adjacent steps; atom-centred patches: the ``k`` nearest
-atoms):
+away (grid: the 8 cells ``step`` cells away, or those of two adjacent steps — up to four with ``atomstream export
+--defect-span``; atom-centred patches: the ``k`` nearest atoms):
 
 * **joint** (the default an export writes): the decoder's redrawing of the patch from its own posterior means
   (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its residual per redrawn
@@ -71,6 +71,7 @@ from streamer.maps.median_network import median_of
 __all__ = [
     "FRAME_K",
     "FRAME_MIN_PATCHES",
+    "MAX_GRID_SPAN",
     "REDRAWN_PARTS",
     "TRAIN_K",
     "NoveltyKind",
@@ -93,7 +94,10 @@ PartSource = Literal["reconstruction", "residual"]
 _PART_OUTPUT: dict[str, str] = {"reconstruction": "recon_nll", "residual": "recon_residual"}
 #: the kinds that read the decoder's redrawing, and the reconstruction parts each takes the larger of
 REDRAWN_PARTS: dict[str, tuple[str, ...]] = {"joint": tuple(_PART_OUTPUT), "residual": ("residual",)}
+#: a frame's own bar without training statistics (with them, the manifest's ``k``)
 FRAME_K = 6.0
+#: the widest grid neighbourhood, in rings of cells (``NoveltyStats.grid_span``)
+MAX_GRID_SPAN = 4
 #: a frame's own bar (``novelty_score``) needs enough patches for its median and MAD to mean something
 FRAME_MIN_PATCHES = 64
 TRAIN_K = 6.0
@@ -249,9 +253,18 @@ class NoveltyStats(BaseModel):
     neighbours: int = Field(6, ge=1, description="atom-centred patches: nearest atoms compared with")
     grid_step: int = Field(1, ge=1, description="grid patches: neighbour distance in grid cells (one lattice period)")
     grid_span: int = Field(
-        1, ge=1, le=2, description="grid patches: the neighbours at grid_step and, with 2, at grid_step + 1 too"
+        1,
+        ge=1,
+        le=MAX_GRID_SPAN,
+        description="grid patches: the neighbours at grid_step, ..., grid_step + grid_span - 1 cells (calibration "
+        "chooses 1 or 2; `atomstream export --defect-span` sets up to 4)",
     )
-    k: float = Field(TRAIN_K, gt=0, description="threshold: median + k robust standard deviations of training scores")
+    k: float = Field(
+        TRAIN_K,
+        gt=0,
+        description="threshold: median + k robust standard deviations of the training scores; a frame's own bar "
+        "takes the same k",
+    )
     contrast_threshold: float = Field(gt=0)
     density_threshold: float = Field(gt=0)
     # the training scores' median and robust sd behind each threshold (threshold = median + k·sd)
@@ -428,7 +441,7 @@ def novelty_score(
     """``(N,)`` float32 published defect score in [0, 1): 0.5 at the calibrated threshold.
 
     With training statistics the threshold is the calibrated one **or the frame's own bar, whichever is higher**:
-    the frame's median + ``FRAME_K`` robust standard deviations of its calibrated scores (frames of at least
+    the frame's median + ``stats.k`` robust standard deviations of its calibrated scores (frames of at least
     ``FRAME_MIN_PATCHES`` patches). On a frame like the training scan that bar sits at about the calibrated
     threshold, by construction; on a frame unlike it — another region of the sample, a change of contrast — the
     scores rise everywhere and the bar with them, so the controller gets the patches that stand out in *this* frame
@@ -444,7 +457,7 @@ def novelty_score(
     if stats is not None:
         s = stats.normalised(f, neighbours, parts)
         if s.shape[0] >= FRAME_MIN_PATCHES:
-            s = s / max(1.0, _frame_bar(s))
+            s = s / max(1.0, _frame_bar(s, stats.k))
     elif f.shape[0] == 0:
         s = zeros((0,), "float64", like=f)
     else:
@@ -453,7 +466,8 @@ def novelty_score(
     return astype(s / (1.0 + s), "float32")
 
 
-def _frame_bar(scores: Array) -> float:
-    """The frame's own bar: its median + ``FRAME_K`` robust standard deviations of ``scores``."""
+def _frame_bar(scores: Array, k: float = FRAME_K) -> float:
+    """The frame's own bar: its median + ``k`` robust standard deviations of ``scores`` — the training statistics'
+    ``k`` when there are some, so an artifact exported at another ``k`` moves both bars together."""
     med, sd = _robust(scores)
-    return med + FRAME_K * sd
+    return med + k * sd
