@@ -31,9 +31,10 @@ the raw pixels against the same neighbours (pixel contrast), PCA + k-means (film
 edge (where a patch's neighbours are all on one side). ``--quick`` runs every case small enough for CI (well
 under two minutes) and skips a case whose data file is absent.
 
-    python benchmarks/real_data.py --data-dir shared/data [--quick] [--seeds N] [--epochs N | --budget S] \
-        [--cases pto,mos2,graphene,demo] [--json out.json] [--figures docs/figures/real-data] [--redraw-values N] \
-        [--graphene-fft]
+    python benchmarks/real_data.py --data-dir shared/data [--quick] [--seeds N] [--first-seed S] \
+        [--epochs N | --budget S] [--cases pto,mos2,graphene,demo] [--json out.json] \
+        [--figures docs/figures/real-data] [--redraw-values N] [--graphene-fft] \
+        [--defect-score KIND] [--defect-k K] [--defect-span N]
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ from streamer.maps.atoms import Sublattice, find_atoms, gaussian_smooth, median_
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
     REDRAWN_PARTS,
+    TRAIN_K,
     NoveltyKind,
     NoveltyStats,
     contrast,
@@ -103,6 +105,9 @@ PUBLISHED_KIND: list[NoveltyKind] = ["joint"]
 #: ``--epochs`` (None: plan them from ``--budget``, as ``atomstream train`` does) and ``--budget``, set by ``main``
 EPOCHS: list[int | None] = [None]
 BUDGET_S: list[float] = [DEFAULT_BUDGET_S]
+#: ``--defect-k`` and ``--defect-span``: ``atomstream export``'s flags of the same names (span: grid cases only)
+DEFECT_K: list[float] = [TRAIN_K]
+DEFECT_SPAN: list[int | None] = [None]
 #: ``--graphene-fft``: the graphene case on the paper's FFT patches instead of the CLI's real-space ones
 GRAPHENE_FFT: list[bool] = [False]
 #: the default run: the demo at the 5 seeds issue 15 asks for, one seed per real scan, each model trained for
@@ -190,7 +195,7 @@ def export_and_serve(
     if parity.shape[0] < MIN_PARITY_PATCHES:
         noise = torch.rand((MIN_PARITY_PATCHES - parity.shape[0], *parity.shape[1:]), generator=torch.Generator())
         parity = torch.cat([parity, noise])
-    novelty = calibrate_novelty(model, train, kind=kind)
+    novelty = calibrate_novelty(model, train, kind=kind, k=DEFECT_K[0], span=DEFECT_SPAN[0])
     artifact = work / f"artifact-{kind}"
     export_model(
         model, run, artifact, parity_patches=parity.contiguous(), parity_data="training patches", novelty=novelty
@@ -613,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         "one run under 30 minutes on 2 cores; quick 1)",
     )
     ap.add_argument(
+        "--first-seed", type=int, default=0, help="the seeds run are first-seed, first-seed + 1, ... (held-out checks)"
+    )
+    ap.add_argument(
         "--epochs", type=int, default=None, help="training epochs per model (default: planned from --budget; quick 2)"
     )
     ap.add_argument(
@@ -634,7 +642,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{reconstruction.REDRAW_PIXELS}; a number above the patch's pixels redraws every pixel)",
     )
     ap.add_argument("--graphene-fft", action="store_true", help="graphene on the paper's FFT patches (docstring)")
+    ap.add_argument(
+        "--defect-k", type=float, default=TRAIN_K, help="the defect score's bars at median + K robust sd (export flag)"
+    )
+    ap.add_argument(
+        "--defect-span",
+        type=int,
+        choices=range(1, 5),
+        default=None,
+        help="grid cases: the N nearest rings of non-overlapping cells as neighbours (export's flag)",
+    )
     args = ap.parse_args(argv)
+    DEFECT_K[0], DEFECT_SPAN[0] = args.defect_k, args.defect_span
     GRAPHENE_FFT[0] = args.graphene_fft
     if args.redraw_values is not None:
         reconstruction.REDRAW_PIXELS = args.redraw_values  # read when calibration and export build the redrawing
@@ -647,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for name in wanted:
             seeds = args.seeds if args.seeds is not None else (1 if args.quick else DEFAULT_SEEDS.get(name, 1))
-            for seed in range(seeds):
+            for seed in range(args.first_seed, args.first_seed + seeds):
                 if name == "demo":
                     cases.append(demo_case(seed, quick=args.quick, work=work / f"demo{seed}"))
                 else:
