@@ -272,8 +272,8 @@ def _published(maps: list[FrameMaps], truths: list[np.ndarray], radius: float) -
 
 def _unmatched_near_edge(maps: FrameMaps, truth: np.ndarray, radius: float, shape: tuple[int, ...]) -> str:
     """``"k of n"``: of the ``n`` published points with no true site within ``radius``, ``k`` lie within one patch
-    of the frame's edge — where a patch's neighbours are all on one side (docs/real-data.md: the false points of
-    the real scans gather there)."""
+    of the frame's edge — where a patch's neighbours are all on one side, and where the STM scan's line starts
+    were flagged (docs/real-data.md)."""
     found = np.array([[d.y, d.x] for d in maps.defects], np.float64).reshape(-1, 2)
     t = np.asarray(truth, np.float64).reshape(-1, 2)
     if len(t):
@@ -438,7 +438,7 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     if not quick:
         # The scan above its marks holds no eye-marked defect (the first mark's row less 100 px, past the reach of
         # its ripples): a defect-free region of real data, its left half part of the training scan, its right
-        # half not; what the published defaults make of it
+        # half not; what the served artifact (the defaults, unless --defect-* says otherwise) makes of it
         top = int(marks[:, 0].min() - 20 - 100)
         found = [len(served.pipeline.process(half).defects) for half in (frame[:top, :split], frame[:top, split:])]
         case.other[f"defect-free top of the scan (rows 0–{top - 1}): points published, left / right half"] = (
