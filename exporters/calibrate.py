@@ -159,6 +159,11 @@ def calibrate_novelty(
         step, span = 1, 1
     elif span is not None:
         step = _first_step(patches)
+        if 2 * (step + span - 1) >= min(patches.grid):
+            raise ValueError(
+                f"a grid of {patches.grid[0]}×{patches.grid[1]} cells is too small to compare with {span} rings of "
+                f"cells from {step} cells out: use a smaller span, or a larger scan"
+            )
     else:
         step, span = _grid_step(patches, score_features(kind, features, parts))
     neighbours = patch_neighbours(patches, grid_step=step, grid_span=span)

@@ -101,3 +101,6 @@ def test_a_given_span_takes_the_nearest_non_overlapping_rings_and_the_served_ind
     assert sorted(set(np.maximum(np.abs(rows - 5), np.abs(cols - 5)).tolist())) == [2, 3, 4]
     with pytest.raises(ValueError, match="span=5"):
         calibrate_novelty(model, patches, span=5)
+    small = scan_patches(np.ascontiguousarray(frames[:, :64, :64]), data)  # 7×7 cells: rings 2-5 do not fit
+    with pytest.raises(ValueError, match="7×7 cells is too small to compare with 4 rings"):
+        calibrate_novelty(model, small, span=4)

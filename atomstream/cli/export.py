@@ -120,13 +120,18 @@ def _calibration(
         )
     from streamer.maps.novelty import TRAIN_K
 
-    stats = calibrate_novelty(
-        model,  # type: ignore[arg-type]
-        patches,
-        kind=kind,  # type: ignore[arg-type]
-        k=TRAIN_K if k is None else k,
-        span=span,
-    )
+    try:
+        stats = calibrate_novelty(
+            model,  # type: ignore[arg-type]
+            patches,
+            kind=kind,  # type: ignore[arg-type]
+            k=TRAIN_K if k is None else k,
+            span=span,
+        )
+    except ValueError as exc:
+        if span is None:
+            raise
+        raise CommandError(f"--defect-span {span}: {exc}") from None
     return stats, (
         f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
         f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
