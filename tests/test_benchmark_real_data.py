@@ -35,3 +35,16 @@ def test_quick_benchmark_prints_every_case_beside_its_baselines(
     if (DATA / "haadf_PbTiO3_SrRuO3.npy").is_file():
         assert "film/substrate balanced accuracy: PCA2 + k-means" in out
     assert (tmp_path / "r.json").read_text().startswith("[")
+
+
+@pytest.mark.slow
+def test_the_defect_flags_and_a_first_seed_reach_the_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--first-seed`` picks the seeds a held-out check runs, and the export flags reach the served artifact: the
+    published kind is the one asked for (the residual kind has no likelihood part to score)."""
+    argv = ["--quick", "--cases", "demo", "--seeds", "1", "--first-seed", "1", "--data-dir", str(DATA)]
+    flags = ["--defect-score", "residual", "--defect-k", "4.5", "--defect-span", "2"]
+    assert real_data.main([*argv, *flags, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "### demo lattice, seed 1" in out and "seed 0" not in out
+    assert "| model residual |" in out and "| model joint |" not in out
+    assert (real_data.DEFECT_K[0], real_data.DEFECT_SPAN[0]) == (4.5, 2)
