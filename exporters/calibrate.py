@@ -117,7 +117,7 @@ def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
     first = _first_step(patches)
     gh, gw = patches.grid if patches.grid is not None else (0, 0)
     candidates = [(s, n) for s in range(first, first + 4) for n in (1, 2) if s + n - 1 < first + 4]
-    candidates = [(s, n) for s, n in candidates if 2 * (s + n - 1) < min(gh, gw)] or [(1, 1)]
+    candidates = [(s, n) for s, n in candidates if _fits((gh, gw), s, n)] or [(1, 1)]
     scale = robust_scale(features)
     medians = [
         float(np.median(contrast(features, patch_neighbours(patches, grid_step=s, grid_span=n), scale)))
@@ -127,6 +127,12 @@ def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
     # a farther or wider neighbourhood only when clearly better (it lands on the lattice's registration), not by
     # noise or by the steadier median of more neighbours alone: nearer neighbours keep the score local
     return candidates[best] if medians[best] < _CLEARLY_BETTER * medians[0] else candidates[0]
+
+
+def _fits(grid: tuple[int, int], step: int, span: int) -> bool:
+    """Whether the rings ``step`` … ``step + span - 1`` cells out fit the grid twice over (a cell in its middle has
+    every neighbour on both sides)."""
+    return 2 * (step + span - 1) < min(grid)
 
 
 def _first_step(patches: PatchSet) -> int:
@@ -159,7 +165,7 @@ def calibrate_novelty(
         step, span = 1, 1
     elif span is not None:
         step = _first_step(patches)
-        if 2 * (step + span - 1) >= min(patches.grid):
+        if not _fits(patches.grid, step, span):
             raise ValueError(
                 f"a grid of {patches.grid[0]}×{patches.grid[1]} cells is too small to compare with {span} rings of "
                 f"cells from {step} cells out: use a smaller span, or a larger scan"

@@ -60,6 +60,11 @@ class TrainingState:
     kept_epoch: int | None = None  # train.keep "best_val": the epoch whose weights model.pt holds
 
 
+def _on_host(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights detached and on the CPU, as a run directory stores them whatever device trained them."""
+    return {k: v.detach().cpu() for k, v in weights.items()}
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -131,10 +136,9 @@ def save_run(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(out / "model.pt", _torch_bytes(state))
+    _atomic_write_bytes(out / "model.pt", _torch_bytes(_on_host(model.state_dict())))
     if last_weights is not None:
-        _atomic_write_bytes(out / "last.pt", _torch_bytes({k: v.detach().cpu() for k, v in last_weights.items()}))
+        _atomic_write_bytes(out / "last.pt", _torch_bytes(_on_host(last_weights)))
     else:
         (out / "last.pt").unlink(missing_ok=True)
     if optimizer_state is not None:

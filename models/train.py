@@ -315,12 +315,11 @@ def fit(
         epoch = done
     if bar is not None:
         bar.close()
-    kept = last_weights = None
-    if best is not None and best[1] != epoch - 1:  # an earlier epoch won: keep it, and the last one for a resume
+    kept = best[1] if best is not None else None
+    last_weights = None
+    if best is not None and kept != epoch - 1:  # an earlier epoch won: keep it, and the last one for a resume
         last_weights = _snapshot(model)
         model.load_state_dict(best[2])
-    if best is not None:
-        kept = best[1]
     model.eval()
     diagnosis = _diagnose(model, x_train, anchor, batch_size=max(tc.batch_size, 256))
     if out_dir is not None:
