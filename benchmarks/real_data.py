@@ -61,7 +61,7 @@ from polarisation import b_displacement, neighbour_agreement  # noqa: E402
 import models.reconstruction as reconstruction  # noqa: E402
 from atomstream.cli import build_parser  # noqa: E402
 from atomstream.cli.train import CELL_PATCH, DEFAULT_BUDGET_S, run_config  # noqa: E402
-from exporters.calibrate import calibrate_novelty, patch_neighbours  # noqa: E402
+from exporters.calibrate import DEFAULT_KIND, CalibratedKind, calibrate_novelty, patch_neighbours  # noqa: E402
 from exporters.export import export_model  # noqa: E402
 from exporters.verify import MAX_PARITY_PATCHES, MIN_PARITY_PATCHES  # noqa: E402
 from models.baselines import (  # noqa: E402
@@ -86,7 +86,6 @@ from streamer.maps.atoms import Sublattice, find_atoms, gaussian_smooth, median_
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
     REDRAWN_PARTS,
-    TRAIN_K,
     NoveltyKind,
     NoveltyStats,
     contrast,
@@ -100,13 +99,15 @@ from streamer.maps.preprocess import Preprocessing  # noqa: E402
 __all__ = ["CASES", "Case", "main", "recipe"]
 
 SCORE_KINDS = ("joint", "residual", "contrast", "density", "combined")
-#: the kind the exported artifacts publish (``--defect-score``); a one-element list so ``main`` can set it
-PUBLISHED_KIND: list[NoveltyKind] = ["joint"]
+#: the kind the exported artifacts publish (``--defect-score``; ``auto``: calibration chooses, as the export CLI
+#: does by default); a one-element list so ``main`` can set it
+PUBLISHED_KIND: list[CalibratedKind] = [DEFAULT_KIND]
 #: ``--epochs`` (None: plan them from ``--budget``, as ``atomstream train`` does) and ``--budget``, set by ``main``
 EPOCHS: list[int | None] = [None]
 BUDGET_S: list[float] = [DEFAULT_BUDGET_S]
-#: ``--defect-k`` and ``--defect-span``: ``atomstream export``'s flags of the same names (span: grid cases only)
-DEFECT_K: list[float] = [TRAIN_K]
+#: ``--defect-k`` and ``--defect-span``: ``atomstream export``'s flags of the same names (span: grid cases only;
+#: None: calibration's own)
+DEFECT_K: list[float | None] = [None]
 DEFECT_SPAN: list[int | None] = [None]
 #: ``--graphene-fft``: the graphene case on the paper's FFT patches instead of the CLI's real-space ones
 GRAPHENE_FFT: list[bool] = [False]
@@ -186,7 +187,7 @@ def train_and_serve(
 
 
 def export_and_serve(
-    model: JTrVAE, run: RunConfig, train: PatchSet, frames: list[np.ndarray], work: Path, *, kind: NoveltyKind
+    model: JTrVAE, run: RunConfig, train: PatchSet, frames: list[np.ndarray], work: Path, *, kind: CalibratedKind
 ) -> Served:
     """Export ``model`` with a defect score of ``kind`` calibrated on all of ``train`` into ``work``, and stream."""
     parity = torch.from_numpy(train.images[:, None])
@@ -221,7 +222,8 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
         raise RuntimeError(f"streamed {features.shape[0]} patches but cut {len(patches)} offline: the cuts differ")
     neighbours = patch_neighbours(patches, grid_step=stats.grid_step, grid_span=stats.grid_span, k=stats.neighbours)
     parts = part_features(outputs)
-    scores = {
+    scores = {f"published ({stats.kind})": novelty_score(features, neighbours, stats, parts)}
+    scores |= {
         f"model {kind}": novelty_score(features, neighbours, _as_kind(stats, kind), parts)
         for kind in SCORE_KINDS
         # an artifact exported without the redrawing (or with only its residual) has no such score
@@ -230,6 +232,17 @@ def kind_scores(served: Served, frames: range, patches: PatchSet) -> dict[str, n
     # the joint score is the larger of its two parts: each alone, to see which carries a case
     scores.update({f"model joint: {p.source} only": p.normalised(parts[p.source], neighbours) for p in stats.parts})
     return scores
+
+
+def _kind(served: Served) -> dict[str, str]:
+    """The published score's kind and how calibration chose it, for the case's figure and table."""
+    stats = served.pipeline.manifest.novelty
+    if stats is None:
+        return {}
+    return {
+        "score_kind": stats.kind,
+        "calibration": f"{stats.kind} at k {stats.k:g}; {stats.choice or 'nothing chosen'}",
+    }
 
 
 def _as_kind(stats: NoveltyStats, kind: NoveltyKind) -> NoveltyStats:
@@ -322,7 +335,7 @@ def demo_case(seed: int, *, quick: bool, work: Path) -> Case:
             f"{_fmt(p['recall'])} / {_fmt(p['precision'])} / {clean_hits} of 3"
         )
     case.seconds = time.perf_counter() - t0
-    case.figures = {"frame": frames[7], "maps": served.maps[2], "truth": held[2]}
+    case.figures = {"frame": frames[7], "maps": served.maps[2], "truth": held[2], **_kind(served)}
     return case
 
 
@@ -370,7 +383,7 @@ def mos2_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     case.other["columns (one sublattice)"] = len(patches)
     case.other["truth: |robust z| > 4 (dark / bright)"] = f"{int((robust_z < -4).sum())} / {int((robust_z > 4).sum())}"
     case.seconds = time.perf_counter() - t0
-    case.figures = {"frame": frame, "maps": served.maps[0], "truth": centres[truth]}
+    case.figures = {"frame": frame, "maps": served.maps[0], "truth": centres[truth], **_kind(served)}
     return case
 
 
@@ -424,12 +437,13 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
         case.other[f"at threshold {threshold}: published / recall / precision"] = (
             f"{p['published']} / {_fmt(p['recall'])} / {_fmt(p['precision'])}"
         )
-    if PUBLISHED_KIND[0] != "residual" and stats.parts:
-        # the same model exported with `atomstream export --defect-score residual` (the likelihood part left out)
-        alone = export_and_serve(served.model, served.run, train, [right], work, kind="residual")
+    if stats.kind in REDRAWN_PARTS:
+        # the same model exported with the other redrawn kind (`atomstream export --defect-score ...`), at its own bar
+        other: NoveltyKind = "joint" if stats.kind == "residual" else "residual"
+        alone = export_and_serve(served.model, served.run, train, [right], work, kind=other)
         for threshold in (0.5, *sweep):
             p = _published(alone.at_threshold(threshold), [right_marks], radius=48.0)
-            case.other[f"--defect-score residual, at threshold {threshold}: published / recall / precision"] = (
+            case.other[f"--defect-score {other}, at threshold {threshold}: published / recall / precision"] = (
                 f"{p['published']} / {_fmt(p['recall'])} / {_fmt(p['precision'])}"
             )
     case.other["unmatched published points within a patch of the frame edge"] = _unmatched_near_edge(
@@ -448,7 +462,7 @@ def graphene_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     steps = range(stats.grid_step, stats.grid_step + stats.grid_span)
     case.other["grid steps (cells) of the contrast"] = " and ".join(str(s) for s in steps)
     case.seconds = time.perf_counter() - t0
-    case.figures = {"frame": right, "maps": served.maps[0], "truth": right_marks}
+    case.figures = {"frame": right, "maps": served.maps[0], "truth": right_marks, **_kind(served)}
     return case
 
 
@@ -515,7 +529,7 @@ def pto_case(path: Path, *, seed: int, quick: bool, work: Path) -> Case:
     )
     _cell_model(case, frame, path, every, median_spacing(centres), seed=seed, work=work)
     case.seconds = time.perf_counter() - t0
-    case.figures = {"frame": frame, "maps": served.maps[0], "substrate": substrate}
+    case.figures = {"frame": frame, "maps": served.maps[0], "substrate": substrate, **_kind(served)}
     return case
 
 
@@ -590,6 +604,8 @@ def report(cases: list[Case]) -> str:
                 f"Published defects: {p['published']} for {p['true']} true sites; recall {_fmt(p['recall'])}, "
                 f"precision {_fmt(p['precision'])}."
             )
+        if c.figures.get("calibration"):
+            lines.append(f"- defect score calibrated: {c.figures['calibration']}")
         lines += [f"- {k}: {_fmt(v)}" for k, v in c.other.items()]
         lines.append("")
     return "\n".join(lines)
@@ -598,11 +614,11 @@ def report(cases: list[Case]) -> str:
 def _demo_summary(cases: list[Case]) -> str:
     rec = [c.published["recall"] for c in cases if c.published["recall"] is not None]
     prec = [c.published["precision"] for c in cases if c.published["precision"] is not None]
-    auc = [c.auc["model contrast"] for c in cases]
+    auc = [next(v for k, v in c.auc.items() if k.startswith("published")) for c in cases]
     return (
         f"demo lattice over {len(cases)} seed(s): recall {_fmt(min(rec) if rec else None)}–"
         f"{_fmt(max(rec) if rec else None)}, precision {_fmt(min(prec) if prec else None)}–"
-        f"{_fmt(max(prec) if prec else None)}, contrast AUC {_fmt(min(auc))}–{_fmt(max(auc))}"
+        f"{_fmt(max(prec) if prec else None)}, published-score AUC {_fmt(min(auc))}–{_fmt(max(auc))}"
     )
 
 
@@ -632,7 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cases", default="pto,mos2,graphene,demo", help="comma-separated subset, run in this order")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
-    ap.add_argument("--defect-score", choices=SCORE_KINDS, default="joint", help="the published kind")
+    ap.add_argument(
+        "--defect-score",
+        choices=("auto", *SCORE_KINDS),
+        default=DEFAULT_KIND,
+        help="the published kind (default %(default)s: calibration chooses, as atomstream export does)",
+    )
     ap.add_argument("--figures", type=Path, default=None, help="write the maps figures here")
     ap.add_argument(
         "--redraw-values",
@@ -643,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--graphene-fft", action="store_true", help="graphene on the paper's FFT patches (docstring)")
     ap.add_argument(
-        "--defect-k", type=float, default=TRAIN_K, help="the defect score's bars at median + K robust sd (export flag)"
+        "--defect-k",
+        type=float,
+        default=None,
+        help="the defect score's bars at median + K robust sd (export's flag; default the kind's)",
     )
     ap.add_argument(
         "--defect-span",

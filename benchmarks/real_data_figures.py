@@ -85,7 +85,8 @@ def write_figures(cases: list[Any], out: Path, *, score_kind: str) -> list[Path]
             axes[2].scatter(found[:, 1], found[:, 0], marker="x", s=90, c="#39ff14", linewidths=2)
         if truth is not None and len(truth):
             axes[2].scatter(truth[:, 1], truth[:, 0], s=160, facecolors="none", edgecolors="#00e5ff", linewidths=1)
-        axes[2].set_title(f"defect score ({score_kind}); published defects (×): {len(found)}")
+        kind = fig_data.get("score_kind", score_kind)
+        axes[2].set_title(f"defect score ({kind}); published defects (×): {len(found)}")
         bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02)
         bar.set_label("s/(1+s), s = score / calibrated threshold\n0.5 (white line) = threshold")
         bar.ax.axhline(0.5, color="white", linewidth=1)

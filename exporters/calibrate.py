@@ -5,25 +5,39 @@ Serving scores a patch by how unlike its neighbours its outputs are — by defau
 their covariance, the calibrated thresholds — comes from here and travels in the manifest. The features are computed
 from the inference wrapper's outputs, the very tensors the exported graph gives the server.
 
-For grid patches the neighbour distance (``grid_step``, in grid cells) is chosen here too: the smallest step whose
-patches do not overlap (a defect must not be compared with patches that hold it too), or up to three cells more when
-that makes training neighbours clearly more alike (median contrast under 0.8× — the step that lands on the lattice's
-registration). The neighbours of two adjacent steps together (``grid_span`` 2) are candidates too, judged the same
-way: a lattice period is rarely a whole number of cells, and each step alone is then off the registration by part
-of a cell, one way or the other, where the median of both sets straddles it; and a median of 16 neighbours is
-steadier than one of 8. Around a whole-cell period the pair that holds it costs little (the median of 16 with 8 on
-the registration stays near theirs).
-"Alike" is judged on the features the score reads: for ``joint`` the redrawing's parts, not the encoder's outputs.
-The encoder's outputs are nearly blind to the registration (its shift latent absorbs it), the residual of a
-redrawing is not: on the STM graphene scan (real-space 48 px patches) the encoder's median contrast moved by 0.89×
-over steps 4–7 and kept step 4, where the residual's fell to 0.72× at step 7, and the residual's defect AUC is 0.876
-at step 4 against 0.946 at step 7 (one model; docs/real-data.md); steps 6 and 7 together rank them at 0.986.
+For grid patches the neighbourhood is chosen here too: the rings of cells ``step`` … ``step + span - 1`` out, ``step``
+the nearest whose patches do not overlap (a defect must not be compared with patches that hold it too) and ``span``
+1 to ``MAX_GRID_SPAN`` rings — the one under which **the training scan's outliers stand out most**: the 99.5 %
+quantile of the interior cells' scores above their median, in robust sd (``_tail``; the unit the bars are set in).
+The training scan holds defects too, and that is the quantity a bar at median + k robust sd acts on. A wider
+neighbourhood costs locality (a defect next to another, the frame's edge), so it is taken only when its outliers
+stand out ``_CLEARLY_WIDER`` (1.3×) more than with the one ring — not for the steadier median of more neighbours
+alone (on i.i.d. features with planted outliers the four rings' ratio reached 1.22×). Measured: on the STM graphene
+scan (48-px patches every 8 px) the residual's outliers stand out 4.1–4.3 robust sd with one ring and 7.6–8.1 with
+four (three trainings); the lattice repeats at every ring there, a median of 32 neighbours lands on it, and the
+marked defects rose above the clean patches' tail. On the demo lattice (16-px patches at a 16-px stride) one ring
+is best at most trainings (10.9–14.5 against 5.0–10.4 with four: its defects sit a few cells apart, and the
+film/substrate change is a few cells away; one of the benchmark's five took two rings). This replaced a rule that
+took a farther step or two steps only when the training neighbours' median contrast fell under 0.8× (the lattice's
+registration): it chose steps 6 and 7 on graphene, which rank the marks about as well (AUC 0.98–0.99 either way) but
+leave them inside the clean patches' tail (docs/real-data.md).
+
+The score's kind is chosen here by default (``kind="auto"``, what ``atomstream export`` does): ``joint`` — the larger
+of the redrawing's likelihood part and its residual part — unless **the likelihood part flags more than
+``_LIKELIHOOD_EXCESS`` (4×) as many training patches as the residual part** at the same bar (``_keeps_likelihood``),
+then ``residual``. Both parts should flag the scan's defects; a part that flags several times more reacts to
+something the scan has all over. Measured: on the STM graphene scan the likelihood part flags 6.6–10× the residual's
+training patches (its scan-line streaks at the raster's line starts: the joint score published 14–17 points on the
+defect-free top of the scan at a bar that finds the marks), on the demo lattice 1.1–2.6× (there it adds defects the
+residual misses), on MoS₂ 2.0×; 4 sits at about the geometric middle of 2.6 and 6.6. Each kind has its own bar
+(``default_k``): ``joint`` at 6 robust sd, ``residual`` at 4.5.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,6 +51,7 @@ from streamer.maps.novelty import (
     NoveltyKind,
     NoveltyStats,
     contrast,
+    default_k,
     encoder_features,
     fit_novelty,
     grid_neighbours,
@@ -47,6 +62,7 @@ from streamer.maps.novelty import (
 
 __all__ = [
     "DEFAULT_KIND",
+    "CalibratedKind",
     "calibrate_novelty",
     "encoder_outputs",
     "patch_neighbours",
@@ -54,10 +70,20 @@ __all__ = [
     "training_patches",
 ]
 
-#: chosen by measurement (benchmarks/real_data.py; docs/real-data.md has the table)
-DEFAULT_KIND: NoveltyKind = "joint"
+#: a served kind, or ``auto``: calibration chooses between ``joint`` and ``residual``
+CalibratedKind = NoveltyKind | Literal["auto"]
+#: what ``atomstream export`` calibrates by default: ``joint``, or ``residual`` where the likelihood part reacts to
+#: the scan rather than to its defects (``_keeps_likelihood``); chosen by measurement (docs/real-data.md)
+DEFAULT_KIND: CalibratedKind = "auto"
 _POINT_NEIGHBOURS = 6
-_CLEARLY_BETTER = 0.8
+#: a wider neighbourhood only when the training outliers stand out this much more in it (``_grid_span``)
+_CLEARLY_WIDER = 1.3
+#: the quantile whose distance from the median measures how far the training scan's outliers stand out
+_TAIL_Q = 0.995
+#: a neighbourhood is judged only on enough interior cells for ``_TAIL_Q`` to be more than a handful of patches
+_TAIL_MIN_PATCHES = 400
+#: the likelihood part stays in the score unless it flags more than this many times the residual's training patches
+_LIKELIHOOD_EXCESS = 4.0
 
 
 def encoder_outputs(
@@ -111,22 +137,48 @@ def score_features(kind: NoveltyKind, features: np.ndarray, parts: dict[str, np.
     return np.concatenate([parts[source] for source in sorted(REDRAWN_PARTS[kind])], axis=1)
 
 
-def _grid_step(patches: PatchSet, features: np.ndarray) -> tuple[int, int]:
-    """The neighbour distance in grid cells and its span (module docstring), judged on the ``(N, F)`` features the
-    score reads: ``(step, 1)`` for the cells ``step`` away, ``(step, 2)`` for those ``step`` and ``step + 1`` away."""
+def _grid_span(patches: PatchSet, features: np.ndarray) -> tuple[int, int, float, float]:
+    """``(step, span, tail, nearest tail)``: the rings of cells ``step`` … ``step + span - 1`` out (``step`` the first
+    whose patches do not overlap) under which the training scan's outliers stand out most (module docstring), judged
+    on the ``(N, F)`` features the score reads; ``tail`` is that neighbourhood's ``_tail`` and ``nearest tail`` the
+    one ring's."""
     first = _first_step(patches)
-    gh, gw = patches.grid if patches.grid is not None else (0, 0)
-    candidates = [(s, n) for s in range(first, first + 4) for n in (1, 2) if s + n - 1 < first + 4]
-    candidates = [(s, n) for s, n in candidates if _fits((gh, gw), s, n)] or [(1, 1)]
+    grid = patches.grid if patches.grid is not None else (0, 0)
+    tails: dict[int, float] = {}
     scale = robust_scale(features)
-    medians = [
-        float(np.median(contrast(features, patch_neighbours(patches, grid_step=s, grid_span=n), scale)))
-        for s, n in candidates
-    ]
-    best = int(np.argmin(medians))
-    # a farther or wider neighbourhood only when clearly better (it lands on the lattice's registration), not by
-    # noise or by the steadier median of more neighbours alone: nearer neighbours keep the score local
-    return candidates[best] if medians[best] < _CLEARLY_BETTER * medians[0] else candidates[0]
+    for span in range(1, MAX_GRID_SPAN + 1):
+        if not _fits(grid, first, span):
+            break
+        neighbours = patch_neighbours(patches, grid_step=first, grid_span=span)
+        interior = (neighbours >= 0).all(axis=1)  # an edge cell's one-sided median is another statistic
+        if int(interior.sum()) < _TAIL_MIN_PATCHES:
+            break
+        tails[span] = _tail(contrast(features, neighbours, scale)[interior])
+    if not tails:
+        return first if _fits(grid, first, 1) else 1, 1, float("nan"), float("nan")
+    best = max(tails, key=lambda s: tails[s])
+    # a wider neighbourhood costs locality (a defect near another one, near the frame's edge): only when its
+    # outliers clearly stand out more, not by the steadier median of more neighbours alone
+    span = best if tails[best] >= _CLEARLY_WIDER * tails[1] else 1
+    return first, span, tails[span], tails[1]
+
+
+def _tail(scores: np.ndarray) -> float:
+    """How far the training scan's outliers stand out: the ``_TAIL_Q`` quantile of the scores above their median,
+    in robust standard deviations (the unit the bars are set in)."""
+    med = float(np.median(scores))
+    sd = 1.4826 * float(np.median(np.abs(scores - med)))
+    return (float(np.quantile(scores, _TAIL_Q)) - med) / sd if sd > 0 else 0.0
+
+
+def _keeps_likelihood(stats: NoveltyStats) -> tuple[bool, float]:
+    """Whether the ``joint`` score's likelihood part belongs in the score, and the ratio it is judged by: how many
+    more training patches it flags than the residual part at the same bar (counts + 1, so a clean scan's zeros
+    compare as equals). Both parts should flag the scan's defects; a likelihood part that flags several times more
+    reacts to something the scan has all over (module docstring)."""
+    over = {p.source: p.train_share_over * stats.n_patches for p in stats.parts}
+    ratio = (over["reconstruction"] + 1.0) / (over["residual"] + 1.0)
+    return ratio <= _LIKELIHOOD_EXCESS, ratio
 
 
 def _fits(grid: tuple[int, int], step: int, span: int) -> bool:
@@ -146,21 +198,23 @@ def calibrate_novelty(
     model: JTrVAE,
     patches: PatchSet,
     *,
-    kind: NoveltyKind = DEFAULT_KIND,
-    k: float = TRAIN_K,
+    kind: CalibratedKind = DEFAULT_KIND,
+    k: float | None = None,
     span: int | None = None,
 ) -> NoveltyStats:
     """``NoveltyStats`` from the training ``patches`` (a scan's grid or atom-centred patches, frame structure kept).
 
-    ``span`` (grid patches): instead of the chosen neighbourhood, the ``span`` nearest rings of cells whose patches
-    do not overlap the patch's own (steps ``first`` … ``first + span - 1``): a wider neighbourhood, whose median is
-    steadier where the lattice repeats at every ring (docs/real-data.md, the STM graphene scan)."""
+    ``kind`` ``auto``: ``joint``, or ``residual`` when the likelihood part flags more than ``_LIKELIHOOD_EXCESS``
+    times the residual's training patches (``NoveltyStats.choice`` says which and why). ``k``: the bars' robust sd
+    count, by default the kind's (``default_k``). ``span`` (grid patches): the ``span`` nearest rings of cells whose
+    patches do not overlap the patch's own, instead of the rings calibration chooses (``_grid_span``)."""
     if patches.data.kind == "stack":
         raise DataError("the defect score compares a patch with its neighbours in a scan; an image stack has none")
     if span is not None and not 1 <= span <= MAX_GRID_SPAN:
         raise ValueError(f"span={span} must be between 1 and {MAX_GRID_SPAN} rings of cells")
-    outputs = encoder_outputs(model, patches.images, reconstruction=kind in REDRAWN_PARTS)
+    outputs = encoder_outputs(model, patches.images, reconstruction=kind == "auto" or kind in REDRAWN_PARTS)
     features, parts = encoder_features(outputs), part_features(outputs)
+    choice: list[str] = []
     if patches.grid is None:
         step, span = 1, 1
     elif span is not None:
@@ -171,12 +225,29 @@ def calibrate_novelty(
                 f"cells from {step} cells out: use a smaller span, or a larger scan"
             )
     else:
-        step, span = _grid_step(patches, score_features(kind, features, parts))
+        # the neighbourhood is judged on the residual for both redrawn kinds: it is what the rings' registration moves
+        step, span, tail, nearest = _grid_span(
+            patches, score_features("residual" if kind == "auto" else kind, features, parts)
+        )
+        if span > 1:
+            choice.append(
+                f"{span} rings of cells from {step} out (outliers at {tail:.1f} robust sd, {nearest:.1f} with one)"
+            )
     neighbours = patch_neighbours(patches, grid_step=step, grid_span=span)
-    return fit_novelty(
-        features, neighbours, kind=kind, k=k, k_neighbours=_POINT_NEIGHBOURS, grid_step=step, grid_span=span,
-        parts=parts,
-    )  # fmt: skip
+
+    def fit(chosen: NoveltyKind, bar: float) -> NoveltyStats:
+        return fit_novelty(
+            features, neighbours, kind=chosen, k=bar, k_neighbours=_POINT_NEIGHBOURS, grid_step=step,
+            grid_span=span, parts=parts, choice="; ".join(choice),
+        )  # fmt: skip
+
+    if kind != "auto":
+        return fit(kind, default_k(kind) if k is None else k)
+    keeps, ratio = _keeps_likelihood(fit("joint", TRAIN_K))
+    chosen: NoveltyKind = "joint" if keeps else "residual"
+    verdict = "kept" if keeps else f"left out (over {_LIKELIHOOD_EXCESS:g}×)"
+    choice.insert(0, f"{chosen}: the likelihood part flags {ratio:.1f}× the residual's training patches, {verdict}")
+    return fit(chosen, default_k(chosen) if k is None else k)
 
 
 def training_patches(source: str, patches_data: object) -> PatchSet | None:

@@ -25,6 +25,9 @@ def test_quick_benchmark_prints_every_case_beside_its_baselines(
     out = capsys.readouterr().out
     assert "### demo lattice, seed 0" in out and "model contrast" in out and "PCA5+GMM3 likelihood" in out
     assert "clean frames publishing a defect" in out and "demo lattice over 1 seed(s)" in out
+    # the published score (the kind calibration chose, as `atomstream export` does by default) and why
+    assert "| published (joint) |" in out or "| published (residual) |" in out
+    assert "- defect score calibrated: " in out and "the likelihood part flags" in out
     for name, (filename, _) in real_data.CASES.items():
         if (DATA / str(filename)).is_file():
             assert f"### {name}: skipped" not in out
@@ -47,4 +50,5 @@ def test_the_defect_flags_and_a_first_seed_reach_the_case(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "### demo lattice, seed 1" in out and "seed 0" not in out
     assert "| model residual |" in out and "| model joint |" not in out
+    assert "| published (residual) |" in out and "- defect score calibrated: residual at k 4.5; nothing chosen" in out
     assert (real_data.DEFECT_K[0], real_data.DEFECT_SPAN[0]) == (4.5, 2)

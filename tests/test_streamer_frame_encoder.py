@@ -101,7 +101,9 @@ def test_a_served_grid_frame_encoded_whole_gives_the_maps_of_its_cut_patches(cal
     np.testing.assert_array_equal(a.arrays["class"], b.arrays["class"])
     for name in a.arrays:
         np.testing.assert_allclose(a.arrays[name], b.arrays[name], atol=1e-5, err_msg=name)
-    assert [(d.y, d.x, d.area) for d in a.defects] == [(d.y, d.x, d.area) for d in b.defects]
+    # the same defects: areas exactly, centres (score-weighted) as close as the scores are
+    assert [d.area for d in a.defects] == [d.area for d in b.defects]
+    np.testing.assert_allclose([(d.y, d.x) for d in a.defects], [(d.y, d.x) for d in b.defects], atol=1e-4)
 
 
 def test_small_frames_are_still_cut_and_batched_across_frames(calibrated: Path) -> None:

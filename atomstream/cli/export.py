@@ -57,13 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--defect-score",
-        choices=("joint", "residual", "contrast", "density", "combined"),
-        default="joint",
-        help="the class-free defect score the server publishes: joint (the default) compares the decoder's "
-        "redrawing of each patch (its likelihood and its residual) with the neighbours' — it finds the most defects "
-        "(docs/real-data.md) but runs the decoder on every patch; residual leaves the likelihood out (on the STM "
-        "graphene scan the likelihood flags clean patches); contrast/density/combined read the encoder's "
-        "outputs only (cheaper)",
+        choices=("auto", "joint", "residual", "contrast", "density", "combined"),
+        default="auto",
+        help="the class-free defect score the server publishes. joint compares the decoder's redrawing of each "
+        "patch (its likelihood and its residual) with the neighbours' (it runs the decoder on every patch); "
+        "residual leaves the likelihood out; auto (the default) is joint unless the likelihood part flags more "
+        "than 4x the residual's training patches (on the STM graphene scan its scan-line streaks), then residual "
+        "(docs/real-data.md); contrast/density/combined read the encoder's outputs only (cheaper)",
     )
     p.add_argument(
         "--defect-k",
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K",
         help="the defect score's bars (the training scores' and each frame's own) at median + K robust sd "
-        "(default 6; lower finds fainter defects and flags more clean patches: docs/real-data.md)",
+        "(default 6; 4.5 for residual: lower finds fainter defects and flags more clean patches: docs/real-data.md)",
     )
     p.add_argument(
         "--defect-span",
@@ -79,9 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=range(1, 5),
         default=None,
         metavar="N",
-        help="grid patches: compare each patch with the N nearest rings of non-overlapping cells (1-4) instead of "
-        "the neighbourhood calibration chooses; a steadier median where the lattice repeats at every ring "
-        "(the STM graphene recipe in docs/real-data.md; default: calibration chooses 1 or 2 rings)",
+        help="grid patches: compare each patch with the N nearest rings of non-overlapping cells (1-4); default: "
+        "the rings under which the training scan's outliers stand out most (one unless more clearly do: "
+        "docs/real-data.md)",
     )
     p.set_defaults(func=_export)
 
@@ -118,16 +118,8 @@ def _calibration(
             "warning: no training scan to calibrate the defect score on; the server will calibrate it on each frame "
             "instead (weaker)"
         )
-    from streamer.maps.novelty import TRAIN_K
-
     try:
-        stats = calibrate_novelty(
-            model,  # type: ignore[arg-type]
-            patches,
-            kind=kind,  # type: ignore[arg-type]
-            k=TRAIN_K if k is None else k,
-            span=span,
-        )
+        stats = calibrate_novelty(model, patches, kind=kind, k=k, span=span)  # type: ignore[arg-type]
     except ValueError as exc:
         if span is None:
             raise
@@ -135,6 +127,7 @@ def _calibration(
     return stats, (
         f"defect score: {stats.kind}, calibrated on {stats.n_patches} training patches "
         f"(threshold median + {stats.k:g} robust sd: {stats.train_share_over.get(stats.kind, 0.0):.1%} of them over it)"
+        + (f"; chosen: {stats.choice}" if stats.choice else "")
     )
 
 

@@ -1,19 +1,20 @@
 """How unlike the usual a patch is — a defect score that does not need a defect class.
 
 A model's classes may come out as anything (film/substrate, a sublattice, one collapsed class), so the score must not
-depend on them. Two families of features per patch, each compared with the patch's neighbours one lattice period
-away (grid: the 8 cells ``step`` cells away, or those of two adjacent steps — up to four with ``atomstream export
---defect-span``; atom-centred patches: the ``k`` nearest atoms):
+depend on them. Two families of features per patch, each compared with the patch's neighbours (grid: the 8 cells
+``step`` cells away, ``step`` the nearest whose patches do not overlap, or the 8 of each of up to four rings from
+there — ``exporters.calibrate`` chooses; atom-centred patches: the ``k`` nearest atoms):
 
-* **joint** (the default an export writes): the decoder's redrawing of the patch from its own posterior means
-  (``models.reconstruction``) — the patch's negative log-likelihood under the model, and its residual per redrawn
-  value (each pixel of a small patch, each block mean of a larger one).
+* **joint** (what an export writes unless its likelihood part floods: ``exporters.calibrate``): the decoder's
+  redrawing of the patch from its own posterior means (``models.reconstruction``) — the patch's negative
+  log-likelihood under the model, and its residual per redrawn value (each pixel of a small patch, each block mean
+  of a larger one).
   A defect is what the model did not learn to draw, and comparing with the neighbours cancels what the model draws
   badly everywhere (a registration it never learnt, a dose gradient). The two parts are calibrated separately and
   the larger normalised score is published. **residual** is the residual part alone: on the STM graphene scan the
-  likelihood part ranks the marked defects at 0.59–0.66 and flags clean patches above the residual's defects (the
-  residual alone: 0.987), where on the demo lattice it adds what the residual misses (joint 0.990–1.000 over five
-  seeds, above the residual alone at four of them; docs/real-data.md).
+  likelihood part ranks the marked defects at 0.59–0.66 and flags the raster's line starts (it flags 6.6–10× the
+  residual's training patches there, which is how calibration tells: the residual alone ranks the marks at 0.98),
+  where on the demo lattice it adds what the residual misses (joint 0.992–1.000 over five seeds; docs/real-data.md).
 * **contrast / density / combined**: the encoder's outputs only — ``z_loc``, ``log z_scale``, the class logits less
   their mean, ``(cos, sin)`` of the angle, the shift. ``contrast`` against the neighbours, ``density`` as the
   Mahalanobis distance from the training encodings, ``combined`` the larger. Cheaper (no decoder at serving time).
@@ -26,14 +27,14 @@ dose) does not stand out against its neighbours; a defect does. A patch at the f
 so their median is noisier (its variance ≈ π/2m of one patch's for m neighbours); its contrast is scaled down by
 ``√((1 + π/2m) / (1 + π/2M))`` (M the full count) so edges are not flagged for being edges.
 
-Every score is **calibrated** on the training patches: ``threshold`` is their median + ``k`` (default ``TRAIN_K`` =
-6) robust standard deviations (1.4826 · MAD). Robust, because the training scan holds defects too: a quantile would
-put the threshold among them (a 99.9 % quantile of a scan with 3 % defect patches flags nothing), while the median
-and MAD do not move for a few per cent of outliers. ``train_share_over`` records which share of the training
-patches the threshold flags. The published score is ``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1),
-monotone in the raw score, and 0.5 exactly at the calibrated threshold (the service's default
-``defect_threshold``). ``NoveltyStats`` carries all of it in the manifest (``Manifest.novelty``); the exporter
-computes it from the training patches (``exporters.calibrate``).
+Every score is **calibrated** on the training patches: ``threshold`` is their median + ``k`` (``default_k``:
+``TRAIN_K`` = 6, ``RESIDUAL_K`` = 4.5 for the residual kind) robust standard deviations (1.4826 · MAD). Robust,
+because the training scan holds defects too: a quantile would put the threshold among them (a 99.9 % quantile of a
+scan with 3 % defect patches flags nothing), while the median and MAD do not move for a few per cent of outliers.
+``train_share_over`` records which share of the training patches the threshold flags. The published score is
+``s / (1 + s)`` with ``s = raw / threshold``: in [0, 1), monotone in the raw score, and 0.5 exactly at the calibrated
+threshold (the service's default ``defect_threshold``). ``NoveltyStats`` carries all of it in the manifest
+(``Manifest.novelty``); the exporter computes it from the training patches (``exporters.calibrate``).
 
 Why joint leaves the encoder's outputs out: they carry the patch's pose (shift, angle), which moves with the
 scan's drift — on defect-free demo scans of a second sample the encoder contrast flagged 39–51 patches of 768 at
@@ -73,11 +74,13 @@ __all__ = [
     "FRAME_MIN_PATCHES",
     "MAX_GRID_SPAN",
     "REDRAWN_PARTS",
+    "RESIDUAL_K",
     "TRAIN_K",
     "NoveltyKind",
     "NoveltyStats",
     "PartStats",
     "contrast",
+    "default_k",
     "density",
     "encoder_features",
     "fit_novelty",
@@ -101,8 +104,16 @@ MAX_GRID_SPAN = 4
 #: a frame's own bar (``novelty_score``) needs enough patches for its median and MAD to mean something
 FRAME_MIN_PATCHES = 64
 TRAIN_K = 6.0
+#: the residual kind's bar: a single part, where ``joint`` publishes the larger of two (each part's clean tail
+#: adds to the other's); at 6 the STM graphene scan's marked defects stay under it (docs/real-data.md)
+RESIDUAL_K = 4.5
 _MAD_TO_SIGMA = 1.4826
 _FLOOR = 1e-6
+
+
+def default_k(kind: NoveltyKind) -> float:
+    """The bars' robust sd count a calibration of ``kind`` takes unless told otherwise."""
+    return RESIDUAL_K if kind == "residual" else TRAIN_K
 
 
 def encoder_features(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -257,13 +268,14 @@ class NoveltyStats(BaseModel):
         ge=1,
         le=MAX_GRID_SPAN,
         description="grid patches: the neighbours at grid_step, ..., grid_step + grid_span - 1 cells (calibration "
-        "chooses 1 or 2; `atomstream export --defect-span` sets up to 4)",
+        "chooses the rings under which the training scan's outliers stand out most; `atomstream export "
+        "--defect-span` sets them)",
     )
     k: float = Field(
         TRAIN_K,
         gt=0,
-        description="threshold: median + k robust standard deviations of the training scores; a frame's own bar "
-        "takes the same k",
+        description="threshold: median + k robust standard deviations of the training scores (6; 4.5 for kind "
+        "'residual'; `atomstream export --defect-k`); a frame's own bar takes the same k",
     )
     contrast_threshold: float = Field(gt=0)
     density_threshold: float = Field(gt=0)
@@ -280,6 +292,11 @@ class NoveltyStats(BaseModel):
         (),
         description="kinds 'joint' and 'residual': the reconstruction parts, each compared with the neighbours like "
         "the encoder's",
+    )
+    choice: str = Field(
+        "",
+        description="what calibration chose and why (the kind, when `atomstream export --defect-score auto`; a "
+        "neighbourhood wider than one ring); empty when nothing was chosen",
     )
 
     @model_validator(mode="after")
@@ -353,6 +370,7 @@ def fit_novelty(
     grid_step: int = 1,
     grid_span: int = 1,
     parts: dict[str, np.ndarray] | None = None,
+    choice: str = "",
 ) -> NoveltyStats:
     """Statistics and thresholds from the training patches' ``features`` and their ``neighbours`` index; kind
     ``joint`` and ``residual`` also from the reconstruction ``parts`` (``part_features`` of the same patches)."""
@@ -412,6 +430,7 @@ def fit_novelty(
         n_patches=f.shape[0],
         train_share_over=over,
         parts=tuple(fitted),
+        choice=choice,
     )
 
 
