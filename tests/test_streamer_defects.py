@@ -43,9 +43,12 @@ def _centre(i: int, j: int) -> tuple[float, float]:
     return ORIGIN[0] + i * STRIDE[0] + 7.5, ORIGIN[1] + j * STRIDE[1] + 7.5
 
 
-def _defects(mask: np.ndarray, cls: np.ndarray, score: np.ndarray, connectivity: int = 8) -> list:
+def _defects(
+    mask: np.ndarray, cls: np.ndarray, score: np.ndarray, connectivity: int = 8, threshold: float | None = 0.5
+) -> list:
     regions = grid_regions(mask, connectivity)  # type: ignore[arg-type]
-    return regions_to_defects(regions, grid_centres(mask.shape, PATCH, STRIDE, ORIGIN), cls, score, kind="class")
+    centres = grid_centres(mask.shape, PATCH, STRIDE, ORIGIN)
+    return regions_to_defects(regions, centres, cls, score, kind="class", threshold=threshold)
 
 
 # ------------------------------------------------------------------ regions
@@ -67,13 +70,17 @@ def test_two_blobs_of_a_defect_class_give_two_regions_with_their_centroids_and_a
     assert a.score == pytest.approx(0.1)
 
 
-def test_centroid_is_score_weighted_and_the_region_reports_max_score_and_majority_class() -> None:
+def test_centroid_weighs_what_exceeds_the_threshold_and_the_region_reports_max_score_and_majority_class() -> None:
+    """Two patches just over the bar and one far over it: the point sits near the one that stands out (weights
+    0.1, 0.1, 0.4), where weighting by the score itself (0.6, 0.6, 0.9) pulled it towards the fringe."""
     cls = np.array([[1, 1, 2]], np.uint8)
     score = np.array([[0.6, 0.6, 0.9]], np.float32)
     (d,) = _defects(defect_mask(cls, score, DefectRule(threshold=0.5)), cls, score)
     xs = [_centre(0, j)[1] for j in range(3)]
-    assert d.x == pytest.approx((0.6 * xs[0] + 0.6 * xs[1] + 0.9 * xs[2]) / 2.1)
+    assert d.x == pytest.approx((0.1 * xs[0] + 0.1 * xs[1] + 0.4 * xs[2]) / 0.6)
     assert d.area == 3 and d.class_ == 1 and d.score == pytest.approx(0.9)
+    (plain,) = _defects(defect_mask(cls, score, DefectRule(threshold=0.5)), cls, score, threshold=None)
+    assert plain.x == pytest.approx((0.6 * xs[0] + 0.6 * xs[1] + 0.9 * xs[2]) / 2.1)
 
 
 def test_many_small_regions_each_get_their_own_defect_in_row_major_order() -> None:

@@ -504,7 +504,13 @@ class Pipeline:
             peaks = point_peaks(regions, score, centres, patch=self.patch, threshold=rule.threshold, split=keep)
             arrays["centers"] = centres.astype(np.float32)
         defects = regions_to_defects(
-            peaks, centres, cls.reshape(lead), score.reshape(lead), kind=kind, keep=keep[peaks.region]
+            peaks,
+            centres,
+            cls.reshape(lead),
+            score.reshape(lead),
+            kind=kind,
+            keep=keep[peaks.region],
+            threshold=rule.threshold,
         )
         return FrameMaps(
             layout=self.layout,
