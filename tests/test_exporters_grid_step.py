@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporters.calibrate import _grid_span, _keeps_likelihood, _tail, patch_neighbours, score_features
+from exporters.calibrate import (
+    _LIKELIHOOD_EXCESS,
+    _grid_span,
+    _keeps_likelihood,
+    _tail,
+    patch_neighbours,
+    score_features,
+)
 from models.baselines import roc_auc
 from models.config import DataConfig
 from models.data import PatchSet
@@ -83,7 +90,7 @@ def test_the_joint_score_is_judged_on_the_redrawing_and_the_others_on_the_encode
 
 
 def test_the_likelihood_part_is_left_out_when_it_flags_several_times_the_residuals_training_patches() -> None:
-    """``auto``: both parts should flag the scan's defects; a likelihood part flagging 4× more reacts to something
+    """``auto``: both parts should flag the scan's defects; a likelihood part flagging 5× more reacts to something
     the scan has all over (the STM scan's line streaks) and the score becomes ``residual``."""
     patches = _grid_patches()
     n = GRID[0] * GRID[1]
@@ -103,7 +110,7 @@ def test_the_likelihood_part_is_left_out_when_it_flags_several_times_the_residua
     streaks = agrees.copy()
     streaks[iy_rows(patches, 0, 3)] += 12.0  # and three whole rows of streaks
     keeps, ratio = _keeps_likelihood(stats(streaks))
-    assert not keeps and ratio > 4
+    assert not keeps and ratio > _LIKELIHOOD_EXCESS
 
 
 def iy_rows(patches: PatchSet, first: int, last: int) -> np.ndarray:

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the class-free defect score the server publishes. joint compares the decoder's redrawing of each "
         "patch (its likelihood and its residual) with the neighbours' (it runs the decoder on every patch); "
         "residual leaves the likelihood out; auto (the default) is joint unless the likelihood part flags more "
-        "than 4x the residual's training patches (on the STM graphene scan its scan-line streaks), then residual "
+        "than 5x the residual's training patches (on the STM graphene scan its scan-line streaks), then residual "
         "(docs/real-data.md); contrast/density/combined read the encoder's outputs only (cheaper)",
     )
     p.add_argument(
