@@ -4,7 +4,9 @@ The reference is the eager model: its encoder network and ``models.nets.posterio
 returns), in the model's own dtype. Each backend — ONNX Runtime on the CPU provider, TorchScript, optionally the fp16
 ONNX — runs on the same patches in chunks of deliberately uneven sizes (1, 3, 252, then 256s), which also proves the
 batch axis is really dynamic. fp32 must agree to ``PARITY_TOLERANCE`` on every output and give the identical class
-argmax on every patch; the fp16 variant is held to ``FP16_TOLERANCE`` and at least ``FP16_MIN_ARGMAX_AGREEMENT``.
+argmax on every patch whose class the reference decides by more than twice the tolerance (closer is a tie: either
+answer is within the tolerance); the fp16 variant is held to ``FP16_TOLERANCE`` and at least
+``FP16_MIN_ARGMAX_AGREEMENT`` of those patches.
 
 ``angle`` is compared on the circle. Its error is the network's rounding divided by the length of the concentration
 vector, so a model that is unsure of the angle (a short vector, typical before training) shows the largest Δ there.
@@ -113,8 +115,15 @@ def _compare(
     diffs = {name: _max_abs_diff(name, g, ref[name]) for name, g in zip(names, got, strict=True)}
     agreement = None
     if "class_prob" in ref:
-        g = got[names.index("class_prob")]
-        agreement = float((g.argmax(dim=-1) == ref["class_prob"].argmax(dim=-1)).to(torch.float64).mean())
+        g, want = got[names.index("class_prob")], ref["class_prob"]
+        # a class the reference decides by less than the tolerance allows either way (twice the bound: each of the
+        # two top probabilities may move by it) is a tie to this check: the backend may pick either without being
+        # wrong (a training of the real-data benchmark failed its export on 1 such patch of 4096)
+        top2 = want.to(torch.float64).topk(min(2, want.shape[-1]), dim=-1).values
+        margin = top2[..., 0] - top2[..., -1] if want.shape[-1] > 1 else torch.full_like(top2[..., 0], math.inf)
+        decided = margin > 2 * output_bound("class_prob", tolerance)
+        same = (g.argmax(dim=-1) == want.argmax(dim=-1))[decided]
+        agreement = float(same.to(torch.float64).mean()) if same.numel() else 1.0
     within = all(d <= output_bound(name, tolerance) for name, d in diffs.items())
     passed = within and (agreement is None or agreement >= min_agreement)
     return BackendParity(
