@@ -26,12 +26,13 @@ The score's kind is chosen here by default (``kind="auto"``, what ``atomstream e
 of the redrawing's likelihood part and its residual part — unless **the likelihood part flags more than
 ``_LIKELIHOOD_EXCESS`` (5×) as many training patches as the residual part** at the same bar (``_keeps_likelihood``),
 then ``residual``. Both parts should flag the scan's defects; a part that flags several times more reacts to
-something the scan has all over. Measured: on the STM graphene scan the likelihood part flags 6.6–18.7× the
+something the scan has all over. Measured: on the STM graphene scan the likelihood part flags 5.5–18.7× the
 residual's training patches (its scan-line streaks at the raster's line starts: the joint score published 14–17
-points on the defect-free top of the scan at a bar that finds the marks), on the demo lattice 1.1–4.1× (there it adds
-defects the residual misses; 4.1 at one training of ten), on MoS₂ 2.0×; 5 sits at about the geometric middle of 4.1
-and 6.6 — a thin margin at one end, which the manifest's ``choice`` shows (the ratio) and ``--defect-score``
-overrides. Each kind has its own bar (``default_k``): ``joint`` at 6 robust sd, ``residual`` at 4.5.
+points on the defect-free top of the scan at a bar that finds the marks), on the demo lattice 1.1–4.2× (there it adds
+defects the residual misses; 4.1 and 4.2 at two trainings of eighteen), on MoS₂ 2.0×; 5 sits at about the geometric
+middle of 4.2 and 5.5 — a thin margin at both ends, which the manifest's ``choice`` shows (the ratio) and
+``--defect-score`` overrides. Each kind has its own bar (``default_k``): ``joint`` at 6 robust sd, ``residual`` at
+4.5.
 """
 
 from __future__ import annotations

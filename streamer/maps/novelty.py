@@ -12,7 +12,7 @@ there — ``exporters.calibrate`` chooses; atom-centred patches: the ``k`` neare
   A defect is what the model did not learn to draw, and comparing with the neighbours cancels what the model draws
   badly everywhere (a registration it never learnt, a dose gradient). The two parts are calibrated separately and
   the larger normalised score is published. **residual** is the residual part alone: on the STM graphene scan the
-  likelihood part ranks the marked defects at 0.59–0.66 and flags the raster's line starts (it flags 6.6–10× the
+  likelihood part ranks the marked defects at 0.59–0.66 and flags the raster's line starts (it flags 5.5–18.7× the
   residual's training patches there, which is how calibration tells: the residual alone ranks the marks at 0.98),
   where on the demo lattice it adds what the residual misses (joint 0.992–1.000 over five seeds; docs/real-data.md).
 * **contrast / density / combined**: the encoder's outputs only — ``z_loc``, ``log z_scale``, the class logits less
