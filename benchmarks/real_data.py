@@ -85,6 +85,7 @@ from models.train import fit  # noqa: E402
 from streamer.maps.atoms import Sublattice, find_atoms, gaussian_smooth, median_spacing  # noqa: E402
 from streamer.maps.encoder import load  # noqa: E402
 from streamer.maps.novelty import (  # noqa: E402
+    MAX_GRID_SPAN,
     REDRAWN_PARTS,
     NoveltyKind,
     NoveltyStats,
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--defect-span",
         type=int,
-        choices=range(1, 5),
+        choices=range(1, MAX_GRID_SPAN + 1),
         default=None,
         help="grid cases: the N nearest rings of non-overlapping cells as neighbours (export's flag)",
     )

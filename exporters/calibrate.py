@@ -60,6 +60,7 @@ from streamer.maps.novelty import (
     part_features,
     point_neighbours,
     robust_scale,
+    robust_stats,
 )
 
 __all__ = [
@@ -168,8 +169,7 @@ def _grid_span(patches: PatchSet, features: np.ndarray) -> tuple[int, int, float
 def _tail(scores: np.ndarray) -> float:
     """How far the training scan's outliers stand out: the ``_TAIL_Q`` quantile of the scores above their median,
     in robust standard deviations (the unit the bars are set in)."""
-    med = float(np.median(scores))
-    sd = 1.4826 * float(np.median(np.abs(scores - med)))
+    med, sd = robust_stats(scores)
     return (float(np.quantile(scores, _TAIL_Q)) - med) / sd if sd > 0 else 0.0
 
 

@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--defect-span",
         type=int,
-        choices=range(1, 5),
+        choices=range(1, 5),  # 1 … streamer.maps.novelty.MAX_GRID_SPAN (not imported: the CLI starts light)
         default=None,
         metavar="N",
         help="grid patches: compare each patch with the N nearest rings of non-overlapping cells (1-4); default: "

@@ -89,6 +89,7 @@ __all__ = [
     "part_features",
     "point_neighbours",
     "robust_scale",
+    "robust_stats",
 ]
 
 NoveltyKind = Literal["contrast", "density", "combined", "joint", "residual"]
@@ -347,7 +348,7 @@ class NoveltyStats(BaseModel):
         return maximum(c, d)
 
 
-def _robust(values: Array) -> tuple[float, float]:
+def robust_stats(values: Array) -> tuple[float, float]:
     """Median and robust standard deviation (1.4826 · MAD) of the training scores."""
     if values.shape[0] == 0:
         return 0.0, 0.0
@@ -383,7 +384,7 @@ def fit_novelty(
     precision = np.linalg.pinv(cov)
     scale, c, (cm, cs, tc) = _calibrated_contrast(f, neighbours, k)
     d = density(f, mean, precision)
-    dm, ds = _robust(d)
+    dm, ds = robust_stats(d)
     td = _threshold(dm, ds, k)
     over = {
         "contrast": float(np.mean(c >= tc)),
@@ -441,7 +442,7 @@ def _calibrated_contrast(
     contrasts, and their (median, robust sd, threshold) — the same for the encoder's features and each part."""
     scale = robust_scale(f)
     c = contrast(f, neighbours, scale)
-    med, sd = _robust(c)
+    med, sd = robust_stats(c)
     return scale, c, (med, sd, _threshold(med, sd, k))
 
 
@@ -488,5 +489,5 @@ def novelty_score(
 def _frame_bar(scores: Array, k: float = FRAME_K) -> float:
     """The frame's own bar: its median + ``k`` robust standard deviations of ``scores`` — the training statistics'
     ``k`` when there are some, so an artifact exported at another ``k`` moves both bars together."""
-    med, sd = _robust(scores)
+    med, sd = robust_stats(scores)
     return med + k * sd
